@@ -1,0 +1,79 @@
+"""The config schema: recipe defaults, merging, and one-line errors naming the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from vjepa_ray.config import Config, ConfigError, builtin_config_path, from_dict, load_config, to_dict
+
+
+def test_defaults_are_the_vitl16_recipe():
+    cfg = load_config()
+    assert cfg.model.name == "vit_large" and cfg.model.patch_size == 16 and cfg.model.tubelet_size == 2
+    assert (cfg.data.frames_per_clip, cfg.data.frame_step, cfg.data.crop_size, cfg.data.batch_size) == (16, 4, 224, 24)
+    assert [(m.num_blocks, m.spatial_scale) for m in cfg.mask] == [(8, [0.15, 0.15]), (2, [0.7, 0.7])]
+    assert all(m.temporal_scale == [1.0, 1.0] and m.aspect_ratio == [0.75, 1.5] for m in cfg.mask)
+    o = cfg.optimization
+    assert (o.total_steps, o.warmup_steps, o.schedule_scale) == (90_000, 12_000, 1.25)
+    assert (o.start_lr, o.lr, o.final_lr) == (2e-4, 6.25e-4, 1e-6)
+    assert (o.weight_decay, o.final_weight_decay, o.ema, o.clip_grad) == (0.04, 0.4, [0.998, 1.0], 10.0)
+    assert cfg.data.random_resize_scale == [0.3, 1.0] and cfg.data.random_resize_aspect_ratio == [0.75, 1.35]
+    assert cfg.deepspeed.precision == "bf16"
+
+
+def test_yaml_then_overrides_take_precedence(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: {name: vit_small}\ndata: {batch_size: 8}\n")
+    cfg = load_config(path, ["data.batch_size=6", "mask.1.num_blocks=3", "ray.num_workers=[1,4]"])
+    assert cfg.model.name == "vit_small"
+    assert cfg.data.batch_size == 6
+    assert cfg.mask[1].num_blocks == 3 and cfg.mask[0].num_blocks == 8
+    assert cfg.ray.num_workers == [1, 4]
+
+
+def test_round_trip_through_dict():
+    cfg = load_config(builtin_config_path("local_demo"))
+    assert from_dict(to_dict(cfg)) == cfg
+    assert isinstance(from_dict(to_dict(cfg)), Config)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("data.crop_size=250", "data.crop_size"),
+        ("data.frames_per_clip=15", "data.frames_per_clip"),
+        ("mask.0.spatial_scale=[0.1,1.5]", "mask.0.spatial_scale"),
+        ("mask.1.temporal_scale=[0.0,0.5]", "mask.1.temporal_scale"),
+        ("data.batch_size=abc", "data.batch_size"),
+        ("data.no_such_key=1", "data.no_such_key"),
+        ("nosection.key=1", "nosection.key"),
+        ("model.name=vit_enormous", "model.name"),
+        ("ray.num_workers=[3,1]", "ray.num_workers"),
+        ("deepspeed.zero_stage=4", "deepspeed.zero_stage"),
+        ("optimization.warmup_steps=100000", "optimization.warmup_steps"),
+    ],
+)
+def test_bad_values_name_their_key(override, key):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert info.value.key == key
+    assert str(info.value).startswith(f"{key}: ")
+    assert "\n" not in str(info.value)
+
+
+def test_cli_exits_2_with_one_line_and_no_traceback(tmp_path):
+    # parse_cli is shared by every entry point; exercise it through a real interpreter.
+    code = "from vjepa_ray.config import parse_cli; parse_cli('prog', 'test', ['data.crop_size=250'])"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines == ["prog: config error: data.crop_size: 250 is not a positive multiple of model.patch_size 16"]
+
+    missing = tmp_path / "absent.yaml"
+    code = f"from vjepa_ray.config import parse_cli; parse_cli('prog', 'test', ['--config', {str(missing)!r}])"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "--config" in proc.stderr
