@@ -1,0 +1,1 @@
+"""Video: PyAV clip decoding, the recipe's clip sampling, uint8 transforms, synthetic test videos."""
