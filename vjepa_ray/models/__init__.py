@@ -1,0 +1,29 @@
+"""V-JEPA models: the video ViT encoder, the predictor, and Meta's checkpoint layout."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from vjepa_ray.models.predictor import Predictor
+from vjepa_ray.models.pretrained import load_pretrained, load_pretrained_predictor, official_checkpoint
+from vjepa_ray.models.vit import MODEL_SPECS, VisionTransformer, build_encoder
+
+if TYPE_CHECKING:
+    from vjepa_ray.config import Config
+
+__all__ = ["MODEL_SPECS", "Predictor", "VisionTransformer", "build_encoder", "build_models", "load_pretrained",
+           "load_pretrained_predictor", "official_checkpoint"]
+
+
+def build_models(cfg: "Config") -> tuple[VisionTransformer, Predictor]:
+    """The encoder and predictor of a run: cfg.model, clip size from cfg.data, one mask token per cfg.mask.
+
+    The target encoder is a deep copy of the encoder, made by the caller.
+    """
+    m = cfg.model
+    encoder = build_encoder(m.name, cfg.data.frames_per_clip, cfg.data.crop_size, m.patch_size, m.tubelet_size,
+                            uniform_power=m.uniform_power, activation_checkpointing=m.activation_checkpointing)
+    predictor = Predictor(encoder.grid, encoder.embed_dim, m.pred_embed_dim, m.pred_depth,
+                          num_heads=m.pred_num_heads or encoder.num_heads, num_mask_tokens=len(cfg.mask),
+                          uniform_power=m.uniform_power, activation_checkpointing=m.activation_checkpointing)
+    return encoder, predictor

@@ -1,0 +1,76 @@
+"""The V-JEPA predictor: from the context tokens' features, predict the features at the target positions.
+
+Names follow the reference (predictor_embed, mask_tokens.{i}, predictor_pos_embed, predictor_blocks,
+predictor_norm, predictor_proj) so state dicts map 1:1 to Meta's checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from vjepa_ray.models.pos_embed import Grid, sincos_3d
+from vjepa_ray.models.vit import LAYER_NORM_EPS, Block, check_index, init_weights_, run_blocks
+
+
+class Predictor(nn.Module):
+    """Narrow transformer over [context tokens, mask tokens at the target positions].
+
+    There is one learnable mask token per mask config (``mask_index`` picks it), zero-initialised as in
+    V-JEPA 1, and a fixed sin-cos table of the predictor's own width over the encoder's token ``grid``.
+    """
+
+    def __init__(self, grid: Grid, embed_dim: int, predictor_embed_dim: int = 384, depth: int = 12, *,
+                 num_heads: int, num_mask_tokens: int = 2, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 uniform_power: bool = True, activation_checkpointing: bool = False):
+        super().__init__()
+        if num_mask_tokens < 1:
+            raise ValueError(f"num_mask_tokens: expected >= 1, got {num_mask_tokens}")
+        self.grid: Grid = tuple(grid)
+        self.num_patches = math.prod(self.grid)
+        self.embed_dim, self.predictor_embed_dim = embed_dim, predictor_embed_dim
+        self.num_heads, self.uniform_power = num_heads, uniform_power
+        self.activation_checkpointing = activation_checkpointing
+
+        self.predictor_embed = nn.Linear(embed_dim, predictor_embed_dim)
+        self.mask_tokens = nn.ParameterList(
+            nn.Parameter(torch.zeros(1, 1, predictor_embed_dim)) for _ in range(num_mask_tokens))
+        # A buffer, not a frozen Parameter, for the reasons given on VisionTransformer.
+        self.register_buffer("predictor_pos_embed",
+                             sincos_3d(predictor_embed_dim, *self.grid, uniform_power).unsqueeze(0))
+        self.predictor_blocks = nn.ModuleList(
+            Block(predictor_embed_dim, num_heads, mlp_ratio, qkv_bias) for _ in range(depth))
+        self.predictor_norm = nn.LayerNorm(predictor_embed_dim, eps=LAYER_NORM_EPS)
+        self.predictor_proj = nn.Linear(predictor_embed_dim, embed_dim)
+        init_weights_(self)  # leaves the mask tokens at zero
+
+    @property
+    def num_mask_tokens(self) -> int:
+        return len(self.mask_tokens)
+
+    def forward(self, context: torch.Tensor, context_idx: torch.Tensor, target_idx: torch.Tensor,
+                mask_index: int) -> torch.Tensor:
+        """context [B, Nc, D] at token ids context_idx [B, Nc] -> predictions [B, Nt, D] at target_idx [B, Nt].
+
+        Output rows follow the order of ``target_idx``.
+        """
+        if context.dim() != 3 or context.shape[-1] != self.embed_dim:
+            raise ValueError(f"context: expected shape [B, Nc, {self.embed_dim}], got {list(context.shape)}")
+        batch, num_context = context.shape[:2]
+        check_index("context_idx", context_idx, batch, self.num_patches)
+        if context_idx.shape[1] != num_context:
+            raise ValueError(f"context_idx: expected shape [{batch}, {num_context}] to match context, "
+                             f"got {list(context_idx.shape)}")
+        check_index("target_idx", target_idx, batch, self.num_patches)
+        if not 0 <= mask_index < self.num_mask_tokens:
+            raise ValueError(f"mask_index: expected an int in [0, {self.num_mask_tokens}), got {mask_index}")
+
+        pos = self.predictor_pos_embed[0]
+        x = self.predictor_embed(context)
+        x = x + pos[context_idx].to(x.dtype)
+        queries = (self.mask_tokens[mask_index] + pos[target_idx]).to(x.dtype)
+        x = run_blocks(self.predictor_blocks, torch.cat([x, queries], dim=1),
+                       self.activation_checkpointing and self.training)
+        return self.predictor_proj(self.predictor_norm(x)[:, num_context:])

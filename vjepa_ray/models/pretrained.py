@@ -1,0 +1,171 @@
+"""Meta's released V-JEPA checkpoint layout: read it into our models, and write ours in it.
+
+A released checkpoint is a ``torch.save`` dict with keys ``encoder``, ``predictor`` and
+``target_encoder`` (plus ``opt``, ``scaler``, ``epoch``, ...); each is a state dict whose keys start
+with ``module.backbone.`` (DDP around the reference's MultiMaskWrapper). Our modules use the
+reference's names, so after stripping that prefix the keys map 1:1.
+
+Loading is strict: a missing, unexpected or differently shaped tensor raises a ValueError that lists
+the keys, never leaving random weights in place. The one exception is the fixed sin-cos table
+(``pos_embed`` / ``predictor_pos_embed``): when the checkpoint was trained at another clip size its
+table has another number of rows; it is then checked to be the standard table of some grid and our
+own table for the requested size is kept. That is exact (the table is a function of the size alone)
+and is what the reference's evaluation code ends up with when it loads such a checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any, Callable, TypeVar
+
+import torch
+import torch.nn as nn
+
+from vjepa_ray.models.pos_embed import infer_sincos_grid, sincos_3d
+from vjepa_ray.models.predictor import Predictor
+from vjepa_ray.models.vit import MODEL_SPECS, VisionTransformer, build_encoder
+
+logger = logging.getLogger(__name__)
+
+OFFICIAL_PREFIX = "module.backbone."
+MODEL_KEYS = ("encoder", "predictor", "target_encoder")
+FIXED_TABLES = ("pos_embed", "predictor_pos_embed")
+_MAX_LISTED = 20
+
+StateDict = Mapping[str, torch.Tensor]
+T = TypeVar("T")
+
+
+def build_empty(factory: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``factory(*args, **kwargs)`` with uninitialised CPU tensors, for models whose every tensor is
+    loaded next: building on the meta device skips the random init (minutes for ViT-g on a CPU)."""
+    with torch.device("meta"):
+        built = factory(*args, **kwargs)
+    modules = built if isinstance(built, tuple) else (built,)
+    for module in modules:
+        module.to_empty(device="cpu")
+    return built
+
+
+def strip_prefixes(state: StateDict) -> dict[str, torch.Tensor]:
+    """Drops a leading ``module.`` and then a leading ``backbone.`` from every key (each optional)."""
+    out = {}
+    for key, value in state.items():
+        for prefix in ("module.", "backbone."):
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
+def to_official(state: StateDict) -> dict[str, torch.Tensor]:
+    """Our state dict -> the released layout's (``module.backbone.`` keys, detached CPU tensors)."""
+    return {OFFICIAL_PREFIX + key: value.detach().cpu() for key, value in strip_prefixes(state).items()}
+
+
+def official_checkpoint(encoder: StateDict, predictor: StateDict, target_encoder: StateDict,
+                        epoch: int = 0, **extra: Any) -> dict[str, Any]:
+    """A dict in the released layout, readable by the reference code's evaluation scripts.
+
+    ``epoch`` is included because the reference's loaders read it; optimizer and scaler states are
+    not (ours are DeepSpeed's, which the reference cannot resume from anyway).
+    """
+    return {"encoder": to_official(encoder), "predictor": to_official(predictor),
+            "target_encoder": to_official(target_encoder), "epoch": epoch, **extra}
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """``torch.load`` of a checkpoint dict on the CPU (tensors and plain data only)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # torch.load fails on a foreign file with whatever its unpickler hit
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path}: not a readable torch checkpoint ({first})") from err
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path}: expected a dict checkpoint, got {type(checkpoint).__name__}")
+    return checkpoint
+
+
+def state_from_checkpoint(checkpoint: Mapping[str, Any], key: str,
+                          source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The state dict under ``key`` with prefixes stripped; ValueError naming the keys that are there."""
+    if key not in checkpoint or not isinstance(checkpoint[key], Mapping):
+        raise ValueError(f"{source}: expected a state dict under {key!r}, found keys {sorted(checkpoint)}")
+    return strip_prefixes(checkpoint[key])
+
+
+def _listed(items: list[str]) -> str:
+    shown = ", ".join(items[:_MAX_LISTED])
+    return shown + (f", ... ({len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else "")
+
+
+def load_state_checked(module: nn.Module, state: StateDict, source: str = "checkpoint") -> None:
+    """Loads ``state`` into our encoder or predictor, strictly.
+
+    A ValueError lists the missing, unexpected and mismatched keys (up to 20 of each, with counts).
+    A fixed sin-cos table of another size is replaced by the one for ``module.grid`` (see the module
+    docstring). Every tensor of ``module`` is overwritten, so it may come from ``build_empty``.
+    """
+    own = module.state_dict()
+    state = dict(state)
+    for name in FIXED_TABLES:
+        if name in state and name in own and state[name].shape != own[name].shape:
+            grid = infer_sincos_grid(state[name], module.uniform_power)
+            if grid is not None and state[name].shape[-1] == own[name].shape[-1]:
+                logger.info("%s: %s was built for grid %s; using the table for grid %s", source, name, grid,
+                            module.grid)
+                table = sincos_3d(own[name].shape[-1], *module.grid, module.uniform_power)
+                state[name] = table.unsqueeze(0).to(own[name].dtype)
+    # Listed in module order, so the first lines name the first layers.
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [f"{k} (checkpoint {list(state[k].shape)}, model {list(own[k].shape)})"
+                  for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        lines = [f"{source} does not fit {type(module).__name__}:"]
+        for label, keys in (("shape mismatch", mismatched), ("missing", missing), ("unexpected", unexpected)):
+            if keys:
+                lines.append(f"  {label} ({len(keys)}): {_listed(keys)}")
+        raise ValueError("\n".join(lines))
+    module.load_state_dict(state, strict=True)
+
+
+def load_pretrained(path: str | os.PathLike, model_name: str = "vit_large", num_frames: int = 16,
+                    crop_size: int = 224, key: str = "target_encoder", patch_size: int = 16,
+                    tubelet_size: int = 2, **encoder_kwargs: Any) -> VisionTransformer:
+    """An encoder built for ``num_frames`` x ``crop_size`` clips, with the weights under ``key``.
+
+    ``key="target_encoder"`` (the EMA encoder) is what the reference evaluates.
+    """
+    encoder = build_empty(build_encoder, model_name, num_frames, crop_size, patch_size, tubelet_size,
+                          **encoder_kwargs)
+    load_state_checked(encoder, state_from_checkpoint(read_checkpoint(path), key, str(path)), f"{path}[{key}]")
+    return encoder
+
+
+def load_pretrained_predictor(path: str | os.PathLike, model_name: str = "vit_large", num_frames: int = 16,
+                              crop_size: int = 224, key: str = "predictor", patch_size: int = 16,
+                              tubelet_size: int = 2, num_heads: int | None = None,
+                              **predictor_kwargs: Any) -> Predictor:
+    """The predictor of a checkpoint; width, depth and mask-token count are read from the weights.
+
+    The head count is not in the weights: it defaults to the encoder's, as in V-JEPA 1.
+    """
+    if model_name not in MODEL_SPECS:
+        raise ValueError(f"model name: expected one of {', '.join(MODEL_SPECS)}, got {model_name!r}")
+    state = state_from_checkpoint(read_checkpoint(path), key, str(path))
+    if "predictor_embed.weight" not in state:
+        raise ValueError(f"{path}[{key}]: expected a predictor state dict, found keys {_listed(sorted(state))}")
+    embed_dim, _, spec_heads, _ = MODEL_SPECS[model_name]
+    predictor_dim = state["predictor_embed.weight"].shape[0]
+    depth = len({k.split(".")[1] for k in state if k.startswith("predictor_blocks.")})
+    num_mask_tokens = sum(1 for k in state if k.startswith("mask_tokens."))
+    grid = (num_frames // tubelet_size, crop_size // patch_size, crop_size // patch_size)
+    predictor = build_empty(Predictor, grid, embed_dim, predictor_dim, depth, num_heads=num_heads or spec_heads,
+                            num_mask_tokens=max(num_mask_tokens, 1), **predictor_kwargs)
+    load_state_checked(predictor, state, f"{path}[{key}]")
+    return predictor
