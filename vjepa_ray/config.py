@@ -71,6 +71,8 @@ class DataConfig:
     decode_cpus: float = 1.0
     # Decoder tasks in flight (0 = as many as the cluster's CPUs allow).
     decode_concurrency: int = 0
+    # Ray node labels the decode tasks require, e.g. {node-type: cpu}, to keep decoding off GPU nodes.
+    decode_label_selector: dict[str, str] = field(default_factory=dict)
     # Files per chunk of an epoch: the granularity at which a restart resumes the stream.
     chunk_size: int = 256
     max_file_bytes: int = 4 * 1024**3
@@ -167,9 +169,48 @@ class ProbeConfig:
     num_blocks: int = 1
     label_fraction: float = 1.0
     finetune: bool = False
+    # Fine-tuning: the encoder's LR is probe.lr x this, times layer_decay per block below the top.
+    finetune_lr_scale: float = 0.1
+    layer_decay: float = 0.75
+    # The encoder: a weights file (Meta's layout or our export) or a run folder; weights under checkpoint_key.
     checkpoint: str = ""
+    checkpoint_key: str = "target_encoder"
     train_manifest: str = ""
     val_manifest: str = ""
+    # 0 = one more than the largest label in the manifests.
+    num_classes: int = 0
+    # Probe attention heads; 0 = the encoder's.
+    num_heads: int = 0
+
+
+@dataclass
+class SweepConfig:
+    """``python -m vjepa_ray.tune``: the grid of settings (every list is one axis of the grid)."""
+
+    # Repeats of the grid; repeat i runs with meta.seed + i.
+    num_samples: int = 1
+    # Trials in flight; 0 = as many as the cluster's CPUs/GPUs hold.
+    max_concurrent_trials: int = 0
+    # ASHA: pretraining steps every trial runs before its loss is compared; 0 turns early stopping off.
+    grace_period: int = 0
+    reduction_factor: float = 2.0
+    # Expected masked fraction of each mask config (sets every config's spatial scale); [] keeps them.
+    mask_ratio: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+    # EMA momentum ranges, each [start, end].
+    ema: list[list[float]] = field(default_factory=list)
+    # The probe grid, trained in one pass per trial; [] = probe.lr / probe.weight_decay.
+    probe_lr: list[float] = field(default_factory=list)
+    probe_weight_decay: list[float] = field(default_factory=list)
+    # Any other config key -> its values, e.g. {mask.0.num_blocks: [4, 8]}.
+    space: dict[str, Any] = field(default_factory=dict)
+    # Retries of a failed trial (its pretraining resumes from its last checkpoint).
+    max_failures: int = 1
+    # CPUs held by each trial's driver, which mostly waits: pretraining and probe run on their own workers.
+    driver_cpus: float = 0.25
+    # Local demo: when the probe manifests do not exist, write a labelled synthetic set with this many
+    # training videos per class into their folder (a quarter as many, at least 2, for validation).
+    synthetic_probe_videos: int = 0
 
 
 @dataclass
@@ -184,6 +225,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    tune: SweepConfig = field(default_factory=SweepConfig)
 
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
@@ -331,6 +373,29 @@ def validate(cfg: Config) -> None:
     _check(p.num_segments >= 1, "probe.num_segments", "must be >= 1")
     _check(p.num_views >= 1, "probe.num_views", "must be >= 1")
     _check(p.num_blocks >= 1, "probe.num_blocks", "must be >= 1")
+    _check(p.num_classes >= 0, "probe.num_classes", "must be >= 0 (0 = from the manifests)")
+    _check(p.num_heads >= 0, "probe.num_heads", "must be >= 0 (0 = the encoder's)")
+    _check(p.finetune_lr_scale > 0, "probe.finetune_lr_scale", "must be > 0")
+    _check(0 < p.layer_decay <= 1, "probe.layer_decay", "must be in (0, 1]")
+
+    t = cfg.tune
+    _check(t.num_samples >= 1, "tune.num_samples", "must be >= 1")
+    _check(t.max_concurrent_trials >= 0, "tune.max_concurrent_trials", "must be >= 0 (0 = from the cluster)")
+    _check(t.grace_period >= 0, "tune.grace_period", "must be >= 0 (0 = no early stopping)")
+    _check(t.reduction_factor > 1, "tune.reduction_factor", "must be > 1")
+    _check(all(0 < r < 1 for r in t.mask_ratio), "tune.mask_ratio", f"values must be in (0, 1), got {t.mask_ratio}")
+    _check(all(x > 0 for x in t.lr), "tune.lr", f"values must be > 0, got {t.lr}")
+    for i, ema in enumerate(t.ema):
+        _check_range(ema, f"tune.ema.{i}", 0.0, 1.0, low_open=False)
+    _check(all(x > 0 for x in t.probe_lr), "tune.probe_lr", f"values must be > 0, got {t.probe_lr}")
+    _check(all(x >= 0 for x in t.probe_weight_decay), "tune.probe_weight_decay",
+           f"values must be >= 0, got {t.probe_weight_decay}")
+    for key, values in t.space.items():
+        _check(isinstance(values, list) and len(values) >= 1, f"tune.space.{key}",
+               f"expected a list of values, got {values!r}")
+    _check(t.max_failures >= -1, "tune.max_failures", "must be >= 0, or -1 for no limit")
+    _check(t.driver_cpus >= 0, "tune.driver_cpus", "must be >= 0")
+    _check(t.synthetic_probe_videos >= 0, "tune.synthetic_probe_videos", "must be >= 0")
 
 
 def to_yaml(cfg: Config) -> str:
@@ -348,9 +413,17 @@ def from_dict(data: dict) -> Config:
     return cfg
 
 
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """Bad arguments end the command like a bad config does: one line on stderr, exit 2, no usage dump."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_arg_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """The shared command line: ``--config FILE`` and ``section.key=value`` overrides."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog=prog,
         description=description,
         epilog="Config sections: " + ", ".join(SECTIONS)
