@@ -1,0 +1,147 @@
+"""The Ray Data clip pipeline: shapes, determinism, resume, bad input, Train workers, node placement."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from vjepa_ray.config import ConfigError, DataConfig
+from vjepa_ray.data.pipeline import ClipStream, NoUsableVideosError, build_clip_dataset
+from vjepa_ray.video.synthetic import make_moving_pattern_videos
+
+FRAMES, CROP, BATCH = 4, 32, 2
+
+
+@pytest.fixture(scope="module")
+def video_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("videos")
+    make_moving_pattern_videos(folder, count=8, frames=20, size=(48, 64), fps=25, seed=3)
+    return folder
+
+
+def _data(paths, **kw) -> DataConfig:
+    base = dict(paths=[str(p) for p in paths], frames_per_clip=FRAMES, frame_step=2, crop_size=CROP,
+                batch_size=BATCH, chunk_size=4)
+    return DataConfig(**{**base, **kw})
+
+
+def _take(stream: ClipStream, count: int) -> list:
+    return list(itertools.islice(iter(stream), count))
+
+
+def test_clips_are_seeded_and_resume_from_a_chunk(ray_local, video_dir):
+    data = _data([video_dir])  # 8 videos, chunks of 4 -> 2 chunks per epoch, 2 batches per chunk
+    stream = ClipStream(data, seed=0)
+    batches = _take(stream, 6)
+    for b in batches:
+        assert b.clips.dtype == torch.uint8 and b.clips.shape == (BATCH, FRAMES, CROP, CROP, 3)
+        assert b.clips.float().std() > 10  # real pictures, not placeholders
+        assert sum(b.skipped.values()) == 0
+    assert [b.position for b in batches] == [(0, 0), (0, 0), (0, 1), (0, 1), (1, 0), (1, 0)]
+    assert stream.position == (1, 1) and stream.state_dict() == {"epoch": 1, "chunk": 1}
+    first_epoch = [v for b in batches[:4] for v in b.videos]
+    assert sorted(first_epoch) == sorted(str(p) for p in video_dir.glob("*.mp4"))  # each video once
+
+    # Same seed, same clips; another seed, another order and other crops.
+    again = _take(ClipStream(data, seed=0), 6)
+    assert all(torch.equal(a.clips, b.clips) and a.videos == b.videos for a, b in zip(batches, again))
+    other = _take(ClipStream(data, seed=1), 2)
+    assert not torch.equal(other[0].clips, batches[0].clips)
+
+    # Resume at (epoch 0, chunk 1): exactly the rest of the stream.
+    resumed = _take(ClipStream(data, seed=0, position=(0, 1)), 4)
+    assert all(torch.equal(a.clips, b.clips) and a.position == b.position for a, b in zip(batches[2:], resumed))
+
+
+def _bad_files(folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "empty.mp4").write_bytes(b"")
+    (folder / "text.mp4").write_text("not a video at all\n" * 20)
+    return [folder / "empty.mp4", folder / "text.mp4", folder / "missing.mp4"]
+
+
+def test_bad_videos_are_skipped_counted_and_logged_once(ray_local, video_dir, tmp_path, caplog):
+    good = sorted(video_dir.glob("*.mp4"))[:4]
+    manifest = tmp_path / "list.txt"
+    manifest.write_text("".join(f"{p} 0\n" for p in good + _bad_files(tmp_path)))
+    # One chunk of 7 files: 7 clips wanted -> 3 batches, though only 4 videos decode.
+    stream = ClipStream(_data([manifest], chunk_size=7), seed=0)
+    caplog.set_level(logging.WARNING, logger="vjepa_ray.data.pipeline")
+    batches = _take(stream, 6)  # two epochs
+    assert [b.position for b in batches] == [(0, 0)] * 3 + [(1, 0)] * 3
+    for epoch in (batches[:3], batches[3:]):
+        skipped = sum((b.skipped for b in epoch), Counter())
+        assert sum(skipped.values()) == 3 and skipped["empty"] == 1 and skipped["missing"] == 1
+        # Refilled from the 4 good videos: every rank still yields its 3 batches.
+        assert set(v for b in epoch for v in b.videos) == {str(p) for p in good}
+    logged = [r.getMessage() for r in caplog.records if "skipping video" in r.getMessage()]
+    assert len(logged) == 3 and any("missing.mp4" in m for m in logged)
+
+
+def test_a_source_of_only_bad_videos_is_a_clear_error(ray_local, tmp_path):
+    _bad_files(tmp_path / "bad")
+    manifest = tmp_path / "bad.txt"
+    manifest.write_text("".join(f"{p}\n" for p in _bad_files(tmp_path / "bad")))
+    stream = ClipStream(_data([manifest], chunk_size=2, batch_size=1), seed=0)
+    with pytest.raises(NoUsableVideosError, match="none of the 3 videos"):
+        next(iter(stream))
+
+
+def test_chunks_too_small_for_a_batch_per_worker_are_a_config_error(video_dir):
+    with pytest.raises(ConfigError, match="data.chunk_size"):
+        ClipStream(_data([video_dir], chunk_size=4, batch_size=3), seed=0, rank=0, world_size=2)
+
+
+@pytest.mark.slow
+def test_train_workers_get_disjoint_shares_and_equal_batch_counts(ray_local, video_dir, tmp_path):
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    def _record_shares(config: dict) -> None:  # nested: pickled by value (tests/ is not importable)
+        import ray.train
+
+        ctx = ray.train.get_context()
+        rank, world = ctx.get_world_rank(), ctx.get_world_size()
+        stream = ClipStream(DataConfig(**config["data"]), seed=0, rank=rank, world_size=world)
+        got = [{"position": list(b.position), "videos": list(b.videos), "shape": list(b.clips.shape)}
+               for b in itertools.islice(iter(stream), config["batches"])]
+        Path(config["out"], f"rank{rank}.json").write_text(json.dumps(got))
+
+    # A bad file among 8 good ones: rank shares differ in size, batch counts must not.
+    bad = _bad_files(tmp_path / "bad")[1]
+    manifest = tmp_path / "all.txt"
+    manifest.write_text("".join(f"{p}\n" for p in sorted(video_dir.glob("*.mp4")) + [bad]))
+    data = dataclasses.asdict(_data([manifest], chunk_size=4, batch_size=1))
+    TorchTrainer(_record_shares, train_loop_config={"data": data, "batches": 6, "out": str(tmp_path)},
+                 scaling_config=ScalingConfig(num_workers=2),
+                 run_config=RunConfig(storage_path=str(tmp_path / "runs"))).fit()
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for got in ranks:
+        assert len(got) == 6 and all(b["shape"] == [1, FRAMES, CROP, CROP, 3] for b in got)
+        assert [tuple(b["position"]) for b in got] == [(0, 0), (0, 0), (0, 1), (0, 1), (0, 2), (0, 2)]
+    for chunk in range(3):
+        mine = [{v for b in got if b["position"] == [0, chunk] for v in b["videos"]} for got in ranks]
+        assert mine[0] and mine[1] and not mine[0] & mine[1]
+    seen = {v for got in ranks for b in got for v in b["videos"]}
+    assert seen == {str(p) for p in video_dir.glob("*.mp4")}  # an epoch covers every good video
+
+
+@pytest.mark.slow
+def test_decoding_stays_on_cpu_nodes(ray_multinode, video_dir):
+    import ray
+
+    cpu_node = ray_multinode.add_node(num_cpus=2, labels={"node-type": "cpu"})
+    ray_multinode.add_node(num_cpus=2, num_gpus=1, labels={"node-type": "gpu"})
+    ray_multinode.wait_for_nodes()
+    ray.init(address=ray_multinode.address, include_dashboard=False, log_to_driver=False)
+    data = _data([video_dir], decode_label_selector={"node-type": "cpu"}, chunk_size=8)
+    rows = list(build_clip_dataset(data, seed=0).iter_rows())
+    assert len(rows) == 8 and all(r["clip"].shape == (FRAMES, CROP, CROP, 3) for r in rows)
+    assert {r["decode_node"] for r in rows} == {cpu_node.node_id}
