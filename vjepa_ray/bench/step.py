@@ -1,0 +1,182 @@
+"""Training-step throughput: the full V-JEPA step on one device, in clips per second.
+
+The step is the one training runs: masks for every config, uint8 -> normalised clips, the target
+encoder's pass on the full clips, one encoder + predictor pass per mask config, the L1 loss,
+backward, an AdamW step with the scheduled LR/WD, and the EMA update of the target encoder.
+Each timed step is split into phases (seconds, mean over the timed steps).
+
+Baseline, measured in the same run between the steps: one no-grad forward of the encoder over the
+full clips (what the target pass costs). ``step_over_forward`` = step time / that forward, a
+machine-independent figure of the step's overhead (about 1 + 3 x the masked passes' share).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import logging
+import statistics
+import sys
+import time
+from typing import Iterator
+
+import torch
+
+from vjepa_ray import jepa, optim, schedules
+from vjepa_ray.config import MODEL_NAMES, load_config
+from vjepa_ray.ema import ema_update_
+from vjepa_ray.masks import MaskCollator
+from vjepa_ray.models import build_models
+
+log = logging.getLogger(__name__)
+
+PHASES = ("masks", "normalize", "forward", "backward", "optimizer", "ema")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="vit_small", choices=MODEL_NAMES)
+    parser.add_argument("--frames", type=int, default=16)
+    parser.add_argument("--crop", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                        help="bf16 = autocast over the forward passes, fp32 weights and optimizer")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        choices=("cpu", "cuda"))
+    parser.add_argument("--steps", type=int, default=5, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                        help="after timing, profile one more step and print its top ROWS ops to stderr")
+
+
+class StepTimer:
+    """Wall-clock seconds per phase; waits for the device at each boundary so phases are not smeared."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds: dict[str, float] = {}
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        self._sync()
+        start = time.perf_counter()
+        with torch.profiler.record_function(f"step/{name}"):
+            yield
+        self._sync()
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+class Trainer:
+    """The models, optimizer and collator of the benchmark, and ``step()``: one full training step."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.device = torch.device(args.device)
+        self.cfg = load_config(None, [f"model.name={args.model}", f"data.frames_per_clip={args.frames}",
+                                      f"data.crop_size={args.crop}", f"data.batch_size={args.batch}",
+                                      f"meta.seed={args.seed}"])
+        torch.manual_seed(args.seed)
+        self.encoder, self.predictor = (m.to(self.device) for m in build_models(self.cfg))
+        self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
+        self.target_params = list(self.target_encoder.parameters())
+        self.online_params = list(self.encoder.parameters())
+        named = [*self.encoder.named_parameters(prefix="encoder"), *self.predictor.named_parameters(prefix="predictor")]
+        self.optimizer = optim.adamw(named, self.cfg.optimization, fused=True)
+        self.collator = MaskCollator(self.cfg.mask, self.encoder.grid)
+        self.autocast_dtype = torch.bfloat16 if args.precision == "bf16" else None
+        gen = torch.Generator().manual_seed(args.seed)
+        self.clips = torch.randint(0, 256, (args.batch, args.frames, args.crop, args.crop, 3), generator=gen,
+                                   dtype=torch.uint8).to(self.device)
+        self.batch = args.batch
+        self.seed = args.seed
+        self.step_index = 0
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def step(self, timer: StepTimer) -> float:
+        o = self.cfg.optimization
+        with timer.phase("masks"):
+            masks = self.collator(self.batch, (self.seed, self.step_index))
+        with timer.phase("normalize"):
+            x = jepa.normalize_clips(self.clips)
+        with timer.phase("forward"):
+            optim.apply_schedules(self.optimizer, schedules.lr_at(self.step_index, o),
+                                  schedules.weight_decay_at(self.step_index, o))
+            with self._autocast():
+                out = jepa.jepa_loss(x, masks, self.encoder, self.predictor, self.target_encoder)
+        with timer.phase("backward"):
+            out.loss.backward()
+        with timer.phase("optimizer"):
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        with timer.phase("ema"):
+            ema_update_(self.target_params, self.online_params, schedules.ema_momentum_at(self.step_index, o))
+        self.step_index += 1
+        return out.loss.detach().item()
+
+    def target_forward(self, timer: StepTimer) -> None:
+        x = jepa.normalize_clips(self.clips)
+        with timer.phase("target_forward"), self._autocast():
+            jepa.target_features(self.target_encoder, x)
+
+
+def run(args: argparse.Namespace) -> dict:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    trainer = Trainer(args)
+    for _ in range(args.warmup):
+        trainer.step(StepTimer(trainer.device))
+        trainer.target_forward(StepTimer(trainer.device))
+    step_s, forward_s, losses = [], [], []
+    phases = {name: 0.0 for name in PHASES}
+    for i in range(args.steps):
+        timer = StepTimer(trainer.device)
+        losses.append(trainer.step(timer))
+        step_s.append(sum(timer.seconds.values()))
+        for name in PHASES:
+            phases[name] += timer.seconds[name] / args.steps
+        baseline = StepTimer(trainer.device)
+        trainer.target_forward(baseline)
+        forward_s.append(baseline.seconds["target_forward"])
+        log.info("step %d: %.3f s, loss %.4f; full-clip forward %.3f s", i, step_s[-1], losses[-1], forward_s[-1])
+    if args.profile:
+        _print_profile(trainer, args.profile)
+    mean_step = statistics.fmean(step_s)
+    mean_forward = statistics.fmean(forward_s)
+    return {
+        "figure": "step",
+        "clips_per_s": args.batch / mean_step,
+        "step_s": mean_step,
+        "step_s_min": min(step_s),
+        "phases_s": phases,
+        "baseline": "one no-grad full-clip forward of the encoder, timed between the steps",
+        "baseline_forward_s": mean_forward,
+        "step_over_forward": mean_step / mean_forward,
+        "loss_first_last": [losses[0], losses[-1]],
+        "settings": {"model": args.model, "frames": args.frames, "crop": args.crop, "batch": args.batch,
+                     "precision": args.precision, "device": args.device, "steps": args.steps,
+                     "warmup": args.warmup, "threads": torch.get_num_threads(), "torch": torch.__version__},
+    }
+
+
+def _print_profile(trainer: Trainer, rows: int) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        trainer.step(StepTimer(trainer.device))
+    sort = "self_cuda_time_total" if trainer.device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=rows), file=sys.stderr)
+    phases = [e for e in prof.key_averages() if e.key.startswith(("step/", "jepa/"))]
+    for e in sorted(phases, key=lambda e: e.key):
+        print(f"{e.key:32s} {e.cpu_time_total / 1e3:10.1f} ms", file=sys.stderr)
