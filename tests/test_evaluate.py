@@ -1,0 +1,141 @@
+"""``python -m vjepa_ray.evaluate``: encoders from checkpoints, image and video manifests, fine-tuning."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from vjepa_ray import evaluate
+from vjepa_ray.config import ConfigError, load_config
+from vjepa_ray.models import build_models
+from vjepa_ray.models.pretrained import official_checkpoint
+from vjepa_ray.video.labelled_synthetic import make_labelled_motion_videos
+
+FRAMES, CROP = 4, 32
+
+
+def tiny_overrides(tmp_path: Path, checkpoint: Path, train: Path, val: Path, *extra: str) -> list[str]:
+    return ["model.name=vit_tiny", "model.patch_size=16", "model.pred_depth=1", "model.pred_embed_dim=48",
+            f"data.frames_per_clip={FRAMES}", "data.frame_step=1", f"data.crop_size={CROP}",
+            "data.random_resize_scale=[0.8,1.0]", f"probe.checkpoint={checkpoint}",
+            f"probe.train_manifest={train}", f"probe.val_manifest={val}", "probe.num_segments=1",
+            "probe.num_views=1", "probe.batch_size=4", "meta.name=probe_test",
+            f"ray.storage_path={tmp_path / 'runs'}", "ray.num_workers=1", *extra]
+
+
+@pytest.fixture
+def checkpoint(tmp_path: Path) -> Path:
+    """A random vit_tiny in Meta's released checkpoint layout."""
+    cfg = load_config(None, ["model.name=vit_tiny", "model.pred_depth=1", "model.pred_embed_dim=48",
+                             f"data.frames_per_clip={FRAMES}", f"data.crop_size={CROP}"])
+    torch.manual_seed(0)
+    encoder, predictor = build_models(cfg)
+    path = tmp_path / "vitt.pth.tar"
+    torch.save(official_checkpoint(encoder.state_dict(), predictor.state_dict(), encoder.state_dict()), path)
+    return path
+
+
+def write_image(path: Path, rgb: np.ndarray) -> None:
+    with av.open(str(path), "w", format="image2") as container:
+        stream = container.add_stream("png")
+        stream.width, stream.height, stream.pix_fmt = rgb.shape[1], rgb.shape[0], "rgb24"
+        for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+            container.mux(packet)
+
+
+@pytest.fixture
+def image_manifests(tmp_path: Path) -> tuple[Path, Path]:
+    """Two classes of PNG images (reddish vs bluish noise), 8 train and 4 val per class."""
+    rng = np.random.default_rng(0)
+    manifests = []
+    for split, per_class in (("train", 8), ("val", 4)):
+        lines = []
+        for label in (0, 1):
+            for i in range(per_class):
+                image = rng.integers(0, 120, (40, 48, 3), dtype=np.uint8)
+                image[..., 0 if label == 0 else 2] += 120
+                path = tmp_path / f"{split}_{label}_{i}.png"
+                write_image(path, image)
+                lines.append(f"{path} {label}")
+        manifests.append(tmp_path / f"{split}.txt")
+        manifests[-1].write_text("\n".join(lines) + "\n")
+    return manifests[0], manifests[1]
+
+
+def test_image_manifest_evaluates_end_to_end(tmp_path, checkpoint, image_manifests):
+    cfg = load_config(None, tiny_overrides(tmp_path, checkpoint, *image_manifests, "probe.epochs=4",
+                                           "probe.lr=[3e-3,1e-4]", "probe.weight_decay=[0.01]"))
+    before = {k: v.clone() for k, v in evaluate.load_encoder(cfg).state_dict().items()}
+    outcome = evaluate.evaluate(cfg)
+    results = outcome.results
+    assert results["num_classes"] == 2 and results["val_examples"] == 8 and results["train_examples"] == 16
+    assert [p["lr"] for p in results["probes"]] == [3e-3, 1e-4]
+    assert results["top1"] == max(p["top1"] for p in results["probes"])
+    # Colour is all it takes: the better probe separates the classes.
+    assert results["top1"] >= 87.5
+    # Frozen probing leaves the encoder exactly as loaded.
+    after = outcome.encoder.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_finetuning_changes_the_encoder(tmp_path, checkpoint, image_manifests):
+    cfg = load_config(None, tiny_overrides(tmp_path, checkpoint, *image_manifests, "probe.epochs=1",
+                                           "probe.finetune=true", "probe.lr=[1e-3]"))
+    before = {k: v.clone() for k, v in evaluate.load_encoder(cfg).state_dict().items()}
+    after = evaluate.evaluate(cfg).encoder.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert "blocks.0.attn.qkv.weight" in changed and "norm.weight" in changed
+    assert "pos_embed" not in changed  # the fixed table is no parameter
+
+
+def test_layer_decay_scales_lower_blocks_down(checkpoint, tmp_path):
+    cfg = load_config(None, ["model.name=vit_tiny", f"data.frames_per_clip={FRAMES}", f"data.crop_size={CROP}",
+                             f"probe.checkpoint={checkpoint}"])
+    encoder = evaluate.load_encoder(cfg)
+    groups = evaluate.layer_decay_groups(encoder, 1e-4, 0.05, layer_decay=0.5)
+    scale_of = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    depth = len(encoder.blocks)
+    assert scale_of[id(encoder.norm.weight)] == 1.0
+    assert scale_of[id(encoder.blocks[depth - 1].mlp.fc1.weight)] == 0.5
+    assert scale_of[id(encoder.patch_embed.proj.weight)] == 0.5 ** (depth + 1)
+    assert all(g["weight_decay"] == 0.0 for g in groups for p in g["params"] if p.dim() == 1)
+
+
+def test_label_fraction_trains_on_a_stratified_subset(tmp_path, checkpoint, image_manifests):
+    cfg = load_config(None, tiny_overrides(tmp_path, checkpoint, *image_manifests, "probe.epochs=1",
+                                           "probe.label_fraction=0.25"))
+    results = evaluate.evaluate(cfg).results
+    assert results["train_examples"] == 4 and results["train_examples_full"] == 16
+
+
+def test_config_mistakes_name_the_key(tmp_path, checkpoint, image_manifests):
+    cfg = load_config(None, tiny_overrides(tmp_path, tmp_path / "missing.pt", *image_manifests))
+    with pytest.raises(ConfigError, match="^probe.checkpoint"):
+        evaluate.run(cfg)
+    cfg = load_config(None, tiny_overrides(tmp_path, checkpoint, *image_manifests, "probe.finetune=true",
+                                           "probe.lr=[1e-3,1e-4]"))
+    with pytest.raises(ConfigError, match="^probe.finetune"):
+        evaluate.check_runnable(cfg)
+    assert evaluate.main(tiny_overrides(tmp_path, checkpoint, image_manifests[0], tmp_path / "none.txt")) == 2
+
+
+@pytest.mark.slow
+def test_cli_on_ray_train_with_two_workers_on_motion_videos(tmp_path, checkpoint, ray_local, capsys):
+    videos = make_labelled_motion_videos(tmp_path / "videos", 3, 2, frames=8, size=CROP,
+                                         classes=["right_fast", "left_fast"])
+    broken = tmp_path / "videos" / "broken.mp4"
+    broken.write_bytes(b"not a video")
+    videos.val_manifest.write_text(videos.val_manifest.read_text() + f"{broken} 0\n")
+    argv = tiny_overrides(tmp_path, checkpoint, videos.train_manifest, videos.val_manifest, "probe.epochs=1",
+                          "ray.num_workers=2", "probe.num_segments=2", "probe.num_views=2",
+                          "probe.lr=[1e-3,1e-4]")
+    assert evaluate.main(argv) == 0
+    written = json.loads((tmp_path / "runs" / "probe_test" / evaluate.RESULTS_FILE).read_text())
+    assert written["world_size"] == 2 and len(written["probes"]) == 2
+    assert written["val_examples"] == 4 and sum(written["skipped"].values()) == 1
+    assert "best top-1" in capsys.readouterr().out

@@ -1,0 +1,1 @@
+"""Evaluation helpers behind ``python -m vjepa_ray.evaluate``: encoding views, label subsets, probe banks."""
