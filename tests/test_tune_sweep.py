@@ -1,0 +1,155 @@
+"""Ray Tune sweeps end to end: short pretraining trials on Ray Train, then the probe, on this machine.
+
+Both tests use jobs/tune_demo.yaml cut down to a few steps; every trial pretrains the tiny model on one
+CPU worker (DeepSpeed, a Ray Data video stream) and trains a probe grid on a tiny labelled synthetic set.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from vjepa_ray import tune
+from vjepa_ray.config import load_config
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def sweep_overrides(tmp: Path, name: str, *extra: str) -> list[str]:
+    return [f"meta.name={name}", f"ray.storage_path={tmp / 'runs'}", f"data.paths=[{tmp / 'videos'}]",
+            "data.synthetic_videos=8", "data.batch_size=2", "model.pred_depth=1",
+            "optimization.total_steps=6", "optimization.warmup_steps=2", "logging.every_steps=3",
+            "checkpoint.every_steps=6", f"probe.train_manifest={tmp / 'labelled' / 'train.txt'}",
+            f"probe.val_manifest={tmp / 'labelled' / 'val.txt'}", "tune.synthetic_probe_videos=2",
+            "probe.epochs=2", "tune.grace_period=0", *extra]
+
+
+def test_four_trial_sweep_writes_table_best_and_plots(ray_local, tmp_path):
+    cfg = load_config(REPO / "jobs" / "tune_demo.yaml", sweep_overrides(tmp_path, "sweep4"))
+    summary = tune.run(cfg)
+
+    folder = tmp_path / "runs" / "sweep4"
+    assert summary["folder"] == str(folder)
+    with open(folder / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and summary["trials"] == summary["finished"] == 4
+    # The grid: 2 mask ratios x 2 learning rates, each trial once, each pretrained to the end and probed.
+    settings = {(float(r["mask_ratio"]), float(r["optimization.lr"])) for r in rows}
+    assert settings == {(0.5, 1e-3), (0.5, 3e-4), (0.8, 1e-3), (0.8, 3e-4)}
+    assert all(r["status"] == "finished" and int(r["pretrain_steps"]) == 6 for r in rows)
+    # A higher ratio masks more: its mask configs got larger spatial scales.
+    for lr in (1e-3, 3e-4):
+        low, high = (next(r for r in rows if float(r["mask_ratio"]) == m and float(r["optimization.lr"]) == lr)
+                     for m in (0.5, 0.8))
+        assert float(high["masked_fraction"]) > float(low["masked_fraction"])
+        assert json.loads(high["mask.1.spatial_scale"])[0] > json.loads(low["mask.1.spatial_scale"])[0]
+    # Every trial trained the whole probe grid (3 learning rates) in its one probe pass; top-1 is a percentage.
+    heads = [c for c in rows[0] if c.startswith("top1[")]
+    assert len(heads) == 3
+    for row in rows:
+        top1 = [float(row[h]) for h in heads]
+        assert all(0.0 <= t <= 100.0 for t in top1) and float(row["probe_top1"]) == max(top1)
+    # Four distinct results: distinct (settings, pretraining loss) per trial.
+    assert len({(r["mask_ratio"], r["optimization.lr"], r["loss"]) for r in rows}) == 4
+    assert len({r["loss"] for r in rows}) == 4
+
+    table = json.loads((folder / "results.json").read_text())
+    assert sorted(r["trial_id"] for r in table) == sorted(r["trial_id"] for r in rows)
+    best = json.loads((folder / "best.json").read_text())
+    assert best["trial"]["probe_top1"] == max(float(r["probe_top1"]) for r in rows)
+    assert best["config"]["meta"]["name"] == best["trial"]["trial_id"]
+    for name in ("top1_vs_mask_ratio.png", "top1_vs_probe_lr.png"):
+        data = (folder / name).read_bytes()
+        assert data[:8] == PNG_SIGNATURE and 10_000 < len(data) < 2_000_000
+    assert tune.trial_starts(str(folder)) == {r["trial_id"]: 1 for r in rows}
+
+
+def _ray_processes(temp_root: str) -> list[psutil.Process]:
+    """This test's Ray processes: every one names the cluster's temp dir on its command line."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if any(temp_root in part for part in proc.info["cmdline"] or ()):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def _finished_trials(folder: Path) -> set[str]:
+    """Trials the experiment state on disk records as terminated (what a restore will not run again)."""
+    done = set()
+    for state in folder.glob("experiment_state-*.json"):
+        try:
+            trials = json.loads(state.read_text())["trial_data"]
+        except (ValueError, KeyError, OSError):
+            continue  # being rewritten
+        for trial_json, _ in trials:
+            trial = json.loads(trial_json)
+            if trial.get("status") == "TERMINATED":
+                done.add(trial["trial_id"])
+    return done
+
+
+def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(tmp_path):
+    # Its own cluster, started by the CLI (ray.address=local) under a temp dir of its own, so the test can
+    # find and end exactly its processes.
+    temp_root = tempfile.mkdtemp(prefix="vjt", dir="/tmp")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_TMPDIR=temp_root, PYTHONUNBUFFERED="1")
+    command = [sys.executable, "-m", "vjepa_ray.tune", "--config", str(REPO / "jobs" / "tune_demo.yaml"),
+               *sweep_overrides(tmp_path, "resumed", "ray.address=local", "tune.lr=[1e-3]",
+                                "tune.max_concurrent_trials=1")]
+    folder = tmp_path / "runs" / "resumed"
+    first = None
+    try:
+        with open(tmp_path / "first.log", "w") as log:
+            first = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+            deadline = time.monotonic() + 1500  # a hang guard: a trial takes ~1 min on an idle 2-core machine
+            while not _finished_trials(folder) and first.poll() is None and time.monotonic() < deadline:
+                time.sleep(2)
+            assert first.poll() is None, "the sweep ended before it could be killed: see first.log"
+            finished_before = _finished_trials(folder)
+            assert len(finished_before) == 1, f"no trial finished in time: see {tmp_path / 'first.log'}"
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait()
+        # The driver's cluster went down with its process group; a straggler that left the group is ended by id.
+        psutil.wait_procs(_ray_processes(temp_root), timeout=30)
+        for straggler in _ray_processes(temp_root):
+            straggler.kill()
+        assert not psutil.wait_procs(_ray_processes(temp_root), timeout=30)[1]
+
+        second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+                                start_new_session=True)
+        assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+        assert "resuming the sweep" in second.stdout
+    finally:
+        if first is not None and first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+        for leftover in _ray_processes(temp_root):
+            leftover.kill()
+
+    with open(folder / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and all(r["status"] == "finished" for r in rows)
+    starts = tune.trial_starts(str(folder))
+    assert set(starts) == {r["trial_id"] for r in rows}
+    # The trial that had finished ran once; the other started once or twice (killed mid-run, then rerun).
+    (done,) = finished_before
+    assert starts[done] == 1
+    (other,) = set(starts) - {done}
+    assert 1 <= starts[other] <= 2

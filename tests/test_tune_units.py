@@ -1,0 +1,171 @@
+"""The sweep's pieces in one process: mask-ratio mapping, grid and trial configs, the results files."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from vjepa_ray.config import ConfigError, MaskConfig, builtin_config_path, load_config
+from vjepa_ray.masks import MultiBlockMaskGenerator
+from vjepa_ray.sweep import results
+from vjepa_ray.sweep.mask_ratio import masked_fraction, spatial_scale_for_ratio
+from vjepa_ray.sweep.space import MASK_RATIO, check_axes, sweep_axes, token_grid, trial_config
+from vjepa_ray.tune import max_concurrent_trials
+
+RECIPE_GRID = (8, 14, 14)  # 16 frames, tubelet 2, 224 px, patch 16
+
+
+def demo(*overrides: str):
+    return load_config(builtin_config_path("local_demo"), list(overrides))
+
+
+@pytest.mark.parametrize("num_blocks, scale", [(8, 0.15), (2, 0.7)])
+def test_mask_ratio_of_the_recipe_maps_back_to_its_spatial_scale(num_blocks, scale):
+    recipe = MaskConfig(num_blocks=num_blocks, spatial_scale=[scale, scale])
+    fraction = masked_fraction(recipe, RECIPE_GRID)
+    # Overlapping blocks: the union masks less than blocks x scale, and more than one block.
+    assert scale < fraction < min(1.0, num_blocks * scale)
+    match = spatial_scale_for_ratio(recipe, RECIPE_GRID, fraction)
+    # Block areas are whole tokens: the recipe's scale comes back to within one token of area.
+    assert abs(match.spatial_scale - scale) <= 1.0 / (14 * 14)
+    assert match.masked_fraction == pytest.approx(fraction, abs=0.01)
+
+
+def test_mask_ratio_scales_grow_with_the_ratio_and_the_generator_masks_that_share():
+    cfg = MaskConfig(num_blocks=8, spatial_scale=[0.15, 0.15])
+    matches = [spatial_scale_for_ratio(cfg, RECIPE_GRID, r) for r in (0.3, 0.5, 0.7, 0.9)]
+    scales = [m.spatial_scale for m in matches]
+    assert scales == sorted(scales) and len(set(scales)) == 4
+    for ratio, match in zip((0.3, 0.5, 0.7, 0.9), matches):
+        assert match.masked_fraction == pytest.approx(ratio, abs=0.02)
+        # Independently of the estimate: a large batch of the generator's own masks at that scale.
+        gen = MultiBlockMaskGenerator(MaskConfig(num_blocks=8, spatial_scale=[match.spatial_scale] * 2), RECIPE_GRID)
+        rng = np.random.default_rng(123)
+        masked = np.mean([gen(1, rng)[1].shape[1] for _ in range(300)]) / gen.num_tokens
+        assert masked == pytest.approx(ratio, abs=0.04)
+
+
+def test_mask_ratio_beyond_what_leaves_context_picks_the_largest_feasible_scale():
+    two_blocks = MaskConfig(num_blocks=2, spatial_scale=[0.7, 0.7])
+    match = spatial_scale_for_ratio(two_blocks, (4, 4, 4), 0.97)
+    assert match.masked_fraction < 0.97
+    gen = MultiBlockMaskGenerator(MaskConfig(num_blocks=2, spatial_scale=[match.spatial_scale] * 2), (4, 4, 4))
+    ctx, tgt = gen(4, np.random.default_rng(0))  # runs: the blocks leave context
+    assert ctx.shape[1] >= 1 and tgt.shape[1] >= 1
+    with pytest.raises(ValueError, match="ratio"):
+        spatial_scale_for_ratio(two_blocks, (4, 4, 4), 1.0)
+
+
+def test_grid_axes_and_trial_configs():
+    cfg = demo("tune.mask_ratio=[0.5,0.8]", "tune.lr=[1e-3,3e-4]", "tune.ema=[[0.99,1.0]]",
+               "tune.space={mask.0.num_blocks: [4, 8]}", "tune.num_samples=2",
+               "tune.probe_lr=[1e-2,1e-3]", "tune.probe_weight_decay=[0.0,0.05]")
+    axes = sweep_axes(cfg)
+    assert axes == {MASK_RATIO: [0.5, 0.8], "optimization.lr": [1e-3, 3e-4], "optimization.ema": [[0.99, 1.0]],
+                    "mask.0.num_blocks": [4, 8], "meta.seed": [cfg.meta.seed, cfg.meta.seed + 1]}
+    check_axes(cfg, axes)
+
+    trial = trial_config(cfg, {MASK_RATIO: 0.8, "optimization.lr": 3e-4, "mask.0.num_blocks": 4,
+                               "optimization.ema": [0.99, 1.0], "meta.seed": 1})
+    assert (trial.optimization.lr, trial.optimization.ema, trial.meta.seed) == (3e-4, [0.99, 1.0], 1)
+    assert [m.num_blocks for m in trial.mask] == [4, 2]
+    # The ratio is met by the trial's own blocks (4 of them, not the base's 8).
+    grid = token_grid(trial)
+    assert grid == (4, 4, 4)
+    for mask in trial.mask:
+        assert mask.spatial_scale[0] == mask.spatial_scale[1]
+        assert masked_fraction(mask, grid) == pytest.approx(0.8, abs=0.06)
+    assert (trial.probe.lr, trial.probe.weight_decay) == ([1e-2, 1e-3], [0.0, 0.05])
+    assert cfg.mask[0].num_blocks == 8 and cfg.optimization.lr == 1e-3  # the base is left alone
+
+
+@pytest.mark.parametrize("override, key", [
+    ("tune.space={mask.0.nope: [1]}", "tune.space.mask.0.nope"),
+    ("tune.space={optimization.warmup_steps: [100000]}", "optimization.warmup_steps"),
+    ("tune.space={optimization.lr: [1e-3]}", "tune.space.optimization.lr"),
+])
+def test_bad_axes_name_the_key(override, key):
+    cfg = demo("tune.lr=[1e-3]", override)
+    with pytest.raises(ConfigError) as err:
+        check_axes(cfg, sweep_axes(cfg))
+    assert err.value.key == key
+
+
+@pytest.mark.parametrize("override", ["tune.mask_ratio=[1.2]", "tune.ema=[[0.9]]", "tune.probe_lr=[0]",
+                                      "tune.space={optimization.lr: 3}", "tune.reduction_factor=1"])
+def test_bad_tune_section_is_a_config_error(override):
+    with pytest.raises(ConfigError, match=r"^tune\."):
+        demo(override)
+
+
+def test_concurrency_follows_the_cluster():
+    # Per trial: 0.5 (driver) + 1 (worker) + 0.5 (one decode task) CPUs.
+    cfg = demo("ray.num_workers=1", "ray.cpus_per_worker=1", "tune.driver_cpus=0.5", "data.decode_cpus=0.5")
+    assert max_concurrent_trials(cfg, {"CPU": 8.0}) == 4
+    assert max_concurrent_trials(cfg, {"CPU": 1.0}) == 1  # never zero: the trial waits for resources
+    gpu = demo("ray.num_workers=[1,2]", "ray.use_gpu=true", "ray.cpus_per_worker=8", "tune.driver_cpus=1")
+    assert max_concurrent_trials(gpu, {"CPU": 64.0, "GPU": 8.0}) == 3  # 64 // (1 + 2 x 8 + 1) CPUs
+    assert max_concurrent_trials(gpu, {"CPU": 640.0, "GPU": 8.0}) == 4  # 8 GPUs // 2 per trial
+    assert max_concurrent_trials(demo("tune.max_concurrent_trials=3"), {"CPU": 1.0}) == 3
+
+
+def _rows():
+    def head(lr, wd):
+        return results.head_column(lr, wd)
+    return [
+        {"trial_id": "t0", "status": "finished", MASK_RATIO: 0.5, "optimization.ema": [0.99, 1.0],
+         "masked_fraction": 0.52, "loss": 0.6, "probe_top1": 0.40, "probe_lr": 1e-3, "probe_weight_decay": 0.0,
+         head(1e-3, 0.0): 0.40, head(1e-2, 0.0): 0.30},
+        {"trial_id": "t1", "status": "finished", MASK_RATIO: 0.8, "optimization.ema": [0.99, 1.0],
+         "masked_fraction": 0.79, "loss": 0.7, "probe_top1": 0.55, "probe_lr": 1e-2, "probe_weight_decay": 0.0,
+         head(1e-3, 0.0): 0.50, head(1e-2, 0.0): 0.55},
+        {"trial_id": "t2", "status": "stopped_early", MASK_RATIO: 0.8, "optimization.ema": [0.99, 1.0],
+         "masked_fraction": 0.79, "loss": 0.9, "probe_top1": None, "probe_lr": None, "probe_weight_decay": None},
+    ]
+
+
+def test_results_files_hold_every_trial_the_best_and_two_plots(tmp_path):
+    rows = _rows()
+    paths = results.write_results(str(tmp_path), rows, [MASK_RATIO, "optimization.ema"], {"meta": {"name": "t1"}})
+    assert sorted(paths) == sorted(results.RESULT_FILES)
+    with open(paths["results.csv"]) as f:
+        table = list(csv.DictReader(f))
+    assert [r["trial_id"] for r in table] == ["t0", "t1", "t2"]
+    assert float(table[1]["probe_top1"]) == 0.55 and table[2]["probe_top1"] == ""
+    assert json.loads(table[0]["optimization.ema"]) == [0.99, 1.0]
+    assert json.loads((tmp_path / "results.json").read_text()) == rows
+    best = json.loads((tmp_path / "best.json").read_text())
+    assert best["trial"]["trial_id"] == "t1" and best["config"] == {"meta": {"name": "t1"}}
+    for name in ("top1_vs_mask_ratio.png", "top1_vs_probe_lr.png"):
+        data = (tmp_path / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_best_row_skips_unfinished_trials_and_breaks_ties_by_loss():
+    rows = _rows()
+    rows[0]["probe_top1"] = 0.55
+    assert results.best_row(rows)["trial_id"] == "t0"  # same top-1, lower loss
+    assert results.best_row([rows[2]]) is None
+
+
+def test_asha_compares_pretraining_loss_by_step_and_never_stops_a_trial_before_its_probe():
+    from vjepa_ray.tune import _scheduler
+
+    assert _scheduler(demo("tune.grace_period=0")) is None
+    asha = _scheduler(demo("tune.grace_period=50", "optimization.total_steps=300"))
+    assert (asha._time_attr, asha._metric, asha._mode, asha._max_t) == ("step", "loss", "min", 301)
+    assert min(asha._brackets[0]._rungs)[0] == 50  # the first comparison: at step 50 (grace_period)
+    # The last pretraining report (step 300) is below max_t: ASHA lets the trial go on to its probe.
+    assert asha._max_t > 300
+
+
+def test_trial_pretrains_in_its_own_folder_of_the_sweep(tmp_path):
+    from vjepa_ray.tune import sweep_dir, trial_run_config
+
+    cfg = demo(f"ray.storage_path={tmp_path}", "meta.name=sweep", "tune.lr=[1e-3]")
+    trial = trial_run_config(cfg, {"optimization.lr": 1e-3}, "abc_00001")
+    assert sweep_dir(cfg) == str(tmp_path / "sweep")
+    assert (trial.ray.storage_path, trial.meta.name) == (str(tmp_path / "sweep" / "pretrain"), "abc_00001")
