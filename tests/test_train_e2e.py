@@ -1,0 +1,249 @@
+"""End to end on Ray Train + DeepSpeed: 2 CPU workers, the tiny model, in-memory synthetic clips.
+
+The synthetic stream makes every batch a function of (seed, rank, index), so a distributed run can be
+replayed in one process: the EMA target after k steps must equal that reference, also across a killed
+worker (the restart resumes the exact state). Runs share assertions to stay few; each takes ~1 min here.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from vjepa_ray import pretrain, schedules
+from vjepa_ray.config import Config, builtin_config_path, load_config
+from vjepa_ray.ema import ema_update_
+from vjepa_ray.jepa import normalize_clips
+from vjepa_ray.masks import MaskCollator
+from vjepa_ray.models import build_models
+from vjepa_ray.train.checkpoint import TRAIN_STATE
+from vjepa_ray.train.elastic import global_batch_size, plan_batch
+from vjepa_ray.train.engine import JepaModule, apply_schedules, build_optimizer
+from vjepa_ray.train.synthetic_stream import SyntheticClipStream, synthetic_clips
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_config(storage: Path, name: str, *overrides: str) -> Config:
+    return load_config(builtin_config_path("local_demo"), [
+        f"meta.name={name}", f"ray.storage_path={storage}", "data.synthetic_videos=0", "model.pred_depth=2",
+        # A fast-moving EMA, so that matching the reference after a few steps means something.
+        "deepspeed.precision=fp32", "optimization.clip_grad=0", "optimization.warmup_steps=2",
+        "optimization.ema=[0.9,0.95]",
+        "optimization.total_steps=8", "checkpoint.every_steps=4", "checkpoint.num_to_keep=5", "logging.every_steps=2",
+        "ray.max_failures=1",
+        *overrides])
+
+
+def reference_target(cfg: Config, world_size: int, steps: int) -> dict[str, torch.Tensor]:
+    """The run's EMA target, recomputed in this process from the same batches, masks and schedules."""
+    torch.manual_seed(cfg.meta.seed)
+    encoder, predictor = build_models(cfg)
+    target = copy.deepcopy(encoder).requires_grad_(False)
+    module = JepaModule(encoder, predictor)
+    optimizer = build_optimizer(module, cfg)
+    plan = plan_batch(global_batch_size(cfg), cfg.data.batch_size, world_size)
+    data = dataclasses.replace(cfg.data, batch_size=plan.micro_batch)
+    collator = MaskCollator(cfg.mask, encoder.grid)
+    o = cfg.optimization
+    for step in range(steps):
+        apply_schedules(optimizer, schedules.lr_at(step, o), schedules.weight_decay_at(step, o))
+        optimizer.zero_grad()
+        for rank in range(world_size):
+            for micro in range(plan.grad_accum):
+                clips = normalize_clips(synthetic_clips(data, cfg.meta.seed, rank, step * plan.grad_accum + micro))
+                masks = collator(plan.micro_batch, seed=(cfg.meta.seed, step, micro, rank))
+                loss = module(clips, masks, target).loss / (world_size * plan.grad_accum)
+                loss.backward()
+        optimizer.step()
+        ema_update_(list(target.parameters()), list(encoder.parameters()), schedules.ema_momentum_at(step, o))
+    return {name: p.detach().clone() for name, p in target.named_parameters()}
+
+
+def saved_target(checkpoint: str | Path) -> dict[str, torch.Tensor]:
+    """The EMA target of a checkpoint, reassembled from its shards."""
+    files = sorted(Path(checkpoint, "target_encoder").glob("shard_*.pt"))
+    shards = [torch.load(f, weights_only=True) for f in files]
+    return {name: torch.cat([s["tensors"][name] for s in shards])[:numel]
+            for name, numel in shards[0]["numels"].items()}
+
+
+def assert_target_matches_reference(checkpoint: str | Path, reference: dict[str, torch.Tensor],
+                                    initial: dict[str, torch.Tensor]) -> None:
+    got = saved_target(checkpoint)
+    assert got.keys() == reference.keys()
+    moved = max((reference[n] - initial[n]).abs().max().item() for n in reference)
+    assert moved > 1e-4  # the EMA really moved, 50 times the tolerance below
+    for name, want in reference.items():
+        torch.testing.assert_close(got[name].view_as(want), want, rtol=1e-5, atol=2e-6, msg=name)
+
+
+def initial_target(cfg: Config) -> dict[str, torch.Tensor]:
+    torch.manual_seed(cfg.meta.seed)
+    encoder, _ = build_models(cfg)
+    return {name: p.detach().clone() for name, p in encoder.named_parameters()}
+
+
+def losses_from_tensorboard(folder: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(folder)
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars("train/loss")]
+
+
+def run_in_background(cfg: Config) -> tuple[threading.Thread, list]:
+    out: list = []
+    thread = threading.Thread(target=lambda: out.append(
+        pretrain.run(cfg, stream_factory=SyntheticClipStream, verify_restore=True)), daemon=True)
+    thread.start()
+    return thread, out
+
+
+def wait_for_checkpoint(run_dir: Path, name: str, thread: threading.Thread, timeout_s: float = 900) -> None:
+    """Until Ray has registered checkpoint ``name`` (all ranks' files in place), not merely created its folder."""
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            if name in {c["checkpoint_dir_name"] for c in json.loads(snapshot.read_text())["checkpoint_results"]}:
+                return
+        except (OSError, ValueError, KeyError):
+            pass
+        assert thread.is_alive(), f"the run ended before checkpoint {name} was registered"
+        assert time.time() < deadline, f"checkpoint {name} was not registered in time"
+        time.sleep(0.2)
+
+
+def train_worker_pids() -> list[int]:
+    """Ray Train worker processes of the clusters this test process started (never anyone else's)."""
+    pids = []
+    for proc in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(proc.cmdline()):
+                pids.append(proc.pid)
+        except psutil.Error:
+            continue
+    return pids
+
+
+def resumed_digest_matches_saved(summary: dict, storage: Path, name: str) -> None:
+    resumed = summary["starts"][-1]["step"]
+    saved = json.loads((storage / name / f"step_{resumed:08d}" / TRAIN_STATE).read_text())
+    metrics = json.loads((storage / name / "summary.json").read_text())["metrics"]
+    assert metrics["restored_state_digest"] == saved["state_digest"] is not None
+
+
+def test_zero2_killed_worker_resumes_from_checkpoint_and_ema_matches_reference(ray_local, tmp_path):
+    cfg = tiny_config(tmp_path, "zero2_kill", "deepspeed.zero_stage=2", "optimization.total_steps=12")
+    thread, out = run_in_background(cfg)
+    wait_for_checkpoint(tmp_path / "zero2_kill", "step_00000004", thread)
+    pids = train_worker_pids()
+    assert len(pids) == 2
+    os.kill(pids[-1], signal.SIGKILL)
+    thread.join(timeout=600)
+    summary = out[0]
+
+    assert summary["status"] == "finished" and summary["steps"] == 12
+    assert summary["restarts"] == 1
+    assert summary["starts"][0]["step"] == 0 and summary["starts"][1]["step"] in (4, 8)
+    assert summary["world_sizes"] == [2, 2]
+    losses = losses_from_tensorboard(summary["tensorboard"])
+    assert losses[-1][0] == 12 and losses[-1][1] < losses[0][1]
+    # Resumed exactly: the EMA after all 12 steps is the uninterrupted one-process reference's.
+    assert_target_matches_reference(summary["checkpoint"], reference_target(cfg, 2, 12), initial_target(cfg))
+    assert json.loads((tmp_path / "zero2_kill" / "summary.json").read_text())["status"] == "finished"
+
+
+def test_zero3_partitioned_ema_and_resharding_2_to_1_to_2(ray_local, tmp_path):
+    name = "zero3"
+    cfg = tiny_config(tmp_path, name, "deepspeed.zero_stage=3", "optimization.total_steps=4",
+                      "logging.every_steps=1")
+    first = pretrain.run(cfg, stream_factory=SyntheticClipStream, verify_restore=True)
+    assert first["status"] == "finished" and first["steps"] == 4
+    # ZeRO-3: each rank saved its own partition of the target.
+    assert len(list(Path(first["checkpoint"], "target_encoder").glob("shard_*_of_00002.pt"))) == 2
+    losses = losses_from_tensorboard(first["tensorboard"])
+    assert losses[-1][1] < losses[0][1]
+    assert_target_matches_reference(first["checkpoint"], reference_target(cfg, 2, 4), initial_target(cfg))
+
+    # The same run continues on one worker (ZeRO-3 state resharded through a universal checkpoint) ...
+    second = pretrain.run(tiny_config(tmp_path, name, "deepspeed.zero_stage=3", "ray.num_workers=1",
+                                      "optimization.global_batch_size=8", "optimization.total_steps=6"),
+                          stream_factory=SyntheticClipStream, verify_restore=True)
+    assert second["status"] == "finished" and second["steps"] == 6
+    assert second["starts"] == [{"world_size": 1, "step": 4}]
+    resumed_digest_matches_saved(second, tmp_path, name)
+    metrics = json.loads((tmp_path / name / "summary.json").read_text())["metrics"]
+    assert (metrics["global_batch"], metrics["micro_batch"], metrics["grad_accum"]) == (8, 4, 2)
+
+    # ... and back on two.
+    third = pretrain.run(tiny_config(tmp_path, name, "deepspeed.zero_stage=3", "optimization.total_steps=8"),
+                         stream_factory=SyntheticClipStream, verify_restore=True)
+    assert third["status"] == "finished" and third["starts"] == [{"world_size": 2, "step": 6}]
+    resumed_digest_matches_saved(third, tmp_path, name)
+    metrics = json.loads((tmp_path / name / "summary.json").read_text())["metrics"]
+    assert (metrics["global_batch"], metrics["micro_batch"], metrics["grad_accum"]) == (8, 4, 1)
+
+
+def test_lost_node_shrinks_elastic_run_and_resumes_resharded(ray_multinode, tmp_path):
+    import ray
+
+    cluster = ray_multinode
+    nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+    name = "lost_node"
+    cfg = tiny_config(tmp_path, name, "deepspeed.zero_stage=2", "ray.num_workers=[1,2]",
+                      "optimization.total_steps=12")
+    thread, out = run_in_background(cfg)
+    wait_for_checkpoint(tmp_path / name, "step_00000004", thread)
+    cluster.remove_node(nodes[1])
+    thread.join(timeout=600)
+    summary = out[0]
+
+    assert summary["status"] == "finished" and summary["steps"] == 12
+    assert summary["restarts"] >= 1 and summary["world_sizes"][0] == 2 and summary["world_sizes"][-1] == 1
+    assert summary["starts"][-1]["step"] in (4, 8)
+    resumed_digest_matches_saved(summary, tmp_path, name)
+    metrics = json.loads((tmp_path / name / "summary.json").read_text())["metrics"]
+    assert (metrics["global_batch"], metrics["micro_batch"], metrics["grad_accum"]) == (8, 4, 2)
+
+
+class FailingStream(SyntheticClipStream):
+    """Raises on rank 1 at batch 6, on every attempt: the run restarts from step 4, fails again, gives up."""
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            if self.rank == 1 and self._index == 7:
+                raise RuntimeError("injected failure in a training step")
+            yield batch
+
+
+def test_exception_in_step_restarts_then_fails_past_max_failures_with_checkpoint_intact(ray_local, tmp_path):
+    from ray import cloudpickle
+
+    # Ray workers cannot import this test module: ship FailingStream by value.
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    cfg = tiny_config(tmp_path, "failing", "deepspeed.zero_stage=2", "ray.max_failures=1")
+    summary = pretrain.run(cfg, stream_factory=FailingStream)
+    assert summary["status"] == "failed" and "injected failure" in summary["error"]
+    assert summary["restarts"] == 1 and [s["step"] for s in summary["starts"]] == [0, 4]
+    assert summary["steps"] == 4 and summary["checkpoint"].endswith("step_00000004")
+    on_disk = json.loads((tmp_path / "failing" / "summary.json").read_text())
+    assert on_disk["status"] == "failed"
+    checkpoint = Path(summary["checkpoint"])
+    assert json.loads((checkpoint / TRAIN_STATE).read_text())["step"] == 4
+    assert sorted(p.name for p in (checkpoint / "target_encoder").iterdir()) == ["shard_00000_of_00001.pt"]
+    assert len(list((checkpoint / "deepspeed" / "state").glob("*optim_states.pt"))) == 2

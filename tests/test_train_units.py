@@ -1,0 +1,148 @@
+"""The Ray/DeepSpeed layer's pure parts, in one process: batch rule, engine config, EMA target, metrics."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from vjepa_ray.config import ConfigError, load_config
+from vjepa_ray.train import engine as eng
+from vjepa_ray.train.ema import SHARD_DIR, TargetEncoder
+from vjepa_ray.train.elastic import check_elastic_batch, global_batch_size, plan_batch
+from vjepa_ray.train.metrics import IntervalMeter, TensorBoardCallback, collapse_warning
+
+
+def test_batch_plan_keeps_the_global_batch_for_every_world_size():
+    assert (plan_batch(8, 4, 2).micro_batch, plan_batch(8, 4, 2).grad_accum) == (4, 1)
+    assert (plan_batch(8, 4, 1).micro_batch, plan_batch(8, 4, 1).grad_accum) == (4, 2)
+    # A share of 6 with micro batches of at most 4: 2 steps of 3.
+    assert (plan_batch(12, 4, 2).micro_batch, plan_batch(12, 4, 2).grad_accum) == (3, 2)
+    for world in (1, 2, 3, 4, 6):
+        plan = plan_batch(24, 5, world)
+        assert plan.micro_batch * plan.grad_accum * world == 24 and plan.micro_batch <= 5
+    assert "global batch 8 = micro-batch 4 x 1 worker(s) x 2 accumulation step(s)" == plan_batch(8, 4, 1).describe()
+
+
+def test_elastic_range_that_cannot_hold_the_global_batch_is_a_config_error():
+    cfg = load_config(None, ["ray.num_workers=[2,3]", "data.batch_size=4"])
+    assert global_batch_size(cfg) == 12
+    check_elastic_batch(cfg)
+    cfg = load_config(None, ["ray.num_workers=[2,3]", "optimization.global_batch_size=8"])
+    with pytest.raises(ConfigError, match="optimization.global_batch_size"):
+        check_elastic_batch(cfg)
+
+
+def test_deepspeed_config_follows_plan_and_merges_overrides_key_by_key():
+    cfg = load_config(None, ["deepspeed.zero_stage=3", "deepspeed.precision=bf16", "optimization.clip_grad=1.5",
+                             "deepspeed.offload_optimizer=true",
+                             "deepspeed.overrides={zero_optimization: {reduce_bucket_size: 123}, steps_per_print: 5}"])
+    ds = eng.deepspeed_config(cfg, plan_batch(8, 4, 1), load_universal=True)
+    batch = (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"])
+    assert batch == (8, 4, 2)
+    assert ds["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": False},
+                                       "reduce_bucket_size": 123}
+    assert ds["bf16"] == {"enabled": True} and ds["fp16"]["enabled"] is False
+    assert ds["gradient_clipping"] == 1.5 and ds["steps_per_print"] == 5
+    assert ds["checkpoint"] == {"load_universal": True}
+    target = eng.target_engine_config(ds)
+    assert target["zero_optimization"]["stage"] == 3
+    assert target["zero_optimization"]["stage3_param_persistence_threshold"] == 0
+    assert "offload_optimizer" not in target["zero_optimization"] and "gradient_clipping" not in target
+
+
+def test_schedules_set_weight_decay_only_on_decaying_groups():
+    model = nn.Linear(3, 2)
+    cfg = load_config(None, ["deepspeed.precision=fp32"])
+    optimizer = eng.build_optimizer(model, cfg)
+    eng.apply_schedules(optimizer, lr=0.5, weight_decay=0.3)
+    by_decay = {g["apply_wd"]: g for g in optimizer.param_groups}
+    assert by_decay[True]["lr"] == by_decay[False]["lr"] == 0.5
+    assert by_decay[True]["weight_decay"] == 0.3 and by_decay[False]["weight_decay"] == 0.0
+
+
+def _pair(dtype: torch.dtype) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    online = nn.Sequential(nn.Linear(5, 7), nn.Linear(7, 3)).to(dtype)
+    return online, copy.deepcopy(online)
+
+
+def test_replicated_target_ema_keeps_an_fp32_master_under_bf16():
+    online, target_module = _pair(torch.bfloat16)
+    target = TargetEncoder.replicated(target_module, online)
+    master = [p.detach().float().clone() for p in target_module.parameters()]
+    with torch.no_grad():
+        for p in online.parameters():
+            p.add_(1.0)
+    for _ in range(3):
+        target.update(0.99)
+        master = [0.99 * m + 0.01 * p.float() for m, p in zip(master, online.parameters())]
+    for got, want, p in zip(target.fp32_shards().values(), master, target_module.parameters()):
+        # The bf16 weights alone could not move by 0.01 per step; the fp32 master does.
+        torch.testing.assert_close(got, want.view(-1), rtol=0, atol=1e-6)
+        torch.testing.assert_close(p.float(), want.to(torch.bfloat16).float())
+    assert not any(p.requires_grad for p in target_module.parameters())
+
+
+def test_target_saved_as_partitions_loads_into_a_full_copy(tmp_path):
+    online, target_module = _pair(torch.float32)
+    target = TargetEncoder.replicated(target_module, online)
+    want = {name: torch.randn_like(p) for name, p in target_module.named_parameters()}
+    # Two ZeRO-3 style shards: each parameter cut into ceil(n/2) pieces, the last one zero-padded.
+    folder = tmp_path / SHARD_DIR
+    folder.mkdir()
+    for index in range(2):
+        tensors = {}
+        for name, full in want.items():
+            flat = full.flatten()
+            size = -(-flat.numel() // 2)
+            piece = torch.zeros(size)
+            part = flat[index * size:(index + 1) * size]
+            piece[:part.numel()] = part
+            tensors[name] = piece
+        torch.save({"tensors": tensors, "numels": {n: t.numel() for n, t in want.items()}},
+                   folder / f"shard_{index:05d}_of_00002.pt")
+    target.load(tmp_path)
+    for name, p in target_module.named_parameters():
+        torch.testing.assert_close(p, want[name], rtol=0, atol=0)
+    # And its own save round-trips through a fresh target.
+    target.save(tmp_path / "again", rank=0)
+    other = TargetEncoder.replicated(copy.deepcopy(online), online)
+    other.load(tmp_path / "again")
+    for a, b in zip(other.module.parameters(), target_module.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_incomplete_target_shards_are_refused(tmp_path):
+    online, target_module = _pair(torch.float32)
+    target = TargetEncoder.replicated(target_module, online)
+    (tmp_path / SHARD_DIR).mkdir()
+    torch.save({"tensors": {}, "numels": {}}, tmp_path / SHARD_DIR / "shard_00001_of_00002.pt")
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        target.load(tmp_path)
+
+
+def test_interval_meter_means_and_collapse_warning():
+    meter = IntervalMeter(num_masks=2)
+    meter.add_micro_step(torch.tensor(1.0), [torch.tensor(0.5), torch.tensor(1.5)], torch.tensor(0.2), 4, 1)
+    meter.add_micro_step(torch.tensor(3.0), [torch.tensor(2.5), torch.tensor(3.5)], torch.tensor(0.4), 4, 0)
+    meter.add_step(2.0)
+    out = meter.reduce()
+    assert out["loss"] == pytest.approx(2.0) and out["loss_mask_1"] == pytest.approx(2.5)
+    assert out["target_feature_std"] == pytest.approx(0.3) and out["skipped_videos"] == 1
+    assert out["grad_norm"] == pytest.approx(2.0) and 0.0 <= out["data_wait_share"] <= 1.0
+    assert collapse_warning(0.001, 0.01) is not None and collapse_warning(0.5, 0.01) is None
+
+
+def test_tensorboard_callback_writes_scalars(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    callback = TensorBoardCallback(tmp_path)
+    callback = copy.deepcopy(callback)
+    for step, loss in ((1, 0.9), (2, 0.7)):
+        callback.after_report(None, [{"step": step, "loss": loss, "note": "text"}], None)
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert [(e.step, round(e.value, 3)) for e in events.Scalars("train/loss")] == [(1, 0.9), (2, 0.7)]

@@ -1,0 +1,153 @@
+"""Training checkpoints: what every rank writes, and how a (re)started run reads it back.
+
+One checkpoint is one folder, assembled by Ray Train from every rank's local folder (``ray.train.report``
+copies all ranks' files into ``<storage>/<name>/<checkpoint_dir_name>``)::
+
+    deepspeed/state/...          DeepSpeed's sharded engine state (model, optimizer, per-rank ZeRO files)
+    target_encoder/shard_*.pt    the EMA target, fp32 (vjepa_ray.train.ema)
+    rng/rank_*.pt                each rank's torch / numpy / python RNG state
+    train_state.json             step, data position, world size, counters (rank 0)
+    config.yaml                  the run's config (rank 0)
+
+A run that restarts with a different world size under ZeRO 1-3 cannot load DeepSpeed's partitioned files
+directly: the checkpoint is converted once per node to a universal checkpoint (``ds_to_universal``), which
+the new engine loads with ``checkpoint.load_universal``. That is why every save passes DeepSpeed the
+``universal_checkpoint_info`` client state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vjepa_ray.config import Config
+from vjepa_ray.train.ema import TargetEncoder
+
+log = logging.getLogger(__name__)
+
+DEEPSPEED_DIR = "deepspeed"
+DEEPSPEED_TAG = "state"
+TRAIN_STATE = "train_state.json"
+CONFIG_FILE = "config.yaml"
+
+
+@dataclass
+class TrainState:
+    """Counters that travel with a checkpoint (``train_state.json``)."""
+
+    step: int = 0
+    world_size: int = 1
+    global_batch: int = 0
+    zero_stage: int = 0
+    # The data stream's own state (``ClipStream.state_dict()``), e.g. its (epoch, chunk) position.
+    data_position: Any = None
+    skipped_videos: int = 0
+    last_loss: float | None = None
+    world_sizes: list[int] = field(default_factory=list)
+    # loop.state_digest of weights and Adam moments at the save, when the run verifies its restores.
+    state_digest: str | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrainState":
+        data = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in known})
+
+
+def read_train_state(folder: str | Path) -> TrainState:
+    return TrainState.from_json((Path(folder) / TRAIN_STATE).read_text())
+
+
+def rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(folder: str | Path, engine, target: TargetEncoder, state: TrainState, rank: int,
+         config_yaml: str) -> None:
+    """Every rank calls this (DeepSpeed's save holds collectives) into its own local ``folder``."""
+    folder = Path(folder)
+    # The universal-checkpoint info lets ds_to_universal re-shard ZeRO 1-2 optimizer state later.
+    engine.save_checkpoint(str(folder / DEEPSPEED_DIR), tag=DEEPSPEED_TAG,
+                           client_state={"universal_checkpoint_info": {}})
+    target.save(folder, rank)
+    (folder / "rng").mkdir(exist_ok=True)
+    torch.save(rng_state(), folder / "rng" / f"rank_{rank:05d}.pt")
+    if rank == 0:
+        (folder / TRAIN_STATE).write_text(state.to_json())
+        (folder / CONFIG_FILE).write_text(config_yaml)
+
+
+def needs_universal(saved: TrainState, world_size: int, cfg: Config) -> bool:
+    """DeepSpeed's partitioned state only loads on the world size that wrote it: ZeRO 1-3, and ZeRO-0 with
+    bf16 (DeepSpeed's bf16 optimizer partitions the fp32 master weights like ZeRO-1)."""
+    partitioned = cfg.deepspeed.zero_stage > 0 or saved.zero_stage > 0 or cfg.deepspeed.precision == "bf16"
+    return saved.world_size != world_size and partitioned
+
+
+def universal_folder(checkpoint_dir: str | Path, run_name: str) -> Path:
+    """Where this node keeps the universal conversion of a checkpoint (same path on every rank of a node)."""
+    return Path(tempfile.gettempdir()) / "vjepa_ray_universal" / run_name / Path(checkpoint_dir).name
+
+
+def convert_to_universal(checkpoint_dir: str | Path, out: str | Path) -> Path:
+    """``ds_to_universal`` on the DeepSpeed state of ``checkpoint_dir``; returns the folder to load from."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    out = Path(out)
+    done = out / ".complete"
+    if done.exists():
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    args = argparse.Namespace(input_folder=str(Path(checkpoint_dir) / DEEPSPEED_DIR / DEEPSPEED_TAG),
+                              output_folder=str(out / DEEPSPEED_TAG), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              inject_missing_state=False)
+    log.info("converting %s to a universal checkpoint in %s", checkpoint_dir, out)
+    ds_to_universal.main(args)
+    (out / "latest_universal").write_text(DEEPSPEED_TAG)
+    done.touch()
+    return out
+
+
+def restore(folder: str | Path, engine, target: TargetEncoder, rank: int,
+            universal_dir: str | Path | None = None) -> TrainState:
+    """Loads engine, EMA target and this rank's RNG (a new rank keeps its fresh RNG) from ``folder``."""
+    folder = Path(folder)
+    deepspeed_dir = Path(universal_dir) if universal_dir is not None else folder / DEEPSPEED_DIR
+    load_path, _ = engine.load_checkpoint(str(deepspeed_dir), tag=DEEPSPEED_TAG, load_lr_scheduler_states=False)
+    if load_path is None:
+        raise FileNotFoundError(f"DeepSpeed found no checkpoint in {deepspeed_dir}")
+    target.load(folder)
+    rng_file = folder / "rng" / f"rank_{rank:05d}.pt"
+    if rng_file.exists():
+        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
+    return read_train_state(folder)
+
+
+def node_local_tempdir(prefix: str) -> Path:
+    """A fresh local folder for one rank's share of a checkpoint (kept until Ray has copied it)."""
+    return Path(tempfile.mkdtemp(prefix=prefix))

@@ -1,0 +1,227 @@
+"""The Ray Train function: one V-JEPA run on one worker of the group, from (re)start to the last step.
+
+Every start of the worker group runs ``train_func`` again (after a failure, a lost node, an elastic
+resize or a driver restart). It rebuilds the models and the DeepSpeed engine for the current world size,
+restores the latest checkpoint if Ray hands one over (resharding DeepSpeed state through a universal
+checkpoint when the world size changed), and trains from the step it stopped at. All ranks follow the same
+step-based schedule of collectives, ``ray.train.report`` calls and checkpoints, which Ray and DeepSpeed
+need (both are barriers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import shutil
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.distributed as dist
+
+from vjepa_ray.config import Config, DataConfig, from_dict, to_yaml
+from vjepa_ray.train import checkpoint as ckpt
+from vjepa_ray.train.elastic import BatchPlan, global_batch_size, plan_batch
+from vjepa_ray.train.engine import TrainStep, state_bytes
+from vjepa_ray.train.metrics import IntervalMeter, collapse_warning, format_progress
+
+log = logging.getLogger(__name__)
+
+# (data config with the micro batch as batch_size, meta.seed, rank, world size, (epoch, chunk)) -> stream
+StreamFactory = Callable[[DataConfig, int, int, int, tuple[int, int]], Iterable]
+
+
+def clip_stream(data: DataConfig, seed: int, rank: int, world_size: int, position: tuple[int, int]) -> Iterable:
+    """The default stream: ``vjepa_ray.data.pipeline.ClipStream`` (Ray Data decoding of ``data.paths``)."""
+    from vjepa_ray.data.pipeline import ClipStream
+
+    return ClipStream(data, seed, rank, world_size, position)
+
+
+def train_func(config: dict[str, Any]) -> None:
+    """Entry point of every Ray Train worker. ``config``: ``cfg`` (``to_dict`` of the Config) and
+    optionally ``stream_factory`` (default ``clip_stream``), ``tracker`` (a ``RunTracker`` actor) and
+    ``verify_restore`` (save a digest of weights and Adam moments with every checkpoint; fail a restore
+    whose state differs from it)."""
+    _log_to_stderr()
+    cfg = from_dict(config["cfg"])
+    run = Run(cfg, config.get("stream_factory") or clip_stream, config.get("tracker"),
+              bool(config.get("verify_restore", False)))
+    run.train()
+
+
+def _log_to_stderr() -> None:
+    # Ray forwards worker output to the driver; our package logs at INFO there.
+    package = logging.getLogger("vjepa_ray")
+    if not package.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        package.addHandler(handler)
+        package.setLevel(logging.INFO)
+        package.propagate = False
+
+
+def state_digest(engine) -> str:
+    """SHA-256 over every trained parameter's fp32 master weights and Adam moments, gathered in full.
+
+    Identical on all ranks and independent of the world size, so a restore (resharded or not) can be
+    checked against the save. A collective under ZeRO-3.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    optimizer = engine.optimizer
+    if hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
+        # DeepSpeed 0.19 (ZeRO 1-2, bf16) links Adam moments to parameters during the first step, before
+        # later param groups have moments, and never again: relink now that all groups have them.
+        optimizer._hp_optimizer_states_linked = False
+        optimizer._lazy_init_hp_params_optimizer_state()
+    digest = hashlib.sha256()
+    for name, param in engine.module.named_parameters():
+        if not param.requires_grad:
+            continue
+        if engine.zero_optimization() or engine.bfloat16_enabled():
+            tensors = [safe_get_full_fp32_param(param), safe_get_full_optimizer_state(param, "exp_avg"),
+                       safe_get_full_optimizer_state(param, "exp_avg_sq")]
+        else:
+            state = engine.optimizer.state.get(param, {})
+            tensors = [param.detach(), state.get("exp_avg"), state.get("exp_avg_sq")]
+        digest.update(name.encode())
+        for tensor in tensors:
+            if tensor is not None:
+                digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class Run:
+    """One start of the training function on one rank."""
+
+    def __init__(self, cfg: Config, stream_factory: StreamFactory, tracker, verify_restore: bool):
+        import ray.train
+
+        self.cfg = cfg
+        self.stream_factory = stream_factory
+        self.tracker = tracker
+        self.verify_restore = verify_restore
+        self.restored_digest: str | None = None
+        context = ray.train.get_context()
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        self.local_rank = context.get_local_rank()
+        self.device = self._device()
+        self.plan: BatchPlan = plan_batch(global_batch_size(cfg), cfg.data.batch_size, self.world_size)
+
+    def _device(self) -> torch.device:
+        if self.cfg.ray.use_gpu and torch.cuda.is_available():
+            import ray.train.torch
+
+            device = ray.train.torch.get_device()
+            torch.cuda.set_device(device)
+            return device
+        return torch.device("cpu")
+
+    def _start(self) -> ckpt.TrainState:
+        """Builds the step and restores the latest checkpoint, if any; returns the state to go on from."""
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        with ExitStack() as stack:
+            saved = folder = None
+            if checkpoint is not None:
+                folder = Path(stack.enter_context(checkpoint.as_directory()))
+                saved = ckpt.read_train_state(folder)
+            universal = saved is not None and ckpt.needs_universal(saved, self.world_size, self.cfg)
+            self.step = TrainStep(self.cfg, self.plan, self.rank, self.device, load_universal=universal)
+            if saved is None:
+                return ckpt.TrainState(world_size=self.world_size, global_batch=self.plan.global_batch,
+                                       zero_stage=self.cfg.deepspeed.zero_stage)
+            universal_dir = None
+            if universal:
+                universal_dir = ckpt.universal_folder(folder, self.cfg.meta.name)
+                if self.local_rank == 0:
+                    ckpt.convert_to_universal(folder, universal_dir)
+                dist.barrier()
+            state = ckpt.restore(folder, self.step.engine, self.step.target, self.rank, universal_dir)
+        if state.global_batch != self.plan.global_batch:
+            log.warning("global batch changed from %d (checkpoint) to %d (config)", state.global_batch,
+                        self.plan.global_batch)
+        if self.verify_restore:
+            self.restored_digest = state_digest(self.step.engine)
+            if state.state_digest is not None and state.state_digest != self.restored_digest:
+                raise RuntimeError(f"the state restored from {checkpoint.path} differs from the one saved there")
+        if self.rank == 0:
+            log.info("resumed from %s at step %d (saved on %d worker(s), now %d%s)", checkpoint.path, state.step,
+                     saved.world_size, self.world_size, ", resharded via a universal checkpoint" if universal else "")
+        state.world_size, state.global_batch = self.world_size, self.plan.global_batch
+        state.zero_stage = self.cfg.deepspeed.zero_stage
+        return state
+
+    def train(self) -> None:
+        import ray.train
+
+        state = self._start()
+        resumed_step = state.step
+        if not state.world_sizes or state.world_sizes[-1] != self.world_size:
+            state.world_sizes.append(self.world_size)
+        if self.tracker is not None and self.rank == 0:
+            self.tracker.started.remote(self.world_size, resumed_step)
+        if self.rank == 0:
+            log.info("batch rule: %s", self.plan.describe())
+
+        cfg, total = self.cfg, self.cfg.optimization.total_steps
+        data = dataclasses.replace(cfg.data, batch_size=self.plan.micro_batch)
+        saved_position = state.data_position or {"epoch": 0, "chunk": 0}
+        position = (int(saved_position["epoch"]), int(saved_position["chunk"]))
+        stream = self.stream_factory(data, cfg.meta.seed, self.rank, self.world_size, position)
+        batches = iter(stream)
+        meter = IntervalMeter(len(cfg.mask))
+        if state.step >= total:
+            self._report(state, {"step": state.step, "resumed_from_step": resumed_step}, checkpoint=False)
+            return
+        while state.step < total:
+            values = self.step(batches, state.step, meter)
+            state.step += 1
+            state.data_position = stream.state_dict()
+            step, last = state.step, state.step == total
+            if step % cfg.logging.every_steps and step % cfg.checkpoint.every_steps and not last:
+                continue
+            metrics = meter.reduce(self.device)
+            meter.reset()
+            state.skipped_videos += metrics.pop("skipped_videos")
+            state.last_loss = metrics["loss"]
+            memory = state_bytes(self.step.engine, self.step.target)
+            metrics.update(values, step=step, skipped_videos=state.skipped_videos, world_size=self.world_size,
+                           global_batch=self.plan.global_batch, micro_batch=self.plan.micro_batch,
+                           grad_accum=self.plan.grad_accum, resumed_from_step=resumed_step,
+                           state_bytes_per_rank=memory["total"])
+            if self.restored_digest is not None:
+                metrics["restored_state_digest"] = self.restored_digest
+            if self.rank == 0:
+                log.info(format_progress(metrics, total))
+                warning = collapse_warning(metrics["target_feature_std"], cfg.logging.collapse_std_threshold)
+                if warning:
+                    log.warning(warning)
+            # A preemption notice (a barrier: every rank asks at the same steps) brings the next checkpoint
+            # forward to now.
+            preempted = ray.train.get_preemption_info() is not None
+            if preempted and self.rank == 0:
+                log.warning("preemption notice at step %d: checkpointing now", step)
+            self._report(state, metrics, checkpoint=last or preempted or step % cfg.checkpoint.every_steps == 0)
+
+    def _report(self, state: ckpt.TrainState, metrics: dict[str, Any], checkpoint: bool) -> None:
+        import ray.train
+
+        if not checkpoint:
+            ray.train.report(metrics)
+            return
+        folder = ckpt.node_local_tempdir(f"vjepa_ckpt_{state.step}_")
+        try:
+            if self.verify_restore:
+                state.state_digest = metrics["saved_state_digest"] = state_digest(self.step.engine)
+            ckpt.save(folder, self.step.engine, self.step.target, state, self.rank, to_yaml(self.cfg))
+            dist.barrier()
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
+                             checkpoint_dir_name=f"step_{state.step:08d}")
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
