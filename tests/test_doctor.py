@@ -11,8 +11,12 @@ from vjepa_ray.data.doctor import main
 from vjepa_ray.video.synthetic import moving_pattern, write_video
 
 
+# The clip these tests' 24-frame videos must hold, independent of the built-in demo's settings.
+CLIP = ["data.frames_per_clip=8", "data.frame_step=2", "data.clips_per_video=1"]
+
+
 def run_json(capsys, argv: list[str]) -> tuple[int, dict]:
-    code = main(argv + ["--json", "--workers", "1"])
+    code = main(argv + CLIP + ["--json", "--workers", "1"])
     return code, json.loads(capsys.readouterr().out)
 
 
