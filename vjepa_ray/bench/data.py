@@ -133,7 +133,9 @@ def _compare(refs: list[VideoRef], data: DataConfig, rounds: int, cpus: int) -> 
 
     totals = {"pipeline": [0, 0.0], "decode_only": [0, 0.0]}
     ratios = []
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    # address="local": always a fresh cluster of this process's own children (whose CPU time is counted),
+    # never one that `ray start` left running on the machine.
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     try:
         idle = _tree_cpu_seconds()
         time.sleep(_IDLE_PROBE_S)

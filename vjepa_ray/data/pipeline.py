@@ -160,9 +160,12 @@ def decode_dataset(rows: list[dict[str, Any]], job: DecodeJob, data: DataConfig,
         num_cpus=data.decode_cpus, concurrency=data.decode_concurrency or None,
         label_selector=selector or None,
     )
+    ctx = ds.context  # this dataset's own copy
     # Clip order must follow the file order, or "same seed and position -> same batches" fails.
-    ds.context.execution_options.preserve_order = True
-    ds.context.enable_progress_bars = False
+    ctx.execution_options.preserve_order = True
+    # A stream starts one execution per epoch: no progress bars, no plan printed at each start.
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
     return ds
 
 

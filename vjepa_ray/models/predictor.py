@@ -71,6 +71,7 @@ class Predictor(nn.Module):
         x = self.predictor_embed(context)
         x = x + pos[context_idx].to(x.dtype)
         queries = (self.mask_tokens[mask_index] + pos[target_idx]).to(x.dtype)
+        # Only the query rows are output, so the last block computes only those.
         x = run_blocks(self.predictor_blocks, torch.cat([x, queries], dim=1),
-                       self.activation_checkpointing and self.training)
-        return self.predictor_proj(self.predictor_norm(x)[:, num_context:])
+                       self.activation_checkpointing and self.training, rows_from=num_context)
+        return self.predictor_proj(self.predictor_norm(x))

@@ -8,7 +8,7 @@ once their ``module.backbone.`` prefix is stripped.
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -40,11 +40,12 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rows_from: int = 0) -> torch.Tensor:
+        """Attention of rows ``rows_from:`` of x over all rows of x -> [B, N - rows_from, C]."""
         b, n, c = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+        out = F.scaled_dot_product_attention(q[:, :, rows_from:], k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n - rows_from, c))
 
 
 class MLP(nn.Module):
@@ -68,19 +69,28 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.mlp = MLP(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x: torch.Tensor, rows_from: int = 0) -> torch.Tensor:
+        """x [B, N, C] -> rows ``rows_from:`` of the output; earlier rows only serve as keys and values.
+
+        Every output row depends on the other rows through attention alone, so leaving rows out
+        changes nothing in the rows that are kept.
+        """
+        x = x[:, rows_from:] + self.attn(self.norm1(x), rows_from)
         return x + self.mlp(self.norm2(x))
 
 
-def run_blocks(blocks: Iterable[nn.Module], x: torch.Tensor, activation_checkpointing: bool) -> torch.Tensor:
+def run_blocks(blocks: Sequence[nn.Module], x: torch.Tensor, activation_checkpointing: bool,
+               rows_from: int = 0) -> torch.Tensor:
     """Runs the blocks in order; with checkpointing, each block's activations are recomputed in backward.
 
+    Only rows ``rows_from:`` of the last block's output are computed (and returned): callers that
+    discard the first rows save that block's MLP and projections for them.
     Non-reentrant checkpointing, because DeepSpeed engines call the encoder several times per step.
     """
     recompute = activation_checkpointing and torch.is_grad_enabled()
-    for block in blocks:
-        x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
+    for i, block in enumerate(blocks):
+        start = rows_from if i == len(blocks) - 1 else 0
+        x = checkpoint(block, x, start, use_reentrant=False) if recompute else block(x, start)
     return x
 
 
@@ -125,7 +135,11 @@ def check_index(name: str, index: torch.Tensor, batch: int, num_tokens: int) -> 
 
 
 class PatchEmbed3D(nn.Module):
-    """Conv3d over (tubelet, patch, patch) cubes, flattened to tokens in (t, h, w) order."""
+    """Conv3d over (tubelet, patch, patch) cubes, flattened to tokens in (t, h, w) order.
+
+    Called as a module (rather than reading ``proj.weight`` directly) so that ZeRO-3 gathers its
+    partitioned weights through the usual forward hooks.
+    """
 
     def __init__(self, patch_size: int, tubelet_size: int, in_chans: int, embed_dim: int):
         super().__init__()
