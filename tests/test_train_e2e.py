@@ -165,6 +165,13 @@ def test_zero2_killed_worker_resumes_from_checkpoint_and_ema_matches_reference(r
     assert_target_matches_reference(summary["checkpoint"], reference_target(cfg, 2, 12), initial_target(cfg))
     assert json.loads((tmp_path / "zero2_kill" / "summary.json").read_text())["status"] == "finished"
 
+    # The run report plots this real run's series.
+    from test_report import check_plots
+    from vjepa_ray import report
+
+    assert report.main([str(tmp_path / "zero2_kill")]) == 0
+    check_plots(tmp_path / "zero2_kill" / "plots", report.read_scalars(Path(summary["tensorboard"])))
+
 
 def test_zero3_partitioned_ema_and_resharding_2_to_1_to_2(ray_local, tmp_path):
     name = "zero3"
