@@ -24,6 +24,7 @@ import logging
 import math
 import sys
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -234,10 +235,15 @@ def evaluate(cfg: Config, rank: int = 0, world_size: int = 1) -> ProbeRun:
             probs = bank.predict(encode_views(encoder, clips.to(device)))
         correct += (probs.argmax(-1).cpu() == labels).sum(-1).double()
         counted += len(labels)
+    skipped = Counter(examples.skipped)
     if world_size > 1:
         totals = torch.cat([correct, counted])
         dist.all_reduce(totals)
         correct, counted = totals[:-1], totals[-1:]
+        # Each rank skipped the bad files of its own share.
+        per_rank: list[dict[str, int] | None] = [None] * world_size
+        dist.all_gather_object(per_rank, examples.skipped)
+        skipped = sum((Counter(counts) for counts in per_rank), Counter())
     top1 = (100.0 * correct / counted.clamp(min=1)).tolist()
     probes = [{"lr": s.lr, "weight_decay": s.weight_decay, "seed": s.seed, "top1": round(t, 3)}
               for s, t in zip(bank.specs, top1)]
@@ -247,7 +253,7 @@ def evaluate(cfg: Config, rank: int = 0, world_size: int = 1) -> ProbeRun:
             "label_fraction": p.label_fraction, "finetune": p.finetune, "num_segments": p.num_segments,
             "num_views": p.num_views, "epochs": p.epochs, "world_size": world_size,
             "final_train_loss": [round(x, 4) for x in np.mean(losses[-steps_per_epoch:], axis=0).tolist()],
-            "skipped": examples.skipped, "checkpoint": cfg.probe.checkpoint}
+            "skipped": dict(skipped), "checkpoint": cfg.probe.checkpoint}
     return ProbeRun(results, encoder, bank)
 
 
