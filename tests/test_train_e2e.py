@@ -29,7 +29,8 @@ from vjepa_ray.masks import MaskCollator
 from vjepa_ray.models import build_models
 from vjepa_ray.train.checkpoint import TRAIN_STATE
 from vjepa_ray.train.elastic import global_batch_size, plan_batch
-from vjepa_ray.train.engine import JepaModule, apply_schedules, build_optimizer
+from vjepa_ray.optim import apply_schedules
+from vjepa_ray.train.engine import JepaModule, build_optimizer
 from vjepa_ray.train.synthetic_stream import SyntheticClipStream, synthetic_clips
 
 pytestmark = pytest.mark.slow

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from vjepa_ray import optim
 from vjepa_ray.config import ConfigError, load_config
 from vjepa_ray.train import engine as eng
 from vjepa_ray.train.ema import SHARD_DIR, TargetEncoder
@@ -57,7 +58,7 @@ def test_schedules_set_weight_decay_only_on_decaying_groups():
     model = nn.Linear(3, 2)
     cfg = load_config(None, ["deepspeed.precision=fp32"])
     optimizer = eng.build_optimizer(model, cfg)
-    eng.apply_schedules(optimizer, lr=0.5, weight_decay=0.3)
+    optim.apply_schedules(optimizer, lr=0.5, weight_decay=0.3)
     by_decay = {g["apply_wd"]: g for g in optimizer.param_groups}
     assert by_decay[True]["lr"] == by_decay[False]["lr"] == 0.5
     assert by_decay[True]["weight_decay"] == 0.3 and by_decay[False]["weight_decay"] == 0.0

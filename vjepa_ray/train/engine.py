@@ -107,13 +107,6 @@ def build_optimizer(module: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, **kwargs)
 
 
-def apply_schedules(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
-    """Writes this step's LR into every group and its WD into the groups that decay."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-        group["weight_decay"] = weight_decay if group.get("apply_wd", True) else 0.0
-
-
 def build_engine(module: JepaModule, cfg: Config, ds_config: dict[str, Any]):
     """``deepspeed.initialize`` over the module with our optimizer; returns the engine."""
     import deepspeed
@@ -182,7 +175,7 @@ class TrainStep:
         o = self.cfg.optimization
         values = {"lr": schedules.lr_at(step, o), "wd": schedules.weight_decay_at(step, o),
                   "momentum": schedules.ema_momentum_at(step, o)}
-        apply_schedules(self.engine.optimizer, values["lr"], values["wd"])
+        optim.apply_schedules(self.engine.optimizer, values["lr"], values["wd"])
         for micro in range(self.plan.grad_accum):
             if meter is not None:
                 with meter.waiting():
