@@ -301,9 +301,9 @@ def test_videoskip_survives_pickling_with_what_was_known(tmp_path, videos):
 
 
 def test_clip_spec_from_config():
-    cfg = load_config(builtin_config_path("local_demo"), ["data.fps=4", "data.decode_cpus=2"])
+    cfg = load_config(builtin_config_path("local_demo"), ["data.fps=4", "data.decode_cpus=2", "data.clips_per_video=3"])
     spec = ClipSpec.from_config(cfg.data)
-    assert (spec.frames_per_clip, spec.frame_step, spec.fps, spec.clips_per_video) == (8, 2, 4.0, 1)
+    assert (spec.frames_per_clip, spec.frame_step, spec.fps, spec.clips_per_video) == (8, 2, 4.0, 3)
     assert spec.decode_threads == 2 and spec.max_pixels == cfg.data.max_pixels
 
 
