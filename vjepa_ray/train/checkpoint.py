@@ -10,8 +10,8 @@ copies all ranks' files into ``<storage>/<name>/<checkpoint_dir_name>``)::
     config.yaml                  the run's config (rank 0)
 
 A run that restarts with a different world size under ZeRO 1-3 cannot load DeepSpeed's partitioned files
-directly: the checkpoint is converted once per node to a universal checkpoint (``ds_to_universal``), which
-the new engine loads with ``checkpoint.load_universal``. That is why every save passes DeepSpeed the
+directly: the checkpoint is converted once per node to a universal checkpoint (``ds_to_universal``) in a
+temporary folder, which the new engine loads with ``checkpoint.load_universal``. That is why every save passes DeepSpeed the
 ``universal_checkpoint_info`` client state.
 """
 
@@ -107,20 +107,19 @@ def needs_universal(saved: TrainState, world_size: int, cfg: Config) -> bool:
     return saved.world_size != world_size and partitioned
 
 
-def universal_folder(checkpoint_dir: str | Path, run_name: str) -> Path:
-    """Where this node keeps the universal conversion of a checkpoint (same path on every rank of a node)."""
-    return Path(tempfile.gettempdir()) / "vjepa_ray_universal" / run_name / Path(checkpoint_dir).name
+def universal_folder(token: str) -> Path:
+    """Where a node writes this start's universal conversion. ``token`` is drawn afresh for every start
+    (and shared by all ranks), so a conversion is never confused with one of an earlier run or checkpoint
+    that had the same run and step names."""
+    return Path(tempfile.gettempdir()) / "vjepa_ray_universal" / token
 
 
 def convert_to_universal(checkpoint_dir: str | Path, out: str | Path) -> Path:
-    """``ds_to_universal`` on the DeepSpeed state of ``checkpoint_dir``; returns the folder to load from."""
+    """``ds_to_universal`` on the DeepSpeed state of ``checkpoint_dir`` into the new folder ``out``;
+    returns the folder to load from."""
     from deepspeed.checkpoint import ds_to_universal
 
     out = Path(out)
-    done = out / ".complete"
-    if done.exists():
-        return out
-    shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     args = argparse.Namespace(input_folder=str(Path(checkpoint_dir) / DEEPSPEED_DIR / DEEPSPEED_TAG),
                               output_folder=str(out / DEEPSPEED_TAG), num_extract_workers=1,
@@ -129,7 +128,6 @@ def convert_to_universal(checkpoint_dir: str | Path, out: str | Path) -> Path:
     log.info("converting %s to a universal checkpoint in %s", checkpoint_dir, out)
     ds_to_universal.main(args)
     (out / "latest_universal").write_text(DEEPSPEED_TAG)
-    done.touch()
     return out
 
 

@@ -15,6 +15,7 @@ import hashlib
 import logging
 import shutil
 import sys
+import uuid
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -136,13 +137,21 @@ class Run:
             if saved is None:
                 return ckpt.TrainState(world_size=self.world_size, global_batch=self.plan.global_batch,
                                        zero_stage=self.cfg.deepspeed.zero_stage)
-            universal_dir = None
             if universal:
-                universal_dir = ckpt.universal_folder(folder, self.cfg.meta.name)
+                token = [uuid.uuid4().hex if self.rank == 0 else None]
+                dist.broadcast_object_list(token, src=0)
+                universal_dir = ckpt.universal_folder(token[0])
                 if self.local_rank == 0:
                     ckpt.convert_to_universal(folder, universal_dir)
                 dist.barrier()
-            state = ckpt.restore(folder, self.step.engine, self.step.target, self.rank, universal_dir)
+                try:
+                    state = ckpt.restore(folder, self.step.engine, self.step.target, self.rank, universal_dir)
+                finally:
+                    dist.barrier()
+                    if self.local_rank == 0:
+                        shutil.rmtree(universal_dir, ignore_errors=True)
+            else:
+                state = ckpt.restore(folder, self.step.engine, self.step.target, self.rank)
         if state.global_batch != self.plan.global_batch:
             log.warning("global batch changed from %d (checkpoint) to %d (config)", state.global_batch,
                         self.plan.global_batch)
