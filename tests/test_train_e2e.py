@@ -174,8 +174,6 @@ def test_zero2_killed_worker_resumes_from_checkpoint_and_ema_matches_reference(r
     check_plots(tmp_path / "zero2_kill" / "plots", report.read_scalars(Path(summary["tensorboard"])))
 
 
-@pytest.mark.xfail(reason="known failure on main: after resharding to a new world size the restored weights/Adam "
-                          "moments digest differs from the saved one (run fails its verify_restore check)", strict=False)
 def test_zero3_partitioned_ema_and_resharding_2_to_1_to_2(ray_local, tmp_path):
     name = "zero3"
     cfg = tiny_config(tmp_path, name, "deepspeed.zero_stage=3", "optimization.total_steps=4",
@@ -207,8 +205,6 @@ def test_zero3_partitioned_ema_and_resharding_2_to_1_to_2(ray_local, tmp_path):
     assert (metrics["global_batch"], metrics["micro_batch"], metrics["grad_accum"]) == (8, 4, 1)
 
 
-@pytest.mark.xfail(reason="known failure on main: after resharding to a new world size the restored weights/Adam "
-                          "moments digest differs from the saved one (run fails its verify_restore check)", strict=False)
 def test_lost_node_shrinks_elastic_run_and_resumes_resharded(ray_multinode, tmp_path):
     import ray
 
