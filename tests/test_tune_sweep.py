@@ -104,8 +104,6 @@ def _finished_trials(folder: Path) -> set[str]:
     return done
 
 
-@pytest.mark.skip(reason="not yet seen passing end to end (Ray start-up timed out on an overloaded machine); "
-                         "remove this mark to run it")
 def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(tmp_path):
     # Its own cluster, started by the CLI (ray.address=local) under a temp dir of its own, so the test can
     # find and end exactly its processes.
