@@ -21,12 +21,13 @@ import psutil
 import pytest
 import torch
 
-from vjepa_ray import pretrain, schedules
+from vjepa_ray import export, pretrain, schedules
 from vjepa_ray.config import Config, builtin_config_path, load_config
 from vjepa_ray.ema import ema_update_
 from vjepa_ray.jepa import normalize_clips
 from vjepa_ray.masks import MaskCollator
 from vjepa_ray.models import build_models
+from vjepa_ray.models.pretrained import strip_prefixes
 from vjepa_ray.train.checkpoint import TRAIN_STATE
 from vjepa_ray.train.elastic import global_batch_size, plan_batch
 from vjepa_ray.optim import apply_schedules
@@ -47,8 +48,9 @@ def tiny_config(storage: Path, name: str, *overrides: str) -> Config:
         *overrides])
 
 
-def reference_target(cfg: Config, world_size: int, steps: int) -> dict[str, torch.Tensor]:
-    """The run's EMA target, recomputed in this process from the same batches, masks and schedules."""
+def reference_weights(cfg: Config, world_size: int, steps: int) -> dict[str, dict[str, torch.Tensor]]:
+    """The run's ``encoder`` and EMA ``target_encoder``, recomputed in this process from the same batches,
+    masks and schedules."""
     torch.manual_seed(cfg.meta.seed)
     encoder, predictor = build_models(cfg)
     target = copy.deepcopy(encoder).requires_grad_(False)
@@ -69,7 +71,8 @@ def reference_target(cfg: Config, world_size: int, steps: int) -> dict[str, torc
                 loss.backward()
         optimizer.step()
         ema_update_(list(target.parameters()), list(encoder.parameters()), schedules.ema_momentum_at(step, o))
-    return {name: p.detach().clone() for name, p in target.named_parameters()}
+    return {key: {name: p.detach().clone() for name, p in model.named_parameters()}
+            for key, model in (("encoder", encoder), ("target_encoder", target))}
 
 
 def saved_target(checkpoint: str | Path) -> dict[str, torch.Tensor]:
@@ -163,7 +166,8 @@ def test_zero2_killed_worker_resumes_from_checkpoint_and_ema_matches_reference(r
     losses = losses_from_tensorboard(summary["tensorboard"])
     assert losses[-1][0] == 12 and losses[-1][1] < losses[0][1]
     # Resumed exactly: the EMA after all 12 steps is the uninterrupted one-process reference's.
-    assert_target_matches_reference(summary["checkpoint"], reference_target(cfg, 2, 12), initial_target(cfg))
+    assert_target_matches_reference(summary["checkpoint"], reference_weights(cfg, 2, 12)["target_encoder"],
+                                    initial_target(cfg))
     assert json.loads((tmp_path / "zero2_kill" / "summary.json").read_text())["status"] == "finished"
 
     # The run report plots this real run's series.
@@ -184,7 +188,17 @@ def test_zero3_partitioned_ema_and_resharding_2_to_1_to_2(ray_local, tmp_path):
     assert len(list(Path(first["checkpoint"], "target_encoder").glob("shard_*_of_00002.pt"))) == 2
     losses = losses_from_tensorboard(first["tensorboard"])
     assert losses[-1][1] < losses[0][1]
-    assert_target_matches_reference(first["checkpoint"], reference_target(cfg, 2, 4), initial_target(cfg))
+    reference = reference_weights(cfg, 2, 4)
+    assert_target_matches_reference(first["checkpoint"], reference["target_encoder"], initial_target(cfg))
+    # The run folder exports to Meta's layout: the online encoder gathered from both ranks' ZeRO-3
+    # partitions, the EMA target from its shards.
+    exported = tmp_path / "zero3_official.pt"
+    assert export.main(["to-official", "--input", str(tmp_path / name), "--output", str(exported)]) == 0
+    official = torch.load(exported, weights_only=True)
+    for key, want in reference.items():
+        got = strip_prefixes(official[key])
+        for param, value in want.items():
+            torch.testing.assert_close(got[param], value, rtol=1e-5, atol=2e-6, msg=f"{key}.{param}")
 
     # The same run continues on one worker (ZeRO-3 state resharded through a universal checkpoint) ...
     second = pretrain.run(tiny_config(tmp_path, name, "deepspeed.zero_stage=3", "ray.num_workers=1",

@@ -39,10 +39,11 @@ from vjepa_ray.eval.features import encode_views
 from vjepa_ray.eval.labels import stratified_subset
 from vjepa_ray.eval.probes import ProbeBank, cosine_lr, grid_specs
 from vjepa_ray.eval.samples import SampleSpec, load_example
-from vjepa_ray.models.pretrained import load_pretrained
+from vjepa_ray.models.pretrained import encoder_from_state, read_checkpoint, state_from_checkpoint
 from vjepa_ray.models.probe import AttentiveClassifier
 from vjepa_ray.models.vit import VisionTransformer
 from vjepa_ray.optim import decays
+from vjepa_ray.train.checkpoint import checkpoint_folder, read_model_weights
 from vjepa_ray.video.decode import ClipSpec, VideoSkip
 
 PROG = "python -m vjepa_ray.evaluate"
@@ -61,29 +62,29 @@ def check_runnable(cfg: Config) -> None:
                           f"probe.lr and one probe.weight_decay (got {len(p.lr)} and {len(p.weight_decay)})")
 
 
-def resolve_checkpoint(path: str) -> str:
-    """A checkpoint file: ``path`` itself, or the file a run folder's summary.json names."""
+def encoder_state(cfg: Config) -> tuple[dict[str, torch.Tensor], str]:
+    """The encoder weights ``probe.checkpoint`` names (under ``probe.checkpoint_key``) and where they are
+    from: a weights file in Meta's layout or our export, or a run folder / training checkpoint of ours."""
+    path, key = cfg.probe.checkpoint, cfg.probe.checkpoint_key
     local = Path(path).expanduser()
-    if local.is_dir():
-        summary = local / "summary.json"
-        if not summary.is_file():
-            raise ConfigError("probe.checkpoint", f"{path} is a folder without summary.json")
-        named = json.loads(summary.read_text()).get("checkpoint", "")
-        if not named or not Path(named).is_file():
-            raise ConfigError("probe.checkpoint", f"{summary} names {named!r}, which is not a weights file; "
-                              "export it first (python -m vjepa_ray.export) and point probe.checkpoint there")
-        return named
-    if not local.is_file():
-        raise ConfigError("probe.checkpoint", f"{path} does not exist")
-    return str(local)
+    try:
+        if local.is_dir():
+            folder = checkpoint_folder(local)
+            return read_model_weights(folder)[key], f"{folder}[{key}]"
+        if not local.is_file():
+            raise ConfigError("probe.checkpoint", f"{path} does not exist")
+        return state_from_checkpoint(read_checkpoint(local), key, path), f"{path}[{key}]"
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        raise ConfigError("probe.checkpoint", str(err).splitlines()[0]) from None
 
 
 def load_encoder(cfg: Config) -> VisionTransformer:
     m = cfg.model
+    state, source = encoder_state(cfg)
     try:
-        return load_pretrained(resolve_checkpoint(cfg.probe.checkpoint), m.name, cfg.data.frames_per_clip,
-                               cfg.data.crop_size, key=cfg.probe.checkpoint_key, patch_size=m.patch_size,
-                               tubelet_size=m.tubelet_size, uniform_power=m.uniform_power)
+        return encoder_from_state(state, source, m.name, cfg.data.frames_per_clip, cfg.data.crop_size,
+                                  patch_size=m.patch_size, tubelet_size=m.tubelet_size,
+                                  uniform_power=m.uniform_power)
     except ValueError as err:
         raise ConfigError("probe.checkpoint", str(err).splitlines()[0]) from None
 
@@ -285,7 +286,7 @@ def run(cfg: Config) -> dict[str, Any]:
 
     # Config mistakes fail here, in one line, rather than inside a worker.
     check_runnable(cfg)
-    resolve_checkpoint(cfg.probe.checkpoint)
+    load_encoder(cfg)
     labelled_refs(cfg.probe.train_manifest, "probe.train_manifest")
     labelled_refs(cfg.probe.val_manifest, "probe.val_manifest")
     workers = cfg.ray.num_workers

@@ -1,10 +1,11 @@
 """Export our weights to Meta's released V-JEPA checkpoint layout, and import them back.
 
-    python -m vjepa_ray.export to-official --input OURS.pt --output OFFICIAL.pt [--config FILE] [key=value ...]
+    python -m vjepa_ray.export to-official --input RUN_FOLDER --output OFFICIAL.pt [--config FILE] [key=value ...]
     python -m vjepa_ray.export from-official --input OFFICIAL.pt --output OURS.pt [--config FILE] [key=value ...]
 
-The config (model.*, data.frames_per_clip, data.crop_size, the mask list) says which models the
-weights belong to; both directions load them strictly into those models before writing, so a file
+``--input`` of ``to-official`` is a run folder (its latest checkpoint), one ``step_*`` checkpoint
+folder, or a file ``from-official`` wrote. The config (model.*, data.frames_per_clip, data.crop_size, the
+mask list; for a run folder by default the run's own) says which models the weights belong to; both directions load them strictly into those models before writing, so a file
 that does not fit fails here, listing the keys, rather than in whoever reads it next.
 """
 
@@ -24,16 +25,17 @@ from vjepa_ray.config import (Config, ConfigError, OneLineArgumentParser, build_
 from vjepa_ray.models import build_models
 from vjepa_ray.models.pretrained import (MODEL_KEYS, StateDict, build_empty, load_state_checked,
                                          official_checkpoint, read_checkpoint, state_from_checkpoint)
+from vjepa_ray.train.checkpoint import CONFIG_FILE, checkpoint_folder, read_model_weights
 
 PROG = "python -m vjepa_ray.export"
 
 
 def read_training_weights(path: str | os.PathLike) -> dict[str, dict[str, torch.Tensor]]:
-    """The encoder, predictor and target-encoder state dicts of a file our training wrote.
-
-    Today that is a ``torch.save`` of ``{"encoder": sd, "predictor": sd, "target_encoder": sd}``; the
-    training layer extends this reader when its checkpoints take another form.
-    """
+    """The encoder, predictor and target-encoder state dicts of our weights: a run folder or one of its
+    training checkpoints (``step_*``), or a file ``from-official`` wrote
+    (``{"encoder": sd, "predictor": sd, "target_encoder": sd}``)."""
+    if Path(path).is_dir():
+        return read_model_weights(checkpoint_folder(path))
     checkpoint = read_checkpoint(path)
     return {key: state_from_checkpoint(checkpoint, key, str(path)) for key in MODEL_KEYS}
 
@@ -74,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
         # The config parser's own -h comes along as a parent, hence add_help=False.
         sub = commands.add_parser(name, help=text, description=text, add_help=False,
                                   parents=[build_arg_parser(f"{PROG} {name}", text)])
-        sub.add_argument("--input", required=True, type=Path, help="file to read")
+        sub.add_argument("--input", required=True, type=Path,
+                         help="file to read (to-official: also a run folder or a step_* checkpoint folder)")
         sub.add_argument("--output", required=True, type=Path, help="file to write")
     return parser
 
@@ -83,9 +86,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     prog = f"{PROG} {args.direction}"
-    if not args.input.is_file():
+    run_weights = args.direction == "to-official" and args.input.is_dir()
+    if not (args.input.is_file() or run_weights):
         parser.error(f"--input: no such file: {args.input}")
-    config_path = args.config if args.config is not None else builtin_config_path("local_demo")
+    config_path = args.config
+    if config_path is None and run_weights:
+        try:
+            config_path = checkpoint_folder(args.input) / CONFIG_FILE  # the run's own models
+        except FileNotFoundError as err:
+            parser.error(f"--input: {err}")
+    config_path = config_path or builtin_config_path("local_demo")
     try:
         cfg = load_config(config_path, args.overrides)
     except ConfigError as err:

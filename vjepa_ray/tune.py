@@ -90,10 +90,9 @@ def probe(cfg: Config, checkpoint: str) -> dict[str, Any]:
     """The probe grid of ``cfg.probe`` on the EMA encoder of a training checkpoint (``evaluate.run``'s results:
     ``probes`` = ``[{lr, weight_decay, top1 (%)}, ...]``), on the workers the pretraining used."""
     from vjepa_ray import evaluate
-    from vjepa_ray.sweep.weights import export_target_encoder
 
     cfg = copy.deepcopy(cfg)
-    cfg.probe.checkpoint = export_target_encoder(cfg, checkpoint, Path(pretrain.run_dir(cfg)) / "target_encoder.pt")
+    cfg.probe.checkpoint, cfg.probe.checkpoint_key = checkpoint, "target_encoder"
     return evaluate.run(cfg)
 
 

@@ -22,6 +22,7 @@ import argparse
 import itertools
 import logging
 import time
+from collections import Counter
 from fractions import Fraction
 from pathlib import Path
 
@@ -88,16 +89,30 @@ def _videos(cache: Path, count: int, seconds: float, fps: float) -> list[Path]:
     return paths
 
 
-def _tree_cpu_seconds() -> float:
-    """User+system CPU seconds of this process and all its live descendants (Ray's daemons and workers)."""
+def _process_role(proc, me) -> str:
+    if proc.pid == me.pid:
+        return "driver"
+    name, cmdline = proc.name(), " ".join(proc.cmdline())
+    if "raylet" in name:
+        return "raylet"
+    if "gcs_server" in name:
+        return "gcs"
+    if "ray::" in cmdline or "default_worker.py" in cmdline or name.startswith("ray::"):
+        return "ray_workers"
+    return "other"
+
+
+def _tree_cpu_seconds() -> Counter:
+    """User+system CPU seconds of this process and all its live descendants (Ray's daemons and workers),
+    by role: driver, ray_workers, raylet, gcs, other."""
     import psutil
 
     me = psutil.Process()
-    total = 0.0
+    total: Counter = Counter()
     for proc in [me, *me.children(recursive=True)]:
         try:
             times = proc.cpu_times()
-            total += times.user + times.system
+            total[_process_role(proc, me)] += times.user + times.system
         except psutil.Error:
             pass
     return total
@@ -114,15 +129,17 @@ def _decode_only(refs: list[VideoRef], data: DataConfig, round_index: int) -> tu
     return clips, time.process_time() - cpu
 
 
-def _pipeline_epoch(refs: list[VideoRef], data: DataConfig, round_index: int) -> tuple[int, float]:
-    """(clips, CPU seconds of the whole process tree) for one epoch of a fresh `ClipStream`."""
+def _pipeline_epoch(refs: list[VideoRef], data: DataConfig, round_index: int) -> tuple[int, Counter]:
+    """(clips, CPU seconds by process role) for one epoch of a fresh `ClipStream`."""
     from vjepa_ray.data.pipeline import ClipStream
 
     cpu = _tree_cpu_seconds()
     stream = ClipStream(data, seed=round_index, refs=refs)
     per_epoch = stream.num_chunks * stream.batches_per_chunk
     clips = sum(b.clips.shape[0] for b in itertools.islice(iter(stream), per_epoch))
-    return clips, _tree_cpu_seconds() - cpu
+    spent = _tree_cpu_seconds()
+    spent.subtract(cpu)
+    return clips, spent
 
 
 def _compare(refs: list[VideoRef], data: DataConfig, rounds: int, cpus: int) -> dict:
@@ -132,6 +149,7 @@ def _compare(refs: list[VideoRef], data: DataConfig, rounds: int, cpus: int) -> 
     import ray
 
     totals = {"pipeline": [0, 0.0], "decode_only": [0, 0.0]}
+    by_role: Counter = Counter()
     ratios = []
     # address="local": always a fresh cluster of this process's own children (whose CPU time is counted),
     # never one that `ray start` left running on the machine.
@@ -139,11 +157,13 @@ def _compare(refs: list[VideoRef], data: DataConfig, rounds: int, cpus: int) -> 
     try:
         idle = _tree_cpu_seconds()
         time.sleep(_IDLE_PROBE_S)
-        idle = (_tree_cpu_seconds() - idle) / _IDLE_PROBE_S
+        idle = (sum(_tree_cpu_seconds().values()) - sum(idle.values())) / _IDLE_PROBE_S
         _pipeline_epoch(refs[:len(refs) // 3 or 1], data, round_index=rounds)
         for r in range(rounds):
             sides = ["pipeline", "decode_only"] if r % 2 == 0 else ["decode_only", "pipeline"]
             got = {side: (_pipeline_epoch if side == "pipeline" else _decode_only)(refs, data, r) for side in sides}
+            by_role.update(got["pipeline"][1])
+            got["pipeline"] = (got["pipeline"][0], sum(got["pipeline"][1].values()))
             for side, (clips, cpu) in got.items():
                 totals[side][0] += clips
                 totals[side][1] += cpu
@@ -152,7 +172,8 @@ def _compare(refs: list[VideoRef], data: DataConfig, rounds: int, cpus: int) -> 
         ray.shutdown()
     out = {side: {"clips": clips, "cpu_s": round(cpu, 3), "clips_per_cpu_s": clips / cpu}
            for side, (clips, cpu) in totals.items()}
-    out["pipeline"].update(ray_cpus=cpus, ray_idle_cpu_s_per_s=round(idle, 3))
+    out["pipeline"].update(ray_cpus=cpus, ray_idle_cpu_s_per_s=round(idle, 3),
+                           cpu_s_by_process={role: round(seconds, 3) for role, seconds in sorted(by_role.items())})
     out["ratio_per_round"] = [round(x, 3) for x in ratios]
     return out
 

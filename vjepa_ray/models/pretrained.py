@@ -141,9 +141,18 @@ def load_pretrained(path: str | os.PathLike, model_name: str = "vit_large", num_
 
     ``key="target_encoder"`` (the EMA encoder) is what the reference evaluates.
     """
+    state = state_from_checkpoint(read_checkpoint(path), key, str(path))
+    return encoder_from_state(state, f"{path}[{key}]", model_name, num_frames, crop_size, patch_size,
+                              tubelet_size, **encoder_kwargs)
+
+
+def encoder_from_state(state: StateDict, source: str, model_name: str = "vit_large", num_frames: int = 16,
+                       crop_size: int = 224, patch_size: int = 16, tubelet_size: int = 2,
+                       **encoder_kwargs: Any) -> VisionTransformer:
+    """An encoder built for ``num_frames`` x ``crop_size`` clips, loaded strictly from ``state``."""
     encoder = build_empty(build_encoder, model_name, num_frames, crop_size, patch_size, tubelet_size,
                           **encoder_kwargs)
-    load_state_checked(encoder, state_from_checkpoint(read_checkpoint(path), key, str(path)), f"{path}[{key}]")
+    load_state_checked(encoder, state, source)
     return encoder
 
 

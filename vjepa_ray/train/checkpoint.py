@@ -22,7 +22,6 @@ import dataclasses
 import json
 import logging
 import random
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,6 +143,54 @@ def restore(folder: str | Path, engine, target: TargetEncoder, rank: int,
     if rng_file.exists():
         set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
     return read_train_state(folder)
+
+
+def checkpoint_folder(path: str | Path) -> Path:
+    """The training checkpoint at ``path``: a checkpoint folder itself, or the one a run folder's
+    summary.json names (its latest ``step_*`` folder while the run has no summary yet)."""
+    path = Path(path).expanduser()
+    if (path / TRAIN_STATE).is_file():
+        return path
+    summary = path / "summary.json"
+    if summary.is_file():
+        named = json.loads(summary.read_text()).get("checkpoint")
+        if not named or not (Path(named) / TRAIN_STATE).is_file():
+            raise FileNotFoundError(f"{summary} names no checkpoint folder that exists ({named!r})")
+        return Path(named)
+    steps = sorted(p for p in path.glob("step_*") if (p / TRAIN_STATE).is_file())
+    if not steps:
+        raise FileNotFoundError(f"{path} is neither a training checkpoint nor a run folder with one")
+    return steps[-1]
+
+
+def read_model_weights(folder: str | Path) -> dict[str, dict[str, torch.Tensor]]:
+    """``encoder``, ``predictor`` and ``target_encoder`` (the EMA) state dicts of a training checkpoint, fp32.
+
+    Encoder and predictor are DeepSpeed's fp32 master weights, gathered from every rank's partition; the
+    target comes from its own shards. The models are built from the checkpoint's ``config.yaml``.
+    """
+    from vjepa_ray.config import load_config
+    from vjepa_ray.models import build_models
+
+    folder = Path(folder)
+    cfg = load_config(folder / CONFIG_FILE)
+    saved = read_train_state(folder)
+    deepspeed_dir = folder / DEEPSPEED_DIR
+    if saved.zero_stage > 0 or cfg.deepspeed.precision == "bf16":
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        module = get_fp32_state_dict_from_zero_checkpoint(str(deepspeed_dir), tag=DEEPSPEED_TAG)
+    else:
+        states = torch.load(deepspeed_dir / DEEPSPEED_TAG / "mp_rank_00_model_states.pt", map_location="cpu",
+                            weights_only=False)
+        module = {key: value.float() for key, value in states["module"].items()}
+    encoder, _ = build_models(cfg)
+    TargetEncoder.replicated(encoder, encoder).load(folder)
+    return {
+        "encoder": {k.removeprefix("encoder."): v for k, v in module.items() if k.startswith("encoder.")},
+        "predictor": {k.removeprefix("predictor."): v for k, v in module.items() if k.startswith("predictor.")},
+        "target_encoder": encoder.state_dict(),
+    }
 
 
 def node_local_tempdir(prefix: str) -> Path:
