@@ -15,6 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,8 +31,18 @@ def test_config_that_cannot_run_exits_2_naming_the_key():
     assert out.stderr.strip().splitlines() == [
         "python -m vjepa_ray.pretrain: config error: deepspeed.precision: fp16 needs GPUs (ray.use_gpu=true); "
         "use bf16 or fp32 on CPUs"]
-    out = _cli("ray.num_workers=[2,3]", "optimization.global_batch_size=8")
+    out = _cli("ray.num_workers=[2,3]", "optimization.global_batch_size=2")
     assert out.returncode == 2 and "optimization.global_batch_size" in out.stderr
+
+
+def test_dry_run_checks_a_cluster_recipe_without_starting_anything():
+    # The README's example: an elastic ViT-L run whose global batch splits unevenly over most world sizes.
+    out = _cli("--config", "jobs/vitl16_pretrain.yaml", "data.paths=[s3://bucket/k710.csv]",
+               "deepspeed.zero_stage=3", "ray.num_workers=[64,128]", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    resolved = yaml.safe_load(out.stdout)
+    assert resolved["ray"]["num_workers"] == [64, 128] and resolved["deepspeed"]["zero_stage"] == 3
+    assert resolved["model"]["name"] == "vit_large" and out.stderr.strip().endswith("config ok")
 
 
 def _free_port() -> int:

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from vjepa_ray.report import PLOTS, read_scalars, series_for
 

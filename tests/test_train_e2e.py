@@ -64,11 +64,11 @@ def reference_weights(cfg: Config, world_size: int, steps: int) -> dict[str, dic
         apply_schedules(optimizer, schedules.lr_at(step, o), schedules.weight_decay_at(step, o))
         optimizer.zero_grad()
         for rank in range(world_size):
-            for micro in range(plan.grad_accum):
-                clips = normalize_clips(synthetic_clips(data, cfg.meta.seed, rank, step * plan.grad_accum + micro))
-                masks = collator(plan.micro_batch, seed=(cfg.meta.seed, step, micro, rank))
-                loss = module(clips, masks, target).loss / (world_size * plan.grad_accum)
-                loss.backward()
+            for micro, size in enumerate(plan.micro_batches(rank)):
+                clips = synthetic_clips(data, cfg.meta.seed, rank, step * plan.grad_accum + micro)[:size]
+                masks = collator(size, seed=(cfg.meta.seed, step, micro, rank))
+                loss = module(normalize_clips(clips), masks, target).loss * plan.loss_weight(size)
+                (loss / (world_size * plan.grad_accum)).backward()
         optimizer.step()
         ema_update_(list(target.parameters()), list(encoder.parameters()), schedules.ema_momentum_at(step, o))
     return {key: {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -176,6 +176,18 @@ def test_zero2_killed_worker_resumes_from_checkpoint_and_ema_matches_reference(r
 
     assert report.main([str(tmp_path / "zero2_kill")]) == 0
     check_plots(tmp_path / "zero2_kill" / "plots", report.read_scalars(Path(summary["tensorboard"])))
+
+
+def test_uneven_global_batch_split_over_3_workers_matches_reference(ray_local, tmp_path):
+    # 10 clips over 3 workers: shares 4, 3, 3, each as 2 micro batches ([2, 2], [2, 1], [2, 1]).
+    cfg = tiny_config(tmp_path, "uneven", "ray.num_workers=3", "optimization.global_batch_size=10",
+                      "data.batch_size=2", "optimization.total_steps=3", "checkpoint.every_steps=3")
+    summary = pretrain.run(cfg, stream_factory=SyntheticClipStream)
+    assert summary["status"] == "finished" and summary["world_sizes"] == [3]
+    metrics = json.loads((tmp_path / "uneven" / "summary.json").read_text())["metrics"]
+    assert (metrics["global_batch"], metrics["micro_batch"], metrics["grad_accum"]) == (10, 2, 2)
+    assert_target_matches_reference(summary["checkpoint"], reference_weights(cfg, 3, 3)["target_encoder"],
+                                    initial_target(cfg))
 
 
 def test_zero3_partitioned_ema_and_resharding_2_to_1_to_2(ray_local, tmp_path):

@@ -12,7 +12,7 @@ from vjepa_ray import optim
 from vjepa_ray.config import ConfigError, load_config
 from vjepa_ray.train import engine as eng
 from vjepa_ray.train.ema import SHARD_DIR, TargetEncoder
-from vjepa_ray.train.elastic import check_elastic_batch, global_batch_size, plan_batch
+from vjepa_ray.train.elastic import check_elastic_batch, plan_batch
 from vjepa_ray.train.metrics import IntervalMeter, TensorBoardCallback, collapse_warning
 
 
@@ -20,19 +20,47 @@ def test_batch_plan_keeps_the_global_batch_for_every_world_size():
     assert (plan_batch(8, 4, 2).micro_batch, plan_batch(8, 4, 2).grad_accum) == (4, 1)
     assert (plan_batch(8, 4, 1).micro_batch, plan_batch(8, 4, 1).grad_accum) == (4, 2)
     # A share of 6 with micro batches of at most 4: 2 steps of 3.
-    assert (plan_batch(12, 4, 2).micro_batch, plan_batch(12, 4, 2).grad_accum) == (3, 2)
-    for world in (1, 2, 3, 4, 6):
+    assert plan_batch(12, 4, 2).micro_batches(0) == [3, 3]
+    for world in range(1, 25):
         plan = plan_batch(24, 5, world)
-        assert plan.micro_batch * plan.grad_accum * world == 24 and plan.micro_batch <= 5
+        sizes = [plan.micro_batches(rank) for rank in range(world)]
+        assert sum(map(sum, sizes)) == 24 and all(len(s) == plan.grad_accum for s in sizes)
+        assert max(map(max, sizes)) == plan.micro_batch <= 5 and min(map(min, sizes)) >= 1
+        assert max(map(sum, sizes)) - min(map(sum, sizes)) <= 1
     assert "global batch 8 = micro-batch 4 x 1 worker(s) x 2 accumulation step(s)" == plan_batch(8, 4, 1).describe()
+    assert "3-4 clips per worker" in plan_batch(24, 5, 7).describe()
+
+
+def test_uneven_split_weights_give_the_gradient_of_the_mean_over_the_global_batch():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    x, y = torch.randn(11, 3), torch.randn(11, 1)
+    full = torch.autograd.grad(torch.nn.functional.mse_loss(model(x), y), model.weight)[0]
+    for world in (1, 2, 3, 4):
+        plan = plan_batch(11, 2, world)
+        # What DeepSpeed does with each rank's micro losses: divide by the accumulation steps, sum the
+        # micro steps, average over ranks.
+        grads, start = [], 0
+        for rank in range(world):
+            total = torch.zeros_like(model.weight)
+            for size in plan.micro_batches(rank):
+                part = slice(start, start + size)
+                start += size
+                loss = torch.nn.functional.mse_loss(model(x[part]), y[part]) * plan.loss_weight(size)
+                total += torch.autograd.grad(loss / plan.grad_accum, model.weight)[0]
+            grads.append(total)
+        torch.testing.assert_close(torch.stack(grads).mean(0), full)
+    assert plan_batch(8, 4, 2).loss_weight(4) == 1.0
 
 
 def test_elastic_range_that_cannot_hold_the_global_batch_is_a_config_error():
-    cfg = load_config(None, ["ray.num_workers=[2,3]", "data.batch_size=4"])
-    assert global_batch_size(cfg) == 12
-    check_elastic_batch(cfg)
-    cfg = load_config(None, ["ray.num_workers=[2,3]", "optimization.global_batch_size=8"])
+    cfg = load_config(None, ["ray.num_workers=[2,3]", "optimization.global_batch_size=8", "data.batch_size=4"])
+    check_elastic_batch(cfg)  # 3 workers: shares of 3, 3 and 2
+    cfg = load_config(None, ["ray.num_workers=[2,3]", "optimization.global_batch_size=2"])
     with pytest.raises(ConfigError, match="optimization.global_batch_size"):
+        check_elastic_batch(cfg)
+    cfg = load_config(None, ["ray.num_workers=3", "optimization.global_batch_size=8", "data.batch_size=1"])
+    with pytest.raises(ConfigError, match="data.batch_size"):
         check_elastic_batch(cfg)
 
 

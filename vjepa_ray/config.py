@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -435,16 +435,28 @@ def build_arg_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def parse_cli(prog: str, description: str, argv: list[str] | None = None,
-              default_config: str = "local_demo") -> tuple[Config, argparse.Namespace]:
-    """Parses a command line into a validated Config; on a bad config prints one line and exits 2."""
+def parse_cli(prog: str, description: str, argv: list[str] | None = None, default_config: str = "local_demo",
+              check: Callable[[Config], None] | None = None) -> tuple[Config, argparse.Namespace]:
+    """Parses a command line into a validated Config; on a bad config prints one line and exits 2.
+
+    ``check`` is the command's own validation beyond the schema (raising ConfigError). With ``--dry-run``
+    the resolved config is printed and the command exits 0 without starting anything.
+    """
     parser = build_arg_parser(prog, description)
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate the config, print it resolved and exit (nothing starts)")
     args = parser.parse_args(argv)
     path = args.config if args.config is not None else builtin_config_path(default_config)
     try:
         cfg = load_config(path, args.overrides)
+        if check is not None:
+            check(cfg)
     except ConfigError as err:
         exit_on_config_error(prog, err)
+    if args.dry_run:
+        print(to_yaml(cfg), end="")
+        print(f"# {prog}: config ok", file=sys.stderr)
+        raise SystemExit(0)
     return cfg, args
 
 

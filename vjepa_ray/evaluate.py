@@ -312,7 +312,8 @@ def run(cfg: Config) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, _ = parse_cli(PROG, "Attentive-probe evaluation of a frozen V-JEPA encoder on Ray Train.", argv)
+    cfg, _ = parse_cli(PROG, "Attentive-probe evaluation of a frozen V-JEPA encoder on Ray Train.", argv,
+                       check=check_runnable)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         results = run(cfg)

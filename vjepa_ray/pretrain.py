@@ -208,7 +208,7 @@ def run(cfg: Config, *, stream_factory: StreamFactory | None = None, verify_rest
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, _ = parse_cli(PROG, __doc__.splitlines()[0], argv)
+    cfg, _ = parse_cli(PROG, __doc__.splitlines()[0], argv, check=check_runnable)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         summary = run(cfg)

@@ -244,19 +244,25 @@ def _row(cfg: Config, result, axes: dict[str, list[Any]]) -> dict[str, Any]:
     return row
 
 
+def check_runnable(cfg: Config) -> dict[str, list]:
+    """What a sweep needs beyond the schema; raises ConfigError naming the key. Returns the sweep's axes."""
+    axes = sweep_axes(cfg)
+    check_axes(cfg, axes)
+    pretrain.check_runnable(trial_config(cfg, {k: v[0] for k, v in axes.items()}))
+    for key in ("train_manifest", "val_manifest"):
+        if not getattr(cfg.probe, key):
+            raise ConfigError(f"probe.{key}", "is empty: every trial ends with the probe, which needs labelled videos")
+    return axes
+
+
 def run(cfg: Config) -> dict[str, Any]:
     """Runs (or resumes) the sweep; writes and returns its results (paths, best trial, counts)."""
     import ray
 
-    axes = sweep_axes(cfg)
-    check_axes(cfg, axes)
-    pretrain.check_runnable(trial_config(cfg, {k: v[0] for k, v in axes.items()}))
+    axes = check_runnable(cfg)
     # Made here, once, rather than by trials racing each other to write them.
     pretrain.prepare_demo_videos(cfg)
     prepare_probe_videos(cfg)
-    for key in ("train_manifest", "val_manifest"):
-        if not getattr(cfg.probe, key):
-            raise ConfigError(f"probe.{key}", "is empty: every trial ends with the probe, which needs labelled videos")
     if not ray.is_initialized():
         ray.init(address=cfg.ray.address or None)
     grid = _tuner(cfg, axes).fit()
@@ -272,7 +278,7 @@ def run(cfg: Config) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, _ = parse_cli(PROG, __doc__.splitlines()[0], argv)
+    cfg, _ = parse_cli(PROG, __doc__.splitlines()[0], argv, check=check_runnable)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         summary = run(cfg)

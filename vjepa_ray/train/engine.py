@@ -62,7 +62,9 @@ def deepspeed_config(cfg: Config, plan: BatchPlan, load_universal: bool = False)
     if ds.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": cfg.ray.use_gpu}
     config: dict[str, Any] = {
-        "train_batch_size": plan.global_batch,
+        # DeepSpeed wants micro x accumulation x world; with an uneven split (vjepa_ray.train.elastic) that is
+        # a little more than the global batch, which DeepSpeed only uses for bookkeeping.
+        "train_batch_size": plan.micro_batch * plan.grad_accum * plan.world_size,
         "train_micro_batch_size_per_gpu": plan.micro_batch,
         "gradient_accumulation_steps": plan.grad_accum,
         "gradient_clipping": o.clip_grad,
@@ -176,21 +178,22 @@ class TrainStep:
         values = {"lr": schedules.lr_at(step, o), "wd": schedules.weight_decay_at(step, o),
                   "momentum": schedules.ema_momentum_at(step, o)}
         optim.apply_schedules(self.engine.optimizer, values["lr"], values["wd"])
-        for micro in range(self.plan.grad_accum):
+        for micro, size in enumerate(self.plan.micro_batches(self.rank)):
             if meter is not None:
                 with meter.waiting():
                     batch = next(batches)
             else:
                 batch = next(batches)
-            clips = jepa.normalize_clips(batch.clips.to(self.device, non_blocking=True), self.dtype)
+            # The stream yields the largest micro batch of any rank; an uneven split takes fewer here.
+            clips = jepa.normalize_clips(batch.clips[:size].to(self.device, non_blocking=True), self.dtype)
             masks = [(c.to(self.device), t.to(self.device)) for c, t in
-                     self.collator(self.plan.micro_batch, seed=(self.cfg.meta.seed, step, micro, self.rank))]
+                     self.collator(size, seed=(self.cfg.meta.seed, step, micro, self.rank))]
             out = self.engine(clips, masks, self.target.module)
-            self.engine.backward(out.loss)
+            self.engine.backward(out.loss * self.plan.loss_weight(size))
             self.engine.step()
             if meter is not None:
                 meter.add_micro_step(out.loss.detach(), out.per_mask_losses, out.target_features_std,
-                                     clips=len(batch.clips), skipped=sum(batch.skipped.values()))
+                                     clips=size, skipped=sum(batch.skipped.values()))
         self.target.update(values["momentum"])
         if meter is not None:
             norm = self.engine.get_global_grad_norm()
