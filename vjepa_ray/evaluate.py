@@ -45,6 +45,7 @@ from vjepa_ray.models.vit import VisionTransformer
 from vjepa_ray.optim import decays
 from vjepa_ray.train.checkpoint import checkpoint_folder, read_model_weights
 from vjepa_ray.video.decode import ClipSpec, VideoSkip
+from vjepa_ray.worker_env import MALLOC_ENV
 
 PROG = "python -m vjepa_ray.evaluate"
 RESULTS_FILE = "probe_results.json"
@@ -301,8 +302,8 @@ def run(cfg: Config) -> dict[str, Any]:
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(name=f"{cfg.meta.name}_probe",
                                        storage_path=str(Path(cfg.ray.storage_path).expanduser()),
-                                       worker_runtime_env={"env_vars": {"OMP_NUM_THREADS":
-                                                                        str(cfg.ray.cpus_per_worker)}}))
+                                       worker_runtime_env={"env_vars": {
+                                           "OMP_NUM_THREADS": str(cfg.ray.cpus_per_worker), **MALLOC_ENV}}))
     results = json.loads(trainer.fit().metrics["results"])
     out = run_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)

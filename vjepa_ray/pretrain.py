@@ -22,6 +22,7 @@ import pyarrow.fs as pafs
 from vjepa_ray.config import Config, ConfigError, exit_on_config_error, parse_cli, to_dict
 from vjepa_ray.train.elastic import check_elastic_batch, global_batch_size, worker_range
 from vjepa_ray.train.loop import StreamFactory, train_func
+from vjepa_ray.worker_env import MALLOC_ENV
 
 log = logging.getLogger("vjepa_ray.pretrain")
 
@@ -162,7 +163,7 @@ def run(cfg: Config, *, stream_factory: StreamFactory | None = None, verify_rest
     _init_ray(cfg)
     tracker = _tracker()
     low, high = worker_range(cfg)
-    env = {"DS_ACCELERATOR": "cuda" if cfg.ray.use_gpu else "cpu", **(extra_env or {})}
+    env = {"DS_ACCELERATOR": "cuda" if cfg.ray.use_gpu else "cpu", **MALLOC_ENV, **(extra_env or {})}
     trainer = TorchTrainer(
         train_func,
         train_loop_config={"cfg": to_dict(cfg), "stream_factory": stream_factory, "tracker": tracker,

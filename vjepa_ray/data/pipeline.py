@@ -43,6 +43,7 @@ from vjepa_ray.config import ConfigError, DataConfig
 from vjepa_ray.data.sources import VideoRef, epoch_order, list_videos, open_video
 from vjepa_ray.video.decode import ClipSpec, VideoSkip, decode_clips
 from vjepa_ray.video.transforms import random_resized_crop_clip
+from vjepa_ray.worker_env import MALLOC_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ def decode_dataset(rows: list[dict[str, Any]], job: DecodeJob, data: DataConfig,
     ds = ds.map_batches(
         decode_rows, fn_kwargs={"job": job}, batch_size=FILES_PER_TASK, batch_format="numpy",
         num_cpus=data.decode_cpus, concurrency=data.decode_concurrency or None,
-        label_selector=selector or None,
+        label_selector=selector or None, runtime_env={"env_vars": MALLOC_ENV},
     )
     ctx = ds.context  # this dataset's own copy
     # Clip order must follow the file order, or "same seed and position -> same batches" fails.

@@ -98,15 +98,15 @@ def target_engine_config(train_config: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_optimizer(module: nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """AdamW over our param groups (no decay on biases and 1-D params); DeepSpeed's CPU Adam when offloading."""
+    """``optim.adamw`` (no decay on biases and 1-D params); DeepSpeed's CPU Adam over the same groups when
+    the optimizer is offloaded."""
     o = cfg.optimization
-    groups = optim.param_groups(module.named_parameters(), o.weight_decay)
-    kwargs = dict(lr=o.start_lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
     if cfg.deepspeed.offload_optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
-    return torch.optim.AdamW(groups, **kwargs)
+        return DeepSpeedCPUAdam(optim.param_groups(module.named_parameters(), o.weight_decay), adamw_mode=True,
+                                lr=o.start_lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    return optim.adamw(module.named_parameters(), o)
 
 
 def build_engine(module: JepaModule, cfg: Config, ds_config: dict[str, Any]):
