@@ -160,6 +160,14 @@ def test_asha_compares_pretraining_loss_by_step_and_never_stops_a_trial_before_i
     assert min(asha._brackets[0]._rungs)[0] == 50  # the first comparison: at step 50 (grace_period)
     # The last pretraining report (step 300) is below max_t: ASHA lets the trial go on to its probe.
     assert asha._max_t > 300
+    # Tune refuses a result without the scheduler's metric and time: the trial's last one (its probe) too.
+    from vjepa_ray.tune import trial_result
+
+    last = trial_result({"steps": 300, "final_loss": 0.4, "checkpoint": "/runs/t/step_00000300"},
+                        {"probes": [{"lr": 1e-3, "weight_decay": 0.01, "top1": 40.0},
+                                    {"lr": 3e-4, "weight_decay": 0.01, "top1": 55.0}]})
+    assert (last[asha._time_attr], last[asha._metric]) == (300, 0.4)
+    assert (last["probe_top1"], last["probe_lr"]) == (55.0, 3e-4) and len(last["probe_heads"]) == 2
 
 
 def test_trial_pretrains_in_its_own_folder_of_the_sweep(tmp_path):

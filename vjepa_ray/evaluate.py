@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from vjepa_ray import cluster
 from vjepa_ray.config import Config, ConfigError, from_dict, parse_cli, to_dict
 from vjepa_ray.data.sources import VideoRef, list_videos
 from vjepa_ray.eval.features import encode_views
@@ -292,8 +293,7 @@ def run(cfg: Config) -> dict[str, Any]:
     labelled_refs(cfg.probe.val_manifest, "probe.val_manifest")
     workers = cfg.ray.num_workers
     workers = workers[1] if isinstance(workers, (list, tuple)) else workers
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray.address or None, include_dashboard=False)
+    cluster.connect(cfg)
     resources = {"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if cfg.ray.use_gpu else {})}
     trainer = TorchTrainer(
         train_func, train_loop_config={"cfg": to_dict(cfg)},

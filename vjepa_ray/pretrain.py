@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from vjepa_ray import cluster
 from vjepa_ray.config import Config, ConfigError, exit_on_config_error, parse_cli, to_dict
 from vjepa_ray.train.elastic import check_elastic_batch, global_batch_size, worker_range
 from vjepa_ray.train.loop import StreamFactory, train_func
@@ -27,8 +27,6 @@ from vjepa_ray.worker_env import MALLOC_ENV
 log = logging.getLogger("vjepa_ray.pretrain")
 
 PROG = "python -m vjepa_ray.pretrain"
-# Logical CPUs a new local cluster reserves for Ray Data decoding beside the training workers.
-LOCAL_DECODE_CPUS = 2
 
 
 def run_dir(cfg: Config) -> str:
@@ -75,22 +73,6 @@ def _resolved_data_paths(cfg: Config) -> Config:
     cfg = copy.deepcopy(cfg)
     cfg.data.paths = [p if "://" in p else str(Path(p).expanduser().resolve()) for p in cfg.data.paths]
     return cfg
-
-
-def _init_ray(cfg: Config) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
-    if address:
-        # ray job submit sets RAY_ADDRESS for its entrypoint.
-        ray.init(address=address)
-        return
-    # A new local cluster (never a `ray start` one found on this machine): logical CPUs for every worker
-    # plus decoding, even where the machine has fewer cores.
-    workers = worker_range(cfg)[1] * cfg.ray.cpus_per_worker
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, workers + LOCAL_DECODE_CPUS))
 
 
 def _tracker():
@@ -160,7 +142,7 @@ def run(cfg: Config, *, stream_factory: StreamFactory | None = None, verify_rest
     check_runnable(cfg)
     cfg = _resolved_data_paths(cfg)
     prepare_demo_videos(cfg)
-    _init_ray(cfg)
+    cluster.connect(cfg)
     tracker = _tracker()
     low, high = worker_range(cfg)
     env = {"DS_ACCELERATOR": "cuda" if cfg.ray.use_gpu else "cpu", **MALLOC_ENV, **(extra_env or {})}

@@ -28,7 +28,7 @@ from typing import Any
 import pyarrow.fs as pafs
 from ray.tune import Callback
 
-from vjepa_ray import pretrain
+from vjepa_ray import cluster, pretrain
 from vjepa_ray.config import Config, ConfigError, exit_on_config_error, from_dict, parse_cli, to_dict
 from vjepa_ray.sweep import results as tables
 from vjepa_ray.sweep.mask_ratio import masked_fraction
@@ -75,15 +75,21 @@ def run_trial(config: dict[str, Any], base: dict[str, Any]) -> None:
     if summary["status"] != "finished":
         # Tune retries the trial (tune.max_failures); the retry resumes from the run's last checkpoint.
         raise RuntimeError(f"pretraining of trial {trial_id} failed: {summary['error']}")
-    probes = probe(cfg, summary["checkpoint"])
+    ray.tune.report(trial_result(summary, probe(cfg, summary["checkpoint"])))
+
+
+def trial_result(summary: dict[str, Any], probes: dict[str, Any]) -> dict[str, Any]:
+    """A trial's last result: its best probe, every probe's top-1, and the pretraining's outcome."""
     best = max(probes["probes"], key=lambda head: head["top1"])
-    # No "step"/"loss" here: ASHA only weighs the pretraining's reports.
-    ray.tune.report({
+    return {
+        # Tune wants ASHA's metric in every result: the last pretraining report's step and loss again,
+        # which ASHA has already weighed.
+        "step": summary["steps"], "loss": summary["final_loss"],
         "probe_top1": best["top1"], "probe_lr": best["lr"], "probe_weight_decay": best["weight_decay"],
         "probe_heads": {tables.head_column(h["lr"], h["weight_decay"]): h["top1"] for h in probes["probes"]},
         "pretrain_steps": summary["steps"], "pretrain_loss": summary["final_loss"],
         "checkpoint": summary["checkpoint"],
-    })
+    }
 
 
 def probe(cfg: Config, checkpoint: str) -> dict[str, Any]:
@@ -257,14 +263,11 @@ def check_runnable(cfg: Config) -> dict[str, list]:
 
 def run(cfg: Config) -> dict[str, Any]:
     """Runs (or resumes) the sweep; writes and returns its results (paths, best trial, counts)."""
-    import ray
-
     axes = check_runnable(cfg)
     # Made here, once, rather than by trials racing each other to write them.
     pretrain.prepare_demo_videos(cfg)
     prepare_probe_videos(cfg)
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray.address or None)
+    cluster.connect(cfg)
     grid = _tuner(cfg, axes).fit()
     rows = sorted((_row(cfg, result, axes) for result in grid), key=lambda r: r["trial_id"])
     best = tables.best_row(rows)
