@@ -160,6 +160,17 @@ def test_asha_compares_pretraining_loss_by_step_and_never_stops_a_trial_before_i
     assert min(asha._brackets[0]._rungs)[0] == 50  # the first comparison: at step 50 (grace_period)
     # The last pretraining report (step 300) is below max_t: ASHA lets the trial go on to its probe.
     assert asha._max_t > 300
+    # A rung judged at the last report would stop trials after all their pretraining, before their probe.
+    from vjepa_ray.tune import asha_rungs, check_runnable
+
+    short = ("optimization.total_steps=20", "optimization.warmup_steps=2", "logging.every_steps=5",
+             "probe.train_manifest=train.txt", "probe.val_manifest=val.txt")
+    assert asha_rungs(demo("tune.grace_period=10", *short)) == [10, 20]
+    with pytest.raises(ConfigError, match="tune.grace_period"):
+        check_runnable(demo("tune.grace_period=10", *short))
+    with pytest.raises(ConfigError, match="tune.grace_period"):  # rung 16 is judged at the report of step 20
+        check_runnable(demo("tune.grace_period=8", *short))
+    check_runnable(demo("tune.grace_period=10", "tune.reduction_factor=3", *short))
     # Tune refuses a result without the scheduler's metric and time: the trial's last one (its probe) too.
     from vjepa_ray.tune import trial_result
 

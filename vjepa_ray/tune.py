@@ -188,14 +188,26 @@ def max_concurrent_trials(cfg: Config, cluster: dict[str, float]) -> int:
     return max(1, int(min(fits)))
 
 
+def asha_rungs(cfg: Config) -> list[float]:
+    """The steps at which ASHA compares trials (none without early stopping)."""
+    t, rungs = cfg.tune, []
+    while t.grace_period and t.grace_period * t.reduction_factor ** len(rungs) < _asha_max_t(cfg):
+        rungs.append(t.grace_period * t.reduction_factor ** len(rungs))
+    return rungs
+
+
+def _asha_max_t(cfg: Config) -> int:
+    # Past the last step: ASHA stops any trial that reaches max_t, and a finished trial still has its probe.
+    return cfg.optimization.total_steps + 1
+
+
 def _scheduler(cfg: Config):
     if cfg.tune.grace_period == 0:
         return None
     from ray.tune.schedulers import ASHAScheduler
 
-    # Time in pretraining steps; max_t lies past the last step so ASHA never stops a trial that reached the
-    # end, whose probe is still to run.
-    return ASHAScheduler(time_attr="step", metric="loss", mode="min", max_t=cfg.optimization.total_steps + 1,
+    # Time in pretraining steps (check_runnable keeps every rung before the last report).
+    return ASHAScheduler(time_attr="step", metric="loss", mode="min", max_t=_asha_max_t(cfg),
                          grace_period=cfg.tune.grace_period, reduction_factor=cfg.tune.reduction_factor)
 
 
@@ -255,6 +267,14 @@ def check_runnable(cfg: Config) -> dict[str, list]:
     axes = sweep_axes(cfg)
     check_axes(cfg, axes)
     pretrain.check_runnable(trial_config(cfg, {k: v[0] for k, v in axes.items()}))
+    last_step, every = cfg.optimization.total_steps, cfg.logging.every_steps
+    for rung in asha_rungs(cfg):
+        # ASHA judges a rung at the first report at or past it; at the last report it would stop a trial
+        # after all its pretraining and before its probe.
+        if -(-rung // every) * every >= last_step:
+            raise ConfigError("tune.grace_period", f"ASHA would compare trials at step {rung:g}, judged at the "
+                              f"last report (step {last_step}); choose tune.grace_period and "
+                              "tune.reduction_factor so that every rung (grace x factor^k) comes earlier")
     for key in ("train_manifest", "val_manifest"):
         if not getattr(cfg.probe, key):
             raise ConfigError(f"probe.{key}", "is empty: every trial ends with the probe, which needs labelled videos")
