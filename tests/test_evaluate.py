@@ -113,7 +113,7 @@ def test_label_fraction_trains_on_a_stratified_subset(tmp_path, checkpoint, imag
     assert results["train_examples"] == 4 and results["train_examples_full"] == 16
 
 
-def test_config_mistakes_name_the_key(tmp_path, checkpoint, image_manifests):
+def test_config_mistakes_name_the_key(tmp_path, checkpoint, image_manifests, capsys):
     cfg = load_config(None, tiny_overrides(tmp_path, tmp_path / "missing.pt", *image_manifests))
     with pytest.raises(ConfigError, match="^probe.checkpoint"):
         evaluate.run(cfg)
@@ -121,7 +121,10 @@ def test_config_mistakes_name_the_key(tmp_path, checkpoint, image_manifests):
                                            "probe.lr=[1e-3,1e-4]"))
     with pytest.raises(ConfigError, match="^probe.finetune"):
         evaluate.check_runnable(cfg)
-    assert evaluate.main(tiny_overrides(tmp_path, checkpoint, image_manifests[0], tmp_path / "none.txt")) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(tiny_overrides(tmp_path, checkpoint, image_manifests[0], tmp_path / "none.txt"))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith("python -m vjepa_ray.evaluate: config error: probe.val_manifest")
 
 
 @pytest.mark.slow

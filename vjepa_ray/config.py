@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import math
 import sys
 from dataclasses import dataclass, field
@@ -464,3 +465,18 @@ def exit_on_config_error(prog: str, err: ConfigError) -> None:
     """One line on stderr, exit 2: how every command reports a config it cannot run."""
     print(f"{prog}: config error: {err}", file=sys.stderr)
     raise SystemExit(2)
+
+
+def run_command(prog: str, description: str, argv: list[str] | None, check: Callable[[Config], None],
+                run: Callable[[Config], Any]) -> Any:
+    """The life of a Ray command (pretrain, evaluate, tune): parse and check the config, log at INFO, run.
+
+    A ConfigError that ``run`` raises (something only found once running, e.g. a manifest without labels)
+    ends the command as one found at parsing does: one line, exit 2.
+    """
+    cfg, _ = parse_cli(prog, description, argv, check=check)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return run(cfg)
+    except ConfigError as err:
+        exit_on_config_error(prog, err)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 import tempfile
 from collections import Counter
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from vjepa_ray import cluster
-from vjepa_ray.config import Config, ConfigError, from_dict, parse_cli, to_dict
+from vjepa_ray.config import Config, ConfigError, from_dict, run_command, to_dict
 from vjepa_ray.data.sources import VideoRef, list_videos
 from vjepa_ray.eval.features import encode_views
 from vjepa_ray.eval.labels import stratified_subset
@@ -313,14 +312,8 @@ def run(cfg: Config) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, _ = parse_cli(PROG, "Attentive-probe evaluation of a frozen V-JEPA encoder on Ray Train.", argv,
-                       check=check_runnable)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    try:
-        results = run(cfg)
-    except ConfigError as err:
-        print(f"{PROG}: config error: {err}", file=sys.stderr)
-        return 2
+    results = run_command(PROG, "Attentive-probe evaluation of a frozen V-JEPA encoder on Ray Train.", argv,
+                          check_runnable, run)
     for probe in results["probes"]:
         print(f"lr={probe['lr']:g} wd={probe['weight_decay']:g}: top-1 {probe['top1']:.2f}")
     print(f"best top-1 {results['top1']:.2f} (lr={results['best']['lr']:g}, wd={results['best']['weight_decay']:g})"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from vjepa_ray import cluster
-from vjepa_ray.config import Config, ConfigError, exit_on_config_error, parse_cli, to_dict
+from vjepa_ray.config import Config, ConfigError, run_command, to_dict
 from vjepa_ray.train.elastic import check_elastic_batch, global_batch_size, worker_range
 from vjepa_ray.train.loop import StreamFactory, train_func
 from vjepa_ray.worker_env import MALLOC_ENV
@@ -191,12 +190,7 @@ def run(cfg: Config, *, stream_factory: StreamFactory | None = None, verify_rest
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, _ = parse_cli(PROG, __doc__.splitlines()[0], argv, check=check_runnable)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    try:
-        summary = run(cfg)
-    except ConfigError as err:
-        exit_on_config_error(PROG, err)
+    summary = run_command(PROG, __doc__.splitlines()[0], argv, check_runnable, run)
     print(f"{summary['status']}: {summary['steps']} steps, final loss {summary['final_loss']}, "
           f"{summary['restarts']} restart(s), world sizes {summary['world_sizes']}")
     print(f"checkpoint: {summary['checkpoint']}")

@@ -20,7 +20,6 @@ import copy
 import json
 import logging
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ import pyarrow.fs as pafs
 from ray.tune import Callback
 
 from vjepa_ray import cluster, pretrain
-from vjepa_ray.config import Config, ConfigError, exit_on_config_error, from_dict, parse_cli, to_dict
+from vjepa_ray.config import Config, ConfigError, from_dict, run_command, to_dict
 from vjepa_ray.sweep import results as tables
 from vjepa_ray.sweep.mask_ratio import masked_fraction
 from vjepa_ray.sweep.space import check_axes, sweep_axes, token_grid, trial_config
@@ -301,12 +300,7 @@ def run(cfg: Config) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, _ = parse_cli(PROG, __doc__.splitlines()[0], argv, check=check_runnable)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    try:
-        summary = run(cfg)
-    except ConfigError as err:
-        exit_on_config_error(PROG, err)
+    summary = run_command(PROG, __doc__.splitlines()[0], argv, check_runnable, run)
     print(f"{summary['trials']} trials: {summary['finished']} finished, {summary['stopped_early']} stopped early, "
           f"{summary['error']} failed")
     best = summary["best"]
