@@ -124,3 +124,14 @@ def test_bad_arguments_raise_value_error():
         MaskCollator([SHORT], GRID_224)(0, 1)
     with pytest.raises(ValueError, match="at least one"):
         MaskCollator([], GRID_224)
+
+
+def test_ranks_of_a_step_share_block_sizes_but_not_positions():
+    """The reference's block size comes from a step counter every rank shares; positions differ per rank."""
+    one_block = MaskConfig(num_blocks=1, spatial_scale=[0.1, 0.4], aspect_ratio=[0.5, 2.0])
+    collator = MaskCollator([one_block, LONG], GRID_224)
+    for step in range(20):
+        per_rank = [collator(3, (0, step), rank=rank) for rank in range(4)]
+        # One block per clip: the target is exactly the block, so its length is the block's volume.
+        assert len({masks[0][1].shape[1] for masks in per_rank}) == 1
+        assert any(not torch.equal(per_rank[0][0][1], masks[0][1]) for masks in per_rank[1:])

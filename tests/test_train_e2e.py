@@ -66,7 +66,7 @@ def reference_weights(cfg: Config, world_size: int, steps: int) -> dict[str, dic
         for rank in range(world_size):
             for micro, size in enumerate(plan.micro_batches(rank)):
                 clips = synthetic_clips(data, cfg.meta.seed, rank, step * plan.grad_accum + micro)[:size]
-                masks = collator(size, seed=(cfg.meta.seed, step, micro, rank))
+                masks = collator(size, seed=(cfg.meta.seed, step, micro), rank=rank)
                 loss = module(normalize_clips(clips), masks, target).loss * plan.loss_weight(size)
                 (loss / (world_size * plan.grad_accum)).backward()
         optimizer.step()

@@ -7,9 +7,13 @@ context came out empty is drawn again. To keep the batch rectangular, each clip'
 are cut to the shortest in the batch, which drops the highest token ids (the latest frames) of the
 longer lists, from the context and from the target alike.
 
-Unlike the reference, which draws block positions from the global torch RNG, everything here comes
-from one ``numpy.random.Generator`` seeded by the caller, so a (seed, batch size) pair always gives
-the same masks on any machine and in any process.
+The reference seeds the block size from a step counter that every rank shares, so all ranks of a
+step use the same block size; so does :class:`MaskCollator` (the size comes from the step's seed, the
+positions from the seed and the rank). Besides following the recipe, this keeps the ranks' token
+counts, and so their step times, close: a rank with small blocks would otherwise wait for one with
+large blocks at every gradient collective. Unlike the reference, which draws block positions from the
+global torch RNG, everything here comes from ``numpy.random.Generator``s seeded by the caller, so a
+(seed, rank, batch size) triple always gives the same masks on any machine and in any process.
 """
 
 from __future__ import annotations
@@ -77,15 +81,17 @@ class MultiBlockMaskGenerator:
         context[self.max_context_frames:] = False
         return context
 
-    def __call__(self, batch_size: int, rng: np.random.Generator) -> MaskPair:
+    def __call__(self, batch_size: int, rng: np.random.Generator, block: Grid | None = None) -> MaskPair:
         """(context ids int64 [B, Nc], target ids int64 [B, Nt]), ids ascending along each row.
 
-        Every clip's context and target are disjoint; with the tokens cut off by the equal-length
-        truncation they partition the grid.
+        ``block`` is the batch's block size; without it, it is drawn from ``rng`` first. Every clip's
+        context and target are disjoint; with the tokens cut off by the equal-length truncation they
+        partition the grid.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size: expected an int >= 1, got {batch_size}")
-        block = self.sample_block_size(rng)
+        if block is None:
+            block = self.sample_block_size(rng)
         contexts, targets = [], []
         for _ in range(batch_size):
             for _ in range(MAX_DRAWS_PER_CLIP):
@@ -107,10 +113,12 @@ class MultiBlockMaskGenerator:
 
 
 class MaskCollator:
-    """All mask configs of a step: ``collator(batch_size, seed) -> [(ctx [B, Nc], tgt [B, Nt]), ...]``.
+    """All mask configs of a step: ``collator(batch_size, seed, rank) -> [(ctx [B, Nc], tgt [B, Nt]), ...]``.
 
     One (ctx, tgt) pair per config, in config order (the predictor's ``mask_index``). ``seed`` is an int
-    or a sequence of ints, e.g. ``(meta.seed, step, rank)``; each config draws from its own stream of it.
+    or a sequence of ints that names the batch, e.g. ``(meta.seed, step, micro_step)``. Each config
+    draws its block size from its own stream of ``seed`` alone, so every rank of a step gets the same
+    sizes, and its positions from a stream of ``seed`` and ``rank``.
     """
 
     def __init__(self, mask_cfgs: Sequence[MaskConfig], grid: Sequence[int]):
@@ -122,9 +130,14 @@ class MaskCollator:
     def __len__(self) -> int:
         return len(self.generators)
 
-    def __call__(self, batch_size: int, seed: Seed) -> list[MaskPair]:
+    def __call__(self, batch_size: int, seed: Seed, rank: int = 0) -> list[MaskPair]:
         entropy = [seed] if isinstance(seed, (int, np.integer)) else list(seed)
         if not entropy or not all(isinstance(s, (int, np.integer)) and s >= 0 for s in entropy):
             raise ValueError(f"seed: expected a non-negative int or a sequence of them, got {seed!r}")
-        return [gen(batch_size, np.random.default_rng([*entropy, index]))
-                for index, gen in enumerate(self.generators)]
+        if not isinstance(rank, (int, np.integer)) or rank < 0:
+            raise ValueError(f"rank: expected a non-negative int, got {rank!r}")
+        pairs = []
+        for index, gen in enumerate(self.generators):
+            block = gen.sample_block_size(np.random.default_rng([*entropy, index]))
+            pairs.append(gen(batch_size, np.random.default_rng([*entropy, index, rank]), block))
+        return pairs

@@ -187,7 +187,7 @@ class TrainStep:
             # The stream yields the largest micro batch of any rank; an uneven split takes fewer here.
             clips = jepa.normalize_clips(batch.clips[:size].to(self.device, non_blocking=True), self.dtype)
             masks = [(c.to(self.device), t.to(self.device)) for c, t in
-                     self.collator(size, seed=(self.cfg.meta.seed, step, micro, self.rank))]
+                     self.collator(size, seed=(self.cfg.meta.seed, step, micro), rank=self.rank)]
             out = self.engine(clips, masks, self.target.module)
             self.engine.backward(out.loss * self.plan.loss_weight(size))
             self.engine.step()
