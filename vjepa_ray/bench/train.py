@@ -1,7 +1,7 @@
 """Training on Ray Train + DeepSpeed: step rate against the same step in one process, ZeRO-3 bytes per rank.
 
 - ``ray_steps_per_s``: optimizer steps per second of ``python -m vjepa_ray.pretrain`` at the given config
-  (default: the local demo's, 2 CPU workers, ZeRO-2, bf16), measured from its reports after the first
+  (default: the local demo's, 2 CPU workers, ZeRO-2, fp32), measured from its reports after the first
   interval; clips come from the in-memory synthetic stream so that video decoding stays out of it.
 - ``local_steps_per_s``: the same step (same code, DeepSpeed engine, EMA, masks) in this process with no Ray
   and a world of one, on one worker's share of the machine: one worker's micro batch and
@@ -33,8 +33,9 @@ log = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="YAML config (default: the built-in local demo)")
-    parser.add_argument("--steps", type=int, default=40, help="optimizer steps of the Ray run")
-    parser.add_argument("--interval", type=int, default=5, help="steps per report (the rate's resolution)")
+    parser.add_argument("--steps", type=int, default=60, help="optimizer steps of the Ray run")
+    parser.add_argument("--interval", type=int, default=None,
+                        help="steps per report, the rate's resolution (default: the config's logging.every_steps)")
     parser.add_argument("--local-steps", type=int, default=20, help="timed steps of the one-process run")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
 
@@ -65,16 +66,13 @@ def local_steps_per_s(cfg: Config, steps: int, warmup: int = 3) -> float:
         plan = plan_batch(cfg.data.batch_size, cfg.data.batch_size, 1)
         step = TrainStep(cfg, plan, rank=0, device=torch.device("cpu"))
         data = dataclasses.replace(cfg.data, batch_size=plan.micro_batch)
+        # Clips are made inside the step, as a Ray worker makes them (a few ms of a step's ~0.5 s here).
         batches = iter(SyntheticClipStream(data, cfg.meta.seed))
-        # Batches made up front: the Ray run's stream is prefetched by nothing either, but its clips are
-        # cheap next to the step; here they are kept out entirely.
-        ready = [next(batches) for _ in range(warmup + steps)]
-        feed = iter(ready)
         for i in range(warmup):
-            step(feed, i)
+            step(batches, i)
         start = time.perf_counter()
         for i in range(warmup, warmup + steps):
-            step(feed, i)
+            step(batches, i)
         return steps / (time.perf_counter() - start)
     finally:
         torch.set_num_threads(threads)
@@ -111,9 +109,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     storage = tempfile.mkdtemp(prefix="vjepa_bench_train_")
     try:
         # The schedules' values do not change the step's cost; warmup only has to fit the short run.
+        interval = [f"logging.every_steps={args.interval}"] if args.interval else []
         cfg = _config(args, storage, "throughput", f"optimization.total_steps={args.steps}",
-                      f"optimization.warmup_steps={args.steps // 4}", f"logging.every_steps={args.interval}",
-                      f"checkpoint.every_steps={args.steps}")
+                      f"optimization.warmup_steps={args.steps // 4}", f"checkpoint.every_steps={args.steps}",
+                      *interval)
         local = local_steps_per_s(cfg, args.local_steps)
         ray_rate = ray_steps_per_s(cfg)
         zero_bytes = {}
