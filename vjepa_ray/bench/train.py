@@ -7,7 +7,8 @@
   and a world of one, on one worker's share of the machine: one worker's micro batch and
   ``ray.cpus_per_worker`` threads. Perfect scaling would give the Ray run this rate, so
   ``ray_overhead = 1 - ray_steps_per_s / local_steps_per_s`` is what Ray, the collectives, reporting and
-  checkpointing cost.
+  checkpointing cost. The shared machines this runs on drift by 10-20% in speed over minutes, so the
+  baseline is timed right before and right after the Ray run and their mean is the one compared.
 - ``zero3_vs_zero0_bytes_per_rank``: bytes rank 0 holds for weights + optimizer state (fp32 masters and Adam
   moments) + EMA target under ZeRO-3 over the same under ZeRO-0, both on the config's worker count.
 """
@@ -15,8 +16,10 @@
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import logging
+import multiprocessing
 import os
 import shutil
 import socket
@@ -36,7 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps of the Ray run")
     parser.add_argument("--interval", type=int, default=None,
                         help="steps per report, the rate's resolution (default: the config's logging.every_steps)")
-    parser.add_argument("--local-steps", type=int, default=20, help="timed steps of the one-process run")
+    parser.add_argument("--local-steps", type=int, default=30,
+                        help="timed steps of each one-process run (one before the Ray run, one after)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
 
 
@@ -46,7 +50,7 @@ def _config(args: argparse.Namespace, storage: str, name: str, *extra: str) -> C
                               "data.synthetic_videos=0", *extra])
 
 
-def local_steps_per_s(cfg: Config, steps: int, warmup: int = 3) -> float:
+def _time_local_steps(cfg: Config, steps: int, warmup: int = 3) -> float:
     """Steps/s of one worker's share of the step in this process (world of one, no Ray)."""
     import torch.distributed as dist
 
@@ -60,7 +64,6 @@ def local_steps_per_s(cfg: Config, steps: int, warmup: int = 3) -> float:
     # What a launcher would set; DeepSpeed reads LOCAL_RANK.
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=0, world_size=1)
-    threads = torch.get_num_threads()
     torch.set_num_threads(cfg.ray.cpus_per_worker)
     try:
         plan = plan_batch(cfg.data.batch_size, cfg.data.batch_size, 1)
@@ -75,8 +78,15 @@ def local_steps_per_s(cfg: Config, steps: int, warmup: int = 3) -> float:
             step(batches, i)
         return steps / (time.perf_counter() - start)
     finally:
-        torch.set_num_threads(threads)
         dist.destroy_process_group()
+
+
+def local_steps_per_s(cfg: Config, steps: int) -> float:
+    """The one-process rate, timed in a new process: no Ray in it, and a fresh DeepSpeed (which keeps its
+    process groups in module globals, so one process cannot build a second world after the first)."""
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+        return pool.submit(_time_local_steps, cfg, steps).result()
 
 
 def _ray_run(cfg: Config) -> dict[str, Any]:
@@ -103,6 +113,8 @@ def ray_steps_per_s(cfg: Config) -> float:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    import ray
+
     from vjepa_ray.train.elastic import global_batch_size
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -113,8 +125,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         cfg = _config(args, storage, "throughput", f"optimization.total_steps={args.steps}",
                       f"optimization.warmup_steps={args.steps // 4}", f"checkpoint.every_steps={args.steps}",
                       *interval)
-        local = local_steps_per_s(cfg, args.local_steps)
+        local_runs = [local_steps_per_s(cfg, args.local_steps)]
         ray_rate = ray_steps_per_s(cfg)
+        # The second baseline runs without the Ray cluster, as the first one did.
+        ray.shutdown()
+        local_runs.append(local_steps_per_s(cfg, args.local_steps))
+        local = sum(local_runs) / len(local_runs)
         zero_bytes = {}
         for stage in (0, 3):
             summary = _ray_run(_config(args, storage, f"zero{stage}_bytes", f"deepspeed.zero_stage={stage}",
@@ -126,6 +142,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "ray_steps_per_s": round(ray_rate, 4),
         "local_steps_per_s": round(local, 4),
+        "local_steps_per_s_before_after": [round(rate, 4) for rate in local_runs],
         "ray_overhead": round(1 - ray_rate / local, 4),
         "workers": cfg.ray.num_workers,
         "threads_per_worker": cfg.ray.cpus_per_worker,
