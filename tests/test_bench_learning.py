@@ -1,0 +1,31 @@
+"""``bench learning`` end to end at a toy size: real videos, pretraining, probes, and the JSON it reports."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from vjepa_ray.bench import learning
+
+
+def test_toy_run_reports_each_grid_point_as_the_mean_of_its_probe_initialisations(tmp_path):
+    parser = argparse.ArgumentParser()
+    learning.add_arguments(parser)
+    args = parser.parse_args(["--workdir", str(tmp_path), "--size", "16", "--video-frames", "8", "--frames", "4",
+                              "--pretrain-videos", "10", "--train-per-class", "2", "--val-per-class", "1",
+                              "--patch", "8", "--embed-dim", "24", "--depth", "1", "--pred-dim", "12",
+                              "--pred-depth", "1", "--steps", "3", "--batch", "4", "--probe-epochs", "2",
+                              "--probe-lr", "1e-2", "3e-3", "--probe-seeds", "2", "--threads", "1"])
+    result = learning.run(args)
+
+    assert result["chance"] == 10.0
+    for encoder in ("pretrained", "random_init", "frame_only"):
+        seeds = result["per_probe_seed_top1"][encoder]
+        assert set(seeds) == {"lr=0.01,wd=0.01", "lr=0.003,wd=0.01"}
+        assert all(len(top1) == 2 for top1 in seeds.values())
+        means = result["per_probe_top1"][encoder]
+        assert means == {point: round(float(np.mean(top1)), 2) for point, top1 in seeds.items()}
+        assert result[f"{encoder}_top1"] == max(means.values())
+    assert len(result["pretrain_loss_first_last"]) == 2
+    assert result["settings"]["probe_seeds"] == 2
