@@ -9,9 +9,7 @@ longer lists, from the context and from the target alike.
 
 The reference seeds the block size from a step counter that every rank shares, so all ranks of a
 step use the same block size; so does :class:`MaskCollator` (the size comes from the step's seed, the
-positions from the seed and the rank). Besides following the recipe, this keeps the ranks' token
-counts, and so their step times, close: a rank with small blocks would otherwise wait for one with
-large blocks at every gradient collective. Unlike the reference, which draws block positions from the
+positions from the seed and the rank). Unlike the reference, which draws block positions from the
 global torch RNG, everything here comes from ``numpy.random.Generator``s seeded by the caller, so a
 (seed, rank, batch size) triple always gives the same masks on any machine and in any process.
 """

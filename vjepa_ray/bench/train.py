@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                       *interval)
         local_runs = [local_steps_per_s(cfg, args.local_steps)]
         ray_rate = ray_steps_per_s(cfg)
-        # The second baseline runs without the Ray cluster, as the first one did.
+        # A local cluster goes down here, so the second baseline runs beside no Ray processes, as the first did.
         ray.shutdown()
         local_runs.append(local_steps_per_s(cfg, args.local_steps))
         local = sum(local_runs) / len(local_runs)
