@@ -8,6 +8,12 @@ Each timed step is split into phases (seconds, mean over the timed steps).
 Baseline, measured in the same run between the steps: one no-grad forward of the encoder over the
 full clips (what the target pass costs). ``step_over_forward`` = step time / that forward, a
 machine-independent figure of the step's overhead (about 1 + 3 x the masked passes' share).
+
+Where the time goes (``time_shares``, ``gemm``): one more step runs under the profiler and the FLOP
+counter. Its op time splits into matrix multiplications, attention and everything else, and its
+multiplications' arithmetic rate is set against one large square fp32 matmul timed in the same run, about
+the best rate this device's GEMMs reach. A step whose multiplications already run near that rate can only
+be made faster by doing less arithmetic or by shrinking the other shares.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ from vjepa_ray.models import build_models
 log = logging.getLogger(__name__)
 
 PHASES = ("masks", "normalize", "forward", "backward", "optimizer", "ema")
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+REFERENCE_GEMM_SIZE = 2048
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -128,6 +136,48 @@ class Trainer:
             jepa.target_features(self.target_encoder, x)
 
 
+def reference_gemm_gflop_per_s(device: torch.device, size: int = REFERENCE_GEMM_SIZE, reps: int = 5) -> float:
+    """The best fp32 GFLOP/s of a [size, size] @ [size, size] matmul over ``reps`` tries."""
+    a, b = (torch.randn(size, size, device=device) for _ in range(2))
+    timer = StepTimer(device)
+    best = float("inf")
+    for _ in range(reps + 1):  # the first one warms up
+        timer.seconds.clear()
+        with timer.phase("gemm"):
+            a @ b
+        best = min(best, timer.seconds["gemm"])
+    return 2 * size**3 / best / 1e9
+
+
+def where_time_goes(trainer: Trainer) -> dict:
+    """One step under the profiler (CPU only: there, every op runs on the profiled thread).
+
+    Shares are of the step's wall time; ``gemm.of_reference`` is the step's matmul rate over
+    ``reference_gemm_gflop_per_s``. The profiler counts the multiplications' FLOPs from their shapes.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    # Timed on both sides of the step: these machines' speed drifts over seconds to minutes.
+    before = reference_gemm_gflop_per_s(trainer.device)
+    timer = StepTimer(trainer.device)
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+        trainer.step(timer)
+    step_s = sum(timer.seconds.values())
+    events = prof.key_averages()
+    gemms = [e for e in events if e.key in GEMM_OPS]
+    gemm_s = sum(e.self_cpu_time_total for e in gemms) / 1e6
+    gemm_gflop = sum(e.flops for e in gemms) / 1e9
+    attention_s = sum(e.self_cpu_time_total for e in events if "scaled_dot_product" in e.key) / 1e6
+    reference = max(before, reference_gemm_gflop_per_s(trainer.device))
+    return {
+        "time_shares": {"gemm": gemm_s / step_s, "attention": attention_s / step_s,
+                        "other": 1 - (gemm_s + attention_s) / step_s},
+        "gemm": {"gflop_per_step": gemm_gflop, "gflop_per_s": gemm_gflop / gemm_s,
+                 "reference_gflop_per_s": reference, "of_reference": gemm_gflop / gemm_s / reference,
+                 "reference": f"fp32 [{REFERENCE_GEMM_SIZE}]^2 matmul, best of 5 before and 5 after the step"},
+    }
+
+
 def run(args: argparse.Namespace) -> dict:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible")
@@ -149,6 +199,7 @@ def run(args: argparse.Namespace) -> dict:
         trainer.target_forward(baseline)
         forward_s.append(baseline.seconds["target_forward"])
         log.info("step %d: %.3f s, loss %.4f; full-clip forward %.3f s", i, step_s[-1], losses[-1], forward_s[-1])
+    breakdown = where_time_goes(trainer) if trainer.device.type == "cpu" else {}
     if args.profile:
         _print_profile(trainer, args.profile)
     mean_step = statistics.fmean(step_s)
@@ -163,6 +214,7 @@ def run(args: argparse.Namespace) -> dict:
         "baseline_forward_s": mean_forward,
         "step_over_forward": mean_step / mean_forward,
         "loss_first_last": [losses[0], losses[-1]],
+        **breakdown,
         "settings": {"model": args.model, "frames": args.frames, "crop": args.crop, "batch": args.batch,
                      "precision": args.precision, "device": args.device, "steps": args.steps,
                      "warmup": args.warmup, "threads": torch.get_num_threads(), "torch": torch.__version__},
