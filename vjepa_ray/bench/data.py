@@ -29,6 +29,7 @@ from pathlib import Path
 import av
 import numpy as np
 
+from vjepa_ray.bench._processes import tree_cpu_seconds
 from vjepa_ray.config import DataConfig
 from vjepa_ray.data.sources import VideoRef
 
@@ -89,35 +90,6 @@ def _videos(cache: Path, count: int, seconds: float, fps: float) -> list[Path]:
     return paths
 
 
-def _process_role(proc, me) -> str:
-    if proc.pid == me.pid:
-        return "driver"
-    name, cmdline = proc.name(), " ".join(proc.cmdline())
-    if "raylet" in name:
-        return "raylet"
-    if "gcs_server" in name:
-        return "gcs"
-    if "ray::" in cmdline or "default_worker.py" in cmdline or name.startswith("ray::"):
-        return "ray_workers"
-    return "other"
-
-
-def _tree_cpu_seconds() -> Counter:
-    """User+system CPU seconds of this process and all its live descendants (Ray's daemons and workers),
-    by role: driver, ray_workers, raylet, gcs, other."""
-    import psutil
-
-    me = psutil.Process()
-    total: Counter = Counter()
-    for proc in [me, *me.children(recursive=True)]:
-        try:
-            times = proc.cpu_times()
-            total[_process_role(proc, me)] += times.user + times.system
-        except psutil.Error:
-            pass
-    return total
-
-
 def _decode_only(refs: list[VideoRef], data: DataConfig, round_index: int) -> tuple[int, float]:
     """(clips, CPU seconds) of the decode tasks' work done in a plain loop in this process."""
     from vjepa_ray.data.pipeline import DecodeJob, decode_video
@@ -133,11 +105,11 @@ def _pipeline_epoch(refs: list[VideoRef], data: DataConfig, round_index: int) ->
     """(clips, CPU seconds by process role) for one epoch of a fresh `ClipStream`."""
     from vjepa_ray.data.pipeline import ClipStream
 
-    cpu = _tree_cpu_seconds()
+    cpu = tree_cpu_seconds()
     stream = ClipStream(data, seed=round_index, refs=refs)
     per_epoch = stream.num_chunks * stream.batches_per_chunk
     clips = sum(b.clips.shape[0] for b in itertools.islice(iter(stream), per_epoch))
-    spent = _tree_cpu_seconds()
+    spent = tree_cpu_seconds()
     spent.subtract(cpu)
     return clips, spent
 
@@ -155,9 +127,9 @@ def _compare(refs: list[VideoRef], data: DataConfig, rounds: int, cpus: int) -> 
     # never one that `ray start` left running on the machine.
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     try:
-        idle = _tree_cpu_seconds()
+        idle = tree_cpu_seconds()
         time.sleep(_IDLE_PROBE_S)
-        idle = (sum(_tree_cpu_seconds().values()) - sum(idle.values())) / _IDLE_PROBE_S
+        idle = (sum(tree_cpu_seconds().values()) - sum(idle.values())) / _IDLE_PROBE_S
         _pipeline_epoch(refs[:len(refs) // 3 or 1], data, round_index=rounds)
         for r in range(rounds):
             sides = ["pipeline", "decode_only"] if r % 2 == 0 else ["decode_only", "pipeline"]

@@ -9,6 +9,16 @@
   ``ray_overhead = 1 - ray_steps_per_s / local_steps_per_s`` is what Ray, the collectives, reporting and
   checkpointing cost. The shared machines this runs on drift by 10-20% in speed over minutes, so the
   baseline is timed right before and right after the Ray run and their mean is the one compared.
+- ``ray_overhead_per_worker_share``: the same, with the baseline scaled to the cores a worker actually had.
+  Over the reports the rate is taken from, a sampler in this process reads the CPU time of every process
+  under it (``cores_used_by_role``: the local cluster's GCS, raylet, dashboard and agents, the Train
+  controller and other actors, this driver, and the training workers). Ray's own processes (all but the
+  driver and the workers) take their cores from the machine the workers share, so each worker had
+  ``per_worker_share_cores`` = (machine cores - those) / workers, at most ``ray.cpus_per_worker``, and
+  perfect scaling would give the baseline rate times that share over ``ray.cpus_per_worker``. What remains
+  is what Ray costs inside the workers and through the collectives (a rank that loses its core for a moment
+  stalls its peers). The daemons use about a fifth of one core: a tenth of a 2-core machine, little of a
+  node with many cores.
 - ``zero3_vs_zero0_bytes_per_rank``: bytes rank 0 holds for weights + optimizer state (fp32 masters and Adam
   moments) + EMA target under ZeRO-3 over the same under ZeRO-0, both on the config's worker count.
 """
@@ -29,6 +39,7 @@ from typing import Any
 
 import torch
 
+from vjepa_ray.bench._processes import CpuSampler
 from vjepa_ray.config import Config, builtin_config_path, load_config
 
 log = logging.getLogger(__name__)
@@ -99,8 +110,15 @@ def _ray_run(cfg: Config) -> dict[str, Any]:
     return summary
 
 
-def ray_steps_per_s(cfg: Config) -> float:
-    """Mean steps/s over the reports of a Ray run, the first interval (start-up) left out."""
+@dataclasses.dataclass
+class RayRate:
+    steps_per_s: float  # mean over the reports, the first interval (start-up) left out
+    span: tuple[float, float]  # unix times of the first and the last report: the intervals averaged
+    workers: int
+
+
+def ray_steps_per_s(cfg: Config) -> RayRate:
+    """The step rate of a Ray run, from its TensorBoard events."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from vjepa_ray.train.elastic import global_batch_size
@@ -108,8 +126,24 @@ def ray_steps_per_s(cfg: Config) -> float:
     summary = _ray_run(cfg)
     events = EventAccumulator(summary["tensorboard"])
     events.Reload()
-    rates = [e.value for e in events.Scalars("train/clips_per_s")][1:]
-    return sum(rates) / len(rates) / global_batch_size(cfg)
+    reports = events.Scalars("train/clips_per_s")
+    rates = [e.value for e in reports[1:]]
+    return RayRate(sum(rates) / len(rates) / global_batch_size(cfg), (reports[0].wall_time, reports[-1].wall_time),
+                   summary["world_sizes"][-1])
+
+
+def per_worker_share(cores: dict[str, float], workers: int, cpus_per_worker: float) -> float | None:
+    """Cores each training worker had: the machine's, less what Ray's other processes used, split evenly
+    (at most ``cpus_per_worker``). None when the cluster was not started by this process (its daemons
+    are then not ours to count).
+
+    The driver is not counted as Ray's: here its only work is the CPU sampler, which a real run does
+    not have, so its cost stays charged to the Ray run.
+    """
+    if "raylet" not in cores:
+        return None
+    others = sum(used for role, used in cores.items() if role not in ("train_workers", "driver"))
+    return min(cpus_per_worker, (len(os.sched_getaffinity(0)) - others) / workers)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -126,11 +160,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                       f"optimization.warmup_steps={args.steps // 4}", f"checkpoint.every_steps={args.steps}",
                       *interval)
         local_runs = [local_steps_per_s(cfg, args.local_steps)]
-        ray_rate = ray_steps_per_s(cfg)
+        with CpuSampler() as sampler:
+            measured = ray_steps_per_s(cfg)
+        cores = sampler.cores_between(*measured.span)
         # A local cluster goes down here, so the second baseline runs beside no Ray processes, as the first did.
         ray.shutdown()
         local_runs.append(local_steps_per_s(cfg, args.local_steps))
         local = sum(local_runs) / len(local_runs)
+        share = per_worker_share(cores, measured.workers, cfg.ray.cpus_per_worker)
+        overhead_in_share = (None if share is None else
+                             1 - measured.steps_per_s / (local * share / cfg.ray.cpus_per_worker))
         zero_bytes = {}
         for stage in (0, 3):
             summary = _ray_run(_config(args, storage, f"zero{stage}_bytes", f"deepspeed.zero_stage={stage}",
@@ -140,10 +179,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         shutil.rmtree(storage, ignore_errors=True)
     return {
-        "ray_steps_per_s": round(ray_rate, 4),
+        "ray_steps_per_s": round(measured.steps_per_s, 4),
         "local_steps_per_s": round(local, 4),
         "local_steps_per_s_before_after": [round(rate, 4) for rate in local_runs],
-        "ray_overhead": round(1 - ray_rate / local, 4),
+        "ray_overhead": round(1 - measured.steps_per_s / local, 4),
+        "cores_used_by_role": {role: round(used, 3) for role, used in cores.items()},
+        "per_worker_share_cores": None if share is None else round(share, 3),
+        "ray_overhead_per_worker_share": None if share is None else round(overhead_in_share, 4),
         "workers": cfg.ray.num_workers,
         "threads_per_worker": cfg.ray.cpus_per_worker,
         "global_batch": global_batch_size(cfg),
