@@ -6,15 +6,16 @@
 - ``local_steps_per_s``: the same step (same code, DeepSpeed engine, EMA, masks) in this process with no Ray
   and a world of one, on one worker's share of the machine: one worker's micro batch and
   ``ray.cpus_per_worker`` threads. Perfect scaling would give the Ray run this rate, so
-  ``ray_overhead = 1 - ray_steps_per_s / local_steps_per_s`` is what Ray, the collectives, reporting and
-  checkpointing cost. The shared machines this runs on drift by 10-20% in speed over minutes, so the
-  baseline is timed right before and right after the Ray run and their mean is the one compared.
+  ``ray_overhead`` = 1 - (Ray rate / this rate) is what Ray, the collectives, reporting and checkpointing
+  cost. The shared machines this runs on drift by 10-20% in speed over minutes, so each of
+  ``--repeats`` Ray runs is compared with the mean of the one-process runs timed right before and right
+  after it; the figures reported are the medians over the repeats, and ``runs`` holds each one.
 - ``ray_overhead_per_worker_share``: the same, with the baseline scaled to the cores a worker actually had.
   Over the reports the rate is taken from, a sampler in this process reads the CPU time of every process
-  under it (``cores_used_by_role``: the local cluster's GCS, raylet, dashboard and agents, the Train
+  under it (``runs.cores_used_by_role``: the local cluster's GCS, raylet, dashboard and agents, the Train
   controller and other actors, this driver, and the training workers). Ray's own processes (all but the
   driver and the workers) take their cores from the machine the workers share, so each worker had
-  ``per_worker_share_cores`` = (machine cores - those) / workers, at most ``ray.cpus_per_worker``, and
+  ``runs.per_worker_share_cores`` = (machine cores - those) / workers, at most ``ray.cpus_per_worker``, and
   perfect scaling would give the baseline rate times that share over ``ray.cpus_per_worker``. What remains
   is what Ray costs inside the workers and through the collectives (a rank that loses its core for a moment
   stalls its peers). The daemons use about a fifth of one core: a tenth of a 2-core machine, little of a
@@ -33,6 +34,7 @@ import multiprocessing
 import os
 import shutil
 import socket
+import statistics
 import tempfile
 import time
 from typing import Any
@@ -47,11 +49,13 @@ log = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="YAML config (default: the built-in local demo)")
-    parser.add_argument("--steps", type=int, default=60, help="optimizer steps of the Ray run")
+    parser.add_argument("--steps", type=int, default=60, help="optimizer steps of each Ray run")
     parser.add_argument("--interval", type=int, default=None,
                         help="steps per report, the rate's resolution (default: the config's logging.every_steps)")
     parser.add_argument("--local-steps", type=int, default=30,
-                        help="timed steps of each one-process run (one before the Ray run, one after)")
+                        help="timed steps of each one-process run (one before each Ray run, one after the last)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="Ray runs, each compared with the one-process runs on either side of it")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
 
 
@@ -156,20 +160,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         # The schedules' values do not change the step's cost; warmup only has to fit the short run.
         interval = [f"logging.every_steps={args.interval}"] if args.interval else []
-        cfg = _config(args, storage, "throughput", f"optimization.total_steps={args.steps}",
-                      f"optimization.warmup_steps={args.steps // 4}", f"checkpoint.every_steps={args.steps}",
-                      *interval)
-        local_runs = [local_steps_per_s(cfg, args.local_steps)]
-        with CpuSampler() as sampler:
-            measured = ray_steps_per_s(cfg)
-        cores = sampler.cores_between(*measured.span)
-        # A local cluster goes down here, so the second baseline runs beside no Ray processes, as the first did.
-        ray.shutdown()
-        local_runs.append(local_steps_per_s(cfg, args.local_steps))
-        local = sum(local_runs) / len(local_runs)
-        share = per_worker_share(cores, measured.workers, cfg.ray.cpus_per_worker)
-        overhead_in_share = (None if share is None else
-                             1 - measured.steps_per_s / (local * share / cfg.ray.cpus_per_worker))
+        runs = [_config(args, storage, f"throughput_{i}", f"optimization.total_steps={args.steps}",
+                        f"optimization.warmup_steps={args.steps // 4}", f"checkpoint.every_steps={args.steps}",
+                        *interval) for i in range(args.repeats)]
+        local_runs = [local_steps_per_s(runs[0], args.local_steps)]
+        measured, cores, shares, overheads, overheads_in_share = [], [], [], [], []
+        for cfg in runs:
+            with CpuSampler() as sampler:
+                rate = ray_steps_per_s(cfg)
+            measured.append(rate)
+            cores.append(sampler.cores_between(*rate.span))
+            # A local cluster goes down here, so the next baseline runs beside no Ray processes, as the first did.
+            ray.shutdown()
+            local_runs.append(local_steps_per_s(cfg, args.local_steps))
+            local = (local_runs[-2] + local_runs[-1]) / 2
+            shares.append(per_worker_share(cores[-1], rate.workers, cfg.ray.cpus_per_worker))
+            overheads.append(1 - rate.steps_per_s / local)
+            overheads_in_share.append(None if shares[-1] is None else
+                                      1 - rate.steps_per_s / (local * shares[-1] / cfg.ray.cpus_per_worker))
         zero_bytes = {}
         for stage in (0, 3):
             summary = _ray_run(_config(args, storage, f"zero{stage}_bytes", f"deepspeed.zero_stage={stage}",
@@ -179,13 +187,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         shutil.rmtree(storage, ignore_errors=True)
     return {
-        "ray_steps_per_s": round(measured.steps_per_s, 4),
-        "local_steps_per_s": round(local, 4),
-        "local_steps_per_s_before_after": [round(rate, 4) for rate in local_runs],
-        "ray_overhead": round(1 - measured.steps_per_s / local, 4),
-        "cores_used_by_role": {role: round(used, 3) for role, used in cores.items()},
-        "per_worker_share_cores": None if share is None else round(share, 3),
-        "ray_overhead_per_worker_share": None if share is None else round(overhead_in_share, 4),
+        "ray_steps_per_s": round(statistics.median(m.steps_per_s for m in measured), 4),
+        "local_steps_per_s": round(statistics.median(local_runs), 4),
+        "ray_overhead": round(statistics.median(overheads), 4),
+        "ray_overhead_per_worker_share": (None if None in overheads_in_share else
+                                          round(statistics.median(overheads_in_share), 4)),
+        "runs": {"ray_steps_per_s": [round(m.steps_per_s, 4) for m in measured],
+                 "local_steps_per_s": [round(rate, 4) for rate in local_runs],
+                 "ray_overhead": [round(o, 4) for o in overheads],
+                 "ray_overhead_per_worker_share": [None if o is None else round(o, 4) for o in overheads_in_share],
+                 "per_worker_share_cores": [None if c is None else round(c, 3) for c in shares],
+                 "cores_used_by_role": [{role: round(used, 3) for role, used in c.items()} for c in cores]},
         "workers": cfg.ray.num_workers,
         "threads_per_worker": cfg.ray.cpus_per_worker,
         "global_batch": global_batch_size(cfg),
