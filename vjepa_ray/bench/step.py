@@ -9,10 +9,10 @@ Baseline, measured in the same run between the steps: one no-grad forward of the
 full clips (what the target pass costs). ``step_over_forward`` = step time / that forward, a
 machine-independent figure of the step's overhead (about 1 + 3 x the masked passes' share).
 
-Where the time goes (``time_shares``, ``gemm``): one more step runs under the profiler and the FLOP
-counter. Its op time splits into matrix multiplications, attention and everything else, and its
-multiplications' arithmetic rate is set against one large square fp32 matmul timed in the same run, about
-the best rate this device's GEMMs reach. A step whose multiplications already run near that rate can only
+Where the time goes (``time_shares``, ``gemm``; CPU only): one more step runs under the profiler, which
+also counts the matrix multiplications' FLOPs from their shapes. Its wall time splits into matrix
+multiplications, attention and everything else, and the multiplications' arithmetic rate is set against
+one large square fp32 matmul timed in the same run, about the best rate this device's GEMMs reach. A step whose multiplications already run near that rate can only
 be made faster by doing less arithmetic or by shrinking the other shares.
 """
 
