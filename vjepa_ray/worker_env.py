@@ -1,15 +1,18 @@
-"""Environment variables for the Ray worker processes that train and decode.
+"""The process environment of the Ray workers that train and decode: allocator settings and console logging.
 
 Ray runs a task, and Ray Train its training function, on a thread other than the worker process's main
 thread. glibc gives such threads malloc arenas of their own, which hand freed memory back to the kernel
-eagerly and fault it in again at the next allocation: the demo's training step, run on a second thread,
-took 3.3x the page faults and 2.4x the system time of the same step on the main thread (19.6k vs 6.0k
-faults per step), and decoding in Ray tasks paid the same. One arena with fixed mmap and trim thresholds
-makes a worker allocate as the main thread does. glibc reads these when a process starts, so they travel
-in the workers' ``runtime_env``; other C libraries ignore them.
+eagerly and fault it in again at the next allocation, so a step run there pays page faults and system time
+that the same step on a main thread does not. One arena with fixed mmap and trim thresholds makes a worker
+allocate as the main thread does. glibc reads these variables when a process starts, so they travel in the
+workers' ``runtime_env``; other C libraries ignore them.
 """
 
 from __future__ import annotations
+
+import logging
+import sys
+import warnings
 
 MALLOC_ENV = {
     "MALLOC_ARENA_MAX": "1",
@@ -18,3 +21,29 @@ MALLOC_ENV = {
     # ... and up to 128 MiB of freed heap stays mapped for the next step instead of being faulted in again.
     "MALLOC_TRIM_THRESHOLD_": str(128 << 20),
 }
+
+# Ray Train 2.60 logs every `ray.train.report` at INFO, metrics dict included, under a logger named after its
+# source file (so outside `ray.train`, where `RunConfig(logging_config=...)` would reach it).
+_TRAIN_REPORT_LOGGER_MODULE = "ray.train.v2._internal.execution.context"
+
+
+def configure_worker_logging() -> None:
+    """The console of a Ray Train worker: our progress lines at INFO, Ray's warnings and errors, not Ray's
+    per-report and per-dataset-execution INFO lines (one of each per report and per chunk on every rank).
+
+    Ray forwards worker output to the driver (and the job logs), so this is what a user reads there.
+    """
+    package = logging.getLogger("vjepa_ray")
+    if not package.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        package.addHandler(handler)
+        package.setLevel(logging.INFO)
+        package.propagate = False
+    # Ray Data logs the end of every execution (one per chunk of an epoch) at INFO; its warnings stay.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    report_module = sys.modules.get(_TRAIN_REPORT_LOGGER_MODULE)
+    if report_module is not None:
+        logging.getLogger(report_module.__file__).setLevel(logging.WARNING)
+    # DeepSpeed's ZeRO calls a gather that torch deprecated; the warning is DeepSpeed's to act on, not the user's.
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)

@@ -7,9 +7,8 @@
   and a world of one, on one worker's share of the machine: one worker's micro batch and
   ``ray.cpus_per_worker`` threads. Perfect scaling would give the Ray run this rate, so
   ``ray_overhead`` = 1 - (Ray rate / this rate) is what Ray, the collectives, reporting and checkpointing
-  cost. The shared machines this runs on drift by 10-20% in speed over minutes, so each of
-  ``--repeats`` Ray runs is compared with the mean of the one-process runs timed right before and right
-  after it; the figures reported are the medians over the repeats, and ``runs`` holds each one.
+  cost. A shared machine's speed drifts over minutes, so each of ``--repeats`` Ray runs is compared with the
+  mean of the one-process runs timed right before and right after it; the figures reported are the medians over the repeats, and ``runs`` holds each one.
 - ``ray_overhead_per_worker_share``: the same, with the baseline scaled to the cores a worker actually had.
   Over the reports the rate is taken from, a sampler in this process reads the CPU time of every process
   under it (``runs.cores_used_by_role``: the local cluster's GCS, raylet, dashboard and agents, the Train
@@ -18,8 +17,7 @@
   ``runs.per_worker_share_cores`` = (machine cores - those) / workers, at most ``ray.cpus_per_worker``, and
   perfect scaling would give the baseline rate times that share over ``ray.cpus_per_worker``. What remains
   is what Ray costs inside the workers and through the collectives (a rank that loses its core for a moment
-  stalls its peers). The daemons use about a fifth of one core: a tenth of a 2-core machine, little of a
-  node with many cores.
+  stalls its peers).
 - ``zero3_vs_zero0_bytes_per_rank``: bytes rank 0 holds for weights + optimizer state (fp32 masters and Adam
   moments) + EMA target under ZeRO-3 over the same under ZeRO-0, both on the config's worker count.
 """
