@@ -66,14 +66,14 @@ def test_bad_values_name_their_key(override, key):
 
 def test_cli_exits_2_with_one_line_and_no_traceback(tmp_path):
     # parse_cli is shared by every entry point; exercise it through a real interpreter.
-    code = "from vjepa_ray.config import parse_cli; parse_cli('prog', 'test', ['data.crop_size=250'])"
+    code = "from vjepa_ray.cli import parse_cli; parse_cli('prog', 'test', ['data.crop_size=250'])"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert lines == ["prog: config error: data.crop_size: 250 is not a positive multiple of model.patch_size 16"]
 
     missing = tmp_path / "absent.yaml"
-    code = f"from vjepa_ray.config import parse_cli; parse_cli('prog', 'test', ['--config', {str(missing)!r}])"
+    code = f"from vjepa_ray.cli import parse_cli; parse_cli('prog', 'test', ['--config', {str(missing)!r}])"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert "--config" in proc.stderr
