@@ -7,7 +7,9 @@ import sys
 
 import pytest
 
-from vjepa_ray.config import Config, ConfigError, builtin_config_path, from_dict, load_config, to_dict
+from vjepa_ray.config import (Config, ConfigError, DataConfig, MaskConfig, ModelConfig, OptimizationConfig,
+                              SweepConfig, builtin_config_path, from_dict, load_config, to_dict)
+from vjepa_ray.models.vit import MODEL_SPECS
 
 
 def test_defaults_are_the_vitl16_recipe():
@@ -64,16 +66,46 @@ def test_bad_values_name_their_key(override, key):
     assert "\n" not in str(info.value)
 
 
-def test_cli_exits_2_with_one_line_and_no_traceback(tmp_path):
-    # parse_cli is shared by every entry point; exercise it through a real interpreter.
-    code = "from vjepa_ray.config import parse_cli; parse_cli('prog', 'test', ['data.crop_size=250'])"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert lines == ["prog: config error: data.crop_size: 250 is not a positive multiple of model.patch_size 16"]
+@pytest.mark.parametrize(
+    "section, where, key",
+    [
+        (DataConfig(batch_size=0), "data", "data.batch_size"),
+        (DataConfig(paths=["a", "b"], weights=[1.0]), "data", "data.weights"),
+        (MaskConfig(spatial_scale=[0.5, 0.2]), "mask.3", "mask.3.spatial_scale"),
+        (OptimizationConfig(total_steps=10, warmup_steps=20), "optimization", "optimization.warmup_steps"),
+        (SweepConfig(ema=[[0.99, 1.0], [1.0, 0.99]]), "tune", "tune.ema.1"),
+    ],
+)
+def test_a_section_checks_its_own_fields_under_its_full_key(section, where, key):
+    with pytest.raises(ConfigError) as info:
+        section.validate(where)
+    assert info.value.key == key
 
-    missing = tmp_path / "absent.yaml"
-    code = f"from vjepa_ray.config import parse_cli; parse_cli('prog', 'test', ['--config', {str(missing)!r}])"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
-    assert "--config" in proc.stderr
+
+def test_sections_alone_accept_what_only_a_cross_section_check_rejects():
+    # A 250-pixel crop is a fine data section; only next to model.patch_size 16 does it fail.
+    DataConfig(crop_size=250, frames_per_clip=15).validate("data")
+    cfg = Config(data=DataConfig(crop_size=250))
+    with pytest.raises(ConfigError) as info:
+        cfg.validate()
+    assert info.value.key == "data.crop_size"
+    cfg = Config(data=DataConfig(frames_per_clip=15), model=ModelConfig(tubelet_size=2))
+    with pytest.raises(ConfigError) as info:
+        cfg.validate()
+    assert str(info.value) == "data.frames_per_clip: 15 is not a positive multiple of model.tubelet_size 2"
+
+
+def test_model_names_are_the_model_registry():
+    for name in MODEL_SPECS:
+        ModelConfig(name=name).validate("model")
+    with pytest.raises(ConfigError) as info:
+        ModelConfig(name="vit_bogus").validate("model")
+    assert str(info.value) == f"model.name: 'vit_bogus' is not one of {', '.join(MODEL_SPECS)}"
+
+
+def test_importing_the_schema_leaves_torch_out():
+    # Data tasks import the schema; torch comes in only when a model name is validated.
+    code = ("import sys, vjepa_ray.config as c; before = 'torch' in sys.modules; c.load_config(); "
+            "print(before, 'torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert proc.stdout.split() == ["False", "True"]

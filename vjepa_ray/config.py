@@ -1,28 +1,26 @@
-"""The configuration schema, and how a command line becomes a validated config.
+"""The configuration schema: sections with their defaults and checks, and how a config is read and written.
 
 The schema is a tree of dataclasses whose defaults are the published V-JEPA ViT-L/16 recipe
-(facebookresearch/jepa ``configs/pretrain/vitl16.yaml``). A command merges, in order: the schema
-defaults, a base YAML (``--config FILE``, or the built-in local demo), and dot-list overrides
-(``section.key=value``). The result is validated once; every error names the key.
+(facebookresearch/jepa ``configs/pretrain/vitl16.yaml``). ``load_config`` merges, in order: the schema
+defaults, a base YAML, and dot-list overrides (``section.key=value``). The result is validated once:
+each section checks its own fields (``validate(key)``, ``key`` being where the section sits, e.g.
+``mask.1``), then ``Config.validate`` checks what spans sections. Every error names the full key.
+The command line around this lives in ``vjepa_ray.cli``.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import logging
 import math
-import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-MODEL_NAMES = ("vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge", "vit_giant")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
@@ -32,6 +30,29 @@ class ConfigError(ValueError):
     def __init__(self, key: str, message: str):
         self.key = key
         super().__init__(f"{key}: {message}")
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(key, message)
+
+
+class _SectionChecks:
+    """Checks on the fields of one section; an error names the field by its full key (``section.field``)."""
+
+    def __init__(self, section: str):
+        self.section = section
+
+    def require(self, ok: bool, name: str, message: str) -> None:
+        _require(ok, f"{self.section}.{name}", message)
+
+    def range(self, name: str, values: list[float], low: float, high: float, low_open: bool = True) -> None:
+        """``values`` is [min, max] within (low, high], or [low, high] when not ``low_open``."""
+        self.require(len(values) == 2, name, f"expected [min, max], got {values}")
+        lo, hi = values
+        self.require(lo <= hi, name, f"min {lo} is above max {hi}")
+        lower_ok = lo > low if low_open else lo >= low
+        self.require(lower_ok and hi <= high, name, f"{values} is outside {'(' if low_open else '['}{low}, {high}]")
 
 
 @dataclass
@@ -51,6 +72,19 @@ class RayConfig:
     # Joins this cluster; empty = RAY_ADDRESS / a running `ray start`, else a new local cluster.
     address: str = ""
 
+    def validate(self, key: str) -> None:
+        check = _SectionChecks(key)
+        workers = self.num_workers
+        if isinstance(workers, (list, tuple)):
+            check.require(len(workers) == 2 and all(isinstance(w, int) for w in workers), "num_workers",
+                          f"expected an int or [min, max], got {workers}")
+            check.require(1 <= workers[0] <= workers[1], "num_workers", f"need 1 <= min <= max, got {workers}")
+        else:
+            check.require(isinstance(workers, int) and not isinstance(workers, bool) and workers >= 1,
+                          "num_workers", f"expected an int >= 1 or [min, max], got {workers!r}")
+        check.require(self.cpus_per_worker >= 1, "cpus_per_worker", "must be >= 1")
+        check.require(self.max_failures >= -1, "max_failures", "must be >= 0, or -1 for no limit")
+
 
 @dataclass
 class DataConfig:
@@ -60,7 +94,7 @@ class DataConfig:
     frames_per_clip: int = 16
     frame_step: int = 4
     # When set, the frame step follows the video: ceil(video_fps) // fps (V-JEPA 2 style).
-    fps: Optional[float] = None
+    fps: float | None = None
     clips_per_video: int = 1
     crop_size: int = 224
     batch_size: int = 24
@@ -83,6 +117,23 @@ class DataConfig:
     # Local demo: generate this many synthetic videos into `paths[0]` when it is empty.
     synthetic_videos: int = 0
 
+    def validate(self, key: str) -> None:
+        check = _SectionChecks(key)
+        check.require(self.frame_step >= 1, "frame_step", "must be >= 1")
+        check.require(self.fps is None or self.fps > 0, "fps", "must be > 0")
+        check.require(self.clips_per_video >= 1, "clips_per_video", "must be >= 1")
+        check.require(self.batch_size >= 1, "batch_size", "must be >= 1")
+        check.require(not self.weights or len(self.weights) == len(self.paths), "weights",
+                      f"has {len(self.weights)} entries for {len(self.paths)} {key}.paths")
+        check.require(all(w >= 0 for w in self.weights) and (not self.weights or sum(self.weights) > 0), "weights",
+                      "must be non-negative with a positive sum")
+        check.range("random_resize_scale", self.random_resize_scale, 0.0, 1.0)
+        check.range("random_resize_aspect_ratio", self.random_resize_aspect_ratio, 0.0, math.inf)
+        check.require(self.decode_cpus > 0, "decode_cpus", "must be > 0")
+        check.require(self.decode_concurrency >= 0, "decode_concurrency", "must be >= 0")
+        check.require(self.chunk_size >= 1, "chunk_size", "must be >= 1")
+        check.require(self.decode_timeout_s > 0, "decode_timeout_s", "must be > 0")
+
 
 @dataclass
 class ModelConfig:
@@ -92,9 +143,25 @@ class ModelConfig:
     pred_depth: int = 12
     pred_embed_dim: int = 384
     # Predictor heads; None = the encoder's (V-JEPA 1).
-    pred_num_heads: Optional[int] = None
+    pred_num_heads: int | None = None
     uniform_power: bool = True
     activation_checkpointing: bool = False
+
+    def validate(self, key: str) -> None:
+        # The model registry, imported on use: the schema module itself stays free of torch for the
+        # processes that only read configs (data tasks, the data doctor until it validates).
+        from vjepa_ray.models.vit import MODEL_SPECS
+
+        check = _SectionChecks(key)
+        check.require(self.name in MODEL_SPECS, "name", f"{self.name!r} is not one of {', '.join(MODEL_SPECS)}")
+        check.require(self.patch_size >= 1, "patch_size", "must be >= 1")
+        check.require(self.tubelet_size >= 1, "tubelet_size", "must be >= 1")
+        check.require(self.pred_depth >= 1, "pred_depth", "must be >= 1")
+        check.require(self.pred_embed_dim >= 1, "pred_embed_dim", "must be >= 1")
+        if self.pred_num_heads is not None:
+            check.require(self.pred_num_heads >= 1 and self.pred_embed_dim % self.pred_num_heads == 0,
+                          "pred_num_heads",
+                          f"{self.pred_num_heads} does not divide {key}.pred_embed_dim {self.pred_embed_dim}")
 
 
 @dataclass
@@ -104,7 +171,16 @@ class MaskConfig:
     temporal_scale: list[float] = field(default_factory=lambda: [1.0, 1.0])
     aspect_ratio: list[float] = field(default_factory=lambda: [0.75, 1.5])
     max_temporal_keep: float = 1.0
-    max_keep: Optional[int] = None
+    max_keep: int | None = None
+
+    def validate(self, key: str) -> None:
+        check = _SectionChecks(key)
+        check.require(self.num_blocks >= 1, "num_blocks", "must be >= 1")
+        check.range("spatial_scale", self.spatial_scale, 0.0, 1.0)
+        check.range("temporal_scale", self.temporal_scale, 0.0, 1.0)
+        check.range("aspect_ratio", self.aspect_ratio, 0.0, math.inf)
+        check.require(0.0 < self.max_temporal_keep <= 1.0, "max_temporal_keep", "must be in (0, 1]")
+        check.require(self.max_keep is None or self.max_keep >= 1, "max_keep", "must be >= 1")
 
 
 def _default_masks() -> list[MaskConfig]:
@@ -134,6 +210,19 @@ class OptimizationConfig:
     # Clips per optimizer step over all workers; 0 = data.batch_size x workers.
     global_batch_size: int = 0
 
+    def validate(self, key: str) -> None:
+        check = _SectionChecks(key)
+        check.require(self.total_steps >= 1, "total_steps", "must be >= 1")
+        check.require(0 <= self.warmup_steps <= self.total_steps, "warmup_steps",
+                      f"{self.warmup_steps} is outside [0, {key}.total_steps]")
+        check.require(self.schedule_scale >= 1.0, "schedule_scale", "must be >= 1")
+        for name in ("start_lr", "lr", "final_lr", "weight_decay", "final_weight_decay", "eps", "clip_grad"):
+            check.require(getattr(self, name) >= 0, name, "must be >= 0")
+        check.range("ema", self.ema, 0.0, 1.0, low_open=False)
+        check.require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas",
+                      f"expected two values in [0, 1), got {self.betas}")
+        check.require(self.global_batch_size >= 0, "global_batch_size", "must be >= 0")
+
 
 @dataclass
 class DeepSpeedConfig:
@@ -144,11 +233,22 @@ class DeepSpeedConfig:
     # A raw DeepSpeed config merged over ours key by key (experts only).
     overrides: dict[str, Any] = field(default_factory=dict)
 
+    def validate(self, key: str) -> None:
+        check = _SectionChecks(key)
+        check.require(self.zero_stage in (0, 1, 2, 3), "zero_stage", f"{self.zero_stage} is not one of 0, 1, 2, 3")
+        check.require(self.precision in PRECISIONS, "precision",
+                      f"{self.precision!r} is not one of {', '.join(PRECISIONS)}")
+
 
 @dataclass
 class CheckpointConfig:
     every_steps: int = 1000
     num_to_keep: int = 2
+
+    def validate(self, key: str) -> None:
+        check = _SectionChecks(key)
+        check.require(self.every_steps >= 1, "every_steps", "must be >= 1")
+        check.require(self.num_to_keep >= 1, "num_to_keep", "must be >= 1")
 
 
 @dataclass
@@ -156,6 +256,9 @@ class LoggingConfig:
     every_steps: int = 10
     # Warn when the spread of target features falls below this (a sign of collapse).
     collapse_std_threshold: float = 0.01
+
+    def validate(self, key: str) -> None:
+        _SectionChecks(key).require(self.every_steps >= 1, "every_steps", "must be >= 1")
 
 
 @dataclass
@@ -182,6 +285,21 @@ class ProbeConfig:
     num_classes: int = 0
     # Probe attention heads; 0 = the encoder's.
     num_heads: int = 0
+
+    def validate(self, key: str) -> None:
+        check = _SectionChecks(key)
+        check.require(len(self.lr) >= 1 and all(x > 0 for x in self.lr), "lr", "needs one or more values > 0")
+        check.require(len(self.weight_decay) >= 1 and all(x >= 0 for x in self.weight_decay), "weight_decay",
+                      "needs one or more values >= 0")
+        check.require(self.epochs >= 1, "epochs", "must be >= 1")
+        check.require(0.0 < self.label_fraction <= 1.0, "label_fraction", "must be in (0, 1]")
+        check.require(self.num_segments >= 1, "num_segments", "must be >= 1")
+        check.require(self.num_views >= 1, "num_views", "must be >= 1")
+        check.require(self.num_blocks >= 1, "num_blocks", "must be >= 1")
+        check.require(self.num_classes >= 0, "num_classes", "must be >= 0 (0 = from the manifests)")
+        check.require(self.num_heads >= 0, "num_heads", "must be >= 0 (0 = the encoder's)")
+        check.require(self.finetune_lr_scale > 0, "finetune_lr_scale", "must be > 0")
+        check.require(0 < self.layer_decay <= 1, "layer_decay", "must be in (0, 1]")
 
 
 @dataclass
@@ -213,6 +331,27 @@ class SweepConfig:
     # training videos per class into their folder (a quarter as many, at least 2, for validation).
     synthetic_probe_videos: int = 0
 
+    def validate(self, key: str) -> None:
+        check = _SectionChecks(key)
+        check.require(self.num_samples >= 1, "num_samples", "must be >= 1")
+        check.require(self.max_concurrent_trials >= 0, "max_concurrent_trials", "must be >= 0 (0 = from the cluster)")
+        check.require(self.grace_period >= 0, "grace_period", "must be >= 0 (0 = no early stopping)")
+        check.require(self.reduction_factor > 1, "reduction_factor", "must be > 1")
+        check.require(all(0 < r < 1 for r in self.mask_ratio), "mask_ratio",
+                      f"values must be in (0, 1), got {self.mask_ratio}")
+        check.require(all(x > 0 for x in self.lr), "lr", f"values must be > 0, got {self.lr}")
+        for i, ema in enumerate(self.ema):
+            check.range(f"ema.{i}", ema, 0.0, 1.0, low_open=False)
+        check.require(all(x > 0 for x in self.probe_lr), "probe_lr", f"values must be > 0, got {self.probe_lr}")
+        check.require(all(x >= 0 for x in self.probe_weight_decay), "probe_weight_decay",
+                      f"values must be >= 0, got {self.probe_weight_decay}")
+        for name, values in self.space.items():
+            check.require(isinstance(values, list) and len(values) >= 1, f"space.{name}",
+                          f"expected a list of values, got {values!r}")
+        check.require(self.max_failures >= -1, "max_failures", "must be >= 0, or -1 for no limit")
+        check.require(self.driver_cpus >= 0, "driver_cpus", "must be >= 0")
+        check.require(self.synthetic_probe_videos >= 0, "synthetic_probe_videos", "must be >= 0")
+
 
 @dataclass
 class Config:
@@ -227,6 +366,31 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     tune: SweepConfig = field(default_factory=SweepConfig)
+
+    def validate(self) -> None:
+        """Values the schema's types cannot rule out: each section's own checks, then those across sections.
+
+        Raises ConfigError naming the key.
+        """
+        self.ray.validate("ray")
+        self.data.validate("data")
+        self.model.validate("model")
+        _require(len(self.mask) >= 1, "mask", "needs at least one mask config")
+        for i, mask in enumerate(self.mask):
+            mask.validate(f"mask.{i}")
+        self.optimization.validate("optimization")
+        self.deepspeed.validate("deepspeed")
+        self.checkpoint.validate("checkpoint")
+        self.logging.validate("logging")
+        self.probe.validate("probe")
+        self.tune.validate("tune")
+
+        # The clip must tile into whole patches and tubelets.
+        d, m = self.data, self.model
+        _require(d.crop_size > 0 and d.crop_size % m.patch_size == 0, "data.crop_size",
+                 f"{d.crop_size} is not a positive multiple of model.patch_size {m.patch_size}")
+        _require(d.frames_per_clip > 0 and d.frames_per_clip % m.tubelet_size == 0, "data.frames_per_clip",
+                 f"{d.frames_per_clip} is not a positive multiple of model.tubelet_size {m.tubelet_size}")
 
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
@@ -257,7 +421,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raise ConfigError("--config", f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
     except OmegaConfBaseException as err:
         raise _as_config_error(err) from None
-    validate(cfg)
+    cfg.validate()
     return cfg
 
 
@@ -282,123 +446,6 @@ def _as_config_error(err: OmegaConfBaseException) -> ConfigError:
     return ConfigError(str(key), message)
 
 
-def _check(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(key, message)
-
-
-def _check_range(values: list[float], key: str, low: float, high: float, low_open: bool = True) -> None:
-    _check(len(values) == 2, key, f"expected [min, max], got {values}")
-    lo, hi = values
-    _check(lo <= hi, key, f"min {lo} is above max {hi}")
-    lower_ok = lo > low if low_open else lo >= low
-    _check(lower_ok and hi <= high, key, f"{values} is outside {'(' if low_open else '['}{low}, {high}]")
-
-
-def validate(cfg: Config) -> None:
-    """Values the schema's types cannot rule out. Raises ConfigError naming the key."""
-    workers = cfg.ray.num_workers
-    if isinstance(workers, (list, tuple)):
-        _check(len(workers) == 2 and all(isinstance(w, int) for w in workers), "ray.num_workers",
-               f"expected an int or [min, max], got {workers}")
-        _check(1 <= workers[0] <= workers[1], "ray.num_workers", f"need 1 <= min <= max, got {workers}")
-    else:
-        _check(isinstance(workers, int) and not isinstance(workers, bool) and workers >= 1,
-               "ray.num_workers", f"expected an int >= 1 or [min, max], got {workers!r}")
-    _check(cfg.ray.cpus_per_worker >= 1, "ray.cpus_per_worker", "must be >= 1")
-    _check(cfg.ray.max_failures >= -1, "ray.max_failures", "must be >= 0, or -1 for no limit")
-
-    d, m = cfg.data, cfg.model
-    _check(m.name in MODEL_NAMES, "model.name", f"{m.name!r} is not one of {', '.join(MODEL_NAMES)}")
-    _check(m.patch_size >= 1, "model.patch_size", "must be >= 1")
-    _check(m.tubelet_size >= 1, "model.tubelet_size", "must be >= 1")
-    _check(d.crop_size > 0 and d.crop_size % m.patch_size == 0, "data.crop_size",
-           f"{d.crop_size} is not a positive multiple of model.patch_size {m.patch_size}")
-    _check(d.frames_per_clip > 0 and d.frames_per_clip % m.tubelet_size == 0, "data.frames_per_clip",
-           f"{d.frames_per_clip} is not a positive multiple of model.tubelet_size {m.tubelet_size}")
-    _check(d.frame_step >= 1, "data.frame_step", "must be >= 1")
-    _check(d.fps is None or d.fps > 0, "data.fps", "must be > 0")
-    _check(d.clips_per_video >= 1, "data.clips_per_video", "must be >= 1")
-    _check(d.batch_size >= 1, "data.batch_size", "must be >= 1")
-    _check(not d.weights or len(d.weights) == len(d.paths), "data.weights",
-           f"has {len(d.weights)} entries for {len(d.paths)} data.paths")
-    _check(all(w >= 0 for w in d.weights) and (not d.weights or sum(d.weights) > 0), "data.weights",
-           "must be non-negative with a positive sum")
-    _check_range(d.random_resize_scale, "data.random_resize_scale", 0.0, 1.0)
-    _check_range(d.random_resize_aspect_ratio, "data.random_resize_aspect_ratio", 0.0, math.inf)
-    _check(d.decode_cpus > 0, "data.decode_cpus", "must be > 0")
-    _check(d.decode_concurrency >= 0, "data.decode_concurrency", "must be >= 0")
-    _check(d.chunk_size >= 1, "data.chunk_size", "must be >= 1")
-    _check(d.decode_timeout_s > 0, "data.decode_timeout_s", "must be > 0")
-    _check(m.pred_depth >= 1, "model.pred_depth", "must be >= 1")
-    _check(m.pred_embed_dim >= 1, "model.pred_embed_dim", "must be >= 1")
-    if m.pred_num_heads is not None:
-        _check(m.pred_num_heads >= 1 and m.pred_embed_dim % m.pred_num_heads == 0, "model.pred_num_heads",
-               f"{m.pred_num_heads} does not divide model.pred_embed_dim {m.pred_embed_dim}")
-
-    _check(len(cfg.mask) >= 1, "mask", "needs at least one mask config")
-    for i, mc in enumerate(cfg.mask):
-        _check(mc.num_blocks >= 1, f"mask.{i}.num_blocks", "must be >= 1")
-        _check_range(mc.spatial_scale, f"mask.{i}.spatial_scale", 0.0, 1.0)
-        _check_range(mc.temporal_scale, f"mask.{i}.temporal_scale", 0.0, 1.0)
-        _check_range(mc.aspect_ratio, f"mask.{i}.aspect_ratio", 0.0, math.inf)
-        _check(0.0 < mc.max_temporal_keep <= 1.0, f"mask.{i}.max_temporal_keep", "must be in (0, 1]")
-        _check(mc.max_keep is None or mc.max_keep >= 1, f"mask.{i}.max_keep", "must be >= 1")
-
-    o = cfg.optimization
-    _check(o.total_steps >= 1, "optimization.total_steps", "must be >= 1")
-    _check(0 <= o.warmup_steps <= o.total_steps, "optimization.warmup_steps",
-           f"{o.warmup_steps} is outside [0, optimization.total_steps]")
-    _check(o.schedule_scale >= 1.0, "optimization.schedule_scale", "must be >= 1")
-    for key in ("start_lr", "lr", "final_lr", "weight_decay", "final_weight_decay", "eps", "clip_grad"):
-        _check(getattr(o, key) >= 0, f"optimization.{key}", "must be >= 0")
-    _check_range(o.ema, "optimization.ema", 0.0, 1.0, low_open=False)
-    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optimization.betas",
-           f"expected two values in [0, 1), got {o.betas}")
-    _check(o.global_batch_size >= 0, "optimization.global_batch_size", "must be >= 0")
-
-    ds = cfg.deepspeed
-    _check(ds.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"{ds.zero_stage} is not one of 0, 1, 2, 3")
-    _check(ds.precision in PRECISIONS, "deepspeed.precision",
-           f"{ds.precision!r} is not one of {', '.join(PRECISIONS)}")
-    _check(cfg.checkpoint.every_steps >= 1, "checkpoint.every_steps", "must be >= 1")
-    _check(cfg.checkpoint.num_to_keep >= 1, "checkpoint.num_to_keep", "must be >= 1")
-    _check(cfg.logging.every_steps >= 1, "logging.every_steps", "must be >= 1")
-
-    p = cfg.probe
-    _check(len(p.lr) >= 1 and all(x > 0 for x in p.lr), "probe.lr", "needs one or more values > 0")
-    _check(len(p.weight_decay) >= 1 and all(x >= 0 for x in p.weight_decay), "probe.weight_decay",
-           "needs one or more values >= 0")
-    _check(p.epochs >= 1, "probe.epochs", "must be >= 1")
-    _check(0.0 < p.label_fraction <= 1.0, "probe.label_fraction", "must be in (0, 1]")
-    _check(p.num_segments >= 1, "probe.num_segments", "must be >= 1")
-    _check(p.num_views >= 1, "probe.num_views", "must be >= 1")
-    _check(p.num_blocks >= 1, "probe.num_blocks", "must be >= 1")
-    _check(p.num_classes >= 0, "probe.num_classes", "must be >= 0 (0 = from the manifests)")
-    _check(p.num_heads >= 0, "probe.num_heads", "must be >= 0 (0 = the encoder's)")
-    _check(p.finetune_lr_scale > 0, "probe.finetune_lr_scale", "must be > 0")
-    _check(0 < p.layer_decay <= 1, "probe.layer_decay", "must be in (0, 1]")
-
-    t = cfg.tune
-    _check(t.num_samples >= 1, "tune.num_samples", "must be >= 1")
-    _check(t.max_concurrent_trials >= 0, "tune.max_concurrent_trials", "must be >= 0 (0 = from the cluster)")
-    _check(t.grace_period >= 0, "tune.grace_period", "must be >= 0 (0 = no early stopping)")
-    _check(t.reduction_factor > 1, "tune.reduction_factor", "must be > 1")
-    _check(all(0 < r < 1 for r in t.mask_ratio), "tune.mask_ratio", f"values must be in (0, 1), got {t.mask_ratio}")
-    _check(all(x > 0 for x in t.lr), "tune.lr", f"values must be > 0, got {t.lr}")
-    for i, ema in enumerate(t.ema):
-        _check_range(ema, f"tune.ema.{i}", 0.0, 1.0, low_open=False)
-    _check(all(x > 0 for x in t.probe_lr), "tune.probe_lr", f"values must be > 0, got {t.probe_lr}")
-    _check(all(x >= 0 for x in t.probe_weight_decay), "tune.probe_weight_decay",
-           f"values must be >= 0, got {t.probe_weight_decay}")
-    for key, values in t.space.items():
-        _check(isinstance(values, list) and len(values) >= 1, f"tune.space.{key}",
-               f"expected a list of values, got {values!r}")
-    _check(t.max_failures >= -1, "tune.max_failures", "must be >= 0, or -1 for no limit")
-    _check(t.driver_cpus >= 0, "tune.driver_cpus", "must be >= 0")
-    _check(t.synthetic_probe_videos >= 0, "tune.synthetic_probe_videos", "must be >= 0")
-
-
 def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
@@ -410,73 +457,5 @@ def to_dict(cfg: Config) -> dict:
 def from_dict(data: dict) -> Config:
     """Rebuilds a Config from `to_dict` output (as it travels to Ray workers or sits in a checkpoint)."""
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(data)))
-    validate(cfg)
+    cfg.validate()
     return cfg
-
-
-class OneLineArgumentParser(argparse.ArgumentParser):
-    """Bad arguments end the command like a bad config does: one line on stderr, exit 2, no usage dump."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
-def build_arg_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    """The shared command line: ``--config FILE`` and ``section.key=value`` overrides."""
-    parser = OneLineArgumentParser(
-        prog=prog,
-        description=description,
-        epilog="Config sections: " + ", ".join(SECTIONS)
-        + ". Override any key as section.key=value (lists as key=[a,b], mask configs as mask.0.num_blocks=4).",
-    )
-    parser.add_argument("--config", metavar="FILE", default=None,
-                        help="YAML config (default: the built-in local demo)")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="dot-list overrides")
-    return parser
-
-
-def parse_cli(prog: str, description: str, argv: list[str] | None = None, default_config: str = "local_demo",
-              check: Callable[[Config], None] | None = None) -> tuple[Config, argparse.Namespace]:
-    """Parses a command line into a validated Config; on a bad config prints one line and exits 2.
-
-    ``check`` is the command's own validation beyond the schema (raising ConfigError). With ``--dry-run``
-    the resolved config is printed and the command exits 0 without starting anything.
-    """
-    parser = build_arg_parser(prog, description)
-    parser.add_argument("--dry-run", action="store_true",
-                        help="validate the config, print it resolved and exit (nothing starts)")
-    args = parser.parse_args(argv)
-    path = args.config if args.config is not None else builtin_config_path(default_config)
-    try:
-        cfg = load_config(path, args.overrides)
-        if check is not None:
-            check(cfg)
-    except ConfigError as err:
-        exit_on_config_error(prog, err)
-    if args.dry_run:
-        print(to_yaml(cfg), end="")
-        print(f"# {prog}: config ok", file=sys.stderr)
-        raise SystemExit(0)
-    return cfg, args
-
-
-def exit_on_config_error(prog: str, err: ConfigError) -> None:
-    """One line on stderr, exit 2: how every command reports a config it cannot run."""
-    print(f"{prog}: config error: {err}", file=sys.stderr)
-    raise SystemExit(2)
-
-
-def run_command(prog: str, description: str, argv: list[str] | None, check: Callable[[Config], None],
-                run: Callable[[Config], Any]) -> Any:
-    """The life of a Ray command (pretrain, evaluate, tune): parse and check the config, log at INFO, run.
-
-    A ConfigError that ``run`` raises (something only found once running, e.g. a manifest without labels)
-    ends the command as one found at parsing does: one line, exit 2.
-    """
-    cfg, _ = parse_cli(prog, description, argv, check=check)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    try:
-        return run(cfg)
-    except ConfigError as err:
-        exit_on_config_error(prog, err)

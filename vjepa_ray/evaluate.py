@@ -33,7 +33,8 @@ import torch
 import torch.distributed as dist
 
 from vjepa_ray import cluster
-from vjepa_ray.config import Config, ConfigError, from_dict, run_command, to_dict
+from vjepa_ray.cli import run_command
+from vjepa_ray.config import Config, ConfigError, from_dict, to_dict
 from vjepa_ray.data.sources import VideoRef, list_videos
 from vjepa_ray.eval.features import encode_views
 from vjepa_ray.eval.labels import stratified_subset

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from vjepa_ray.config import (Config, ConfigError, OneLineArgumentParser, build_arg_parser, builtin_config_path,
-                              exit_on_config_error, load_config)
+from vjepa_ray.cli import OneLineArgumentParser, build_arg_parser, exit_on_config_error
+from vjepa_ray.config import Config, ConfigError, builtin_config_path, load_config
 from vjepa_ray.models import build_models
 from vjepa_ray.models.pretrained import (MODEL_KEYS, StateDict, build_empty, load_state_checked,
                                          official_checkpoint, read_checkpoint, state_from_checkpoint)

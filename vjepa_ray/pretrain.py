@@ -18,7 +18,8 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from vjepa_ray import cluster
-from vjepa_ray.config import Config, ConfigError, run_command, to_dict
+from vjepa_ray.cli import run_command
+from vjepa_ray.config import Config, ConfigError, to_dict
 from vjepa_ray.train.elastic import check_elastic_batch, global_batch_size, worker_range
 from vjepa_ray.train.loop import StreamFactory, train_func
 from vjepa_ray.worker_env import MALLOC_ENV

@@ -28,7 +28,8 @@ import pyarrow.fs as pafs
 from ray.tune import Callback
 
 from vjepa_ray import cluster, pretrain
-from vjepa_ray.config import Config, ConfigError, from_dict, run_command, to_dict
+from vjepa_ray.cli import run_command
+from vjepa_ray.config import Config, ConfigError, from_dict, to_dict
 from vjepa_ray.sweep import results as tables
 from vjepa_ray.sweep.mask_ratio import masked_fraction
 from vjepa_ray.sweep.space import check_axes, sweep_axes, token_grid, trial_config

@@ -30,10 +30,10 @@ from typing import Iterator
 import torch
 
 from vjepa_ray import jepa, optim, schedules
-from vjepa_ray.config import MODEL_NAMES, load_config
+from vjepa_ray.config import load_config
 from vjepa_ray.ema import ema_update_
 from vjepa_ray.masks import MaskCollator
-from vjepa_ray.models import build_models
+from vjepa_ray.models import MODEL_SPECS, build_models
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ REFERENCE_GEMM_SIZE = 2048
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="vit_small", choices=MODEL_NAMES)
+    parser.add_argument("--model", default="vit_small", choices=MODEL_SPECS)
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--crop", type=int, default=128)
     parser.add_argument("--batch", type=int, default=2)

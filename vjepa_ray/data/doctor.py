@@ -28,7 +28,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from vjepa_ray.config import SECTIONS, ConfigError, builtin_config_path, exit_on_config_error, load_config
+from vjepa_ray.cli import exit_on_config_error
+from vjepa_ray.config import SECTIONS, ConfigError, builtin_config_path, load_config
 from vjepa_ray.data.sources import VIDEO_EXTENSIONS
 from vjepa_ray.video.decode import ClipSpec, VideoInfo, VideoSkip, decode_clips, verify_video
 
