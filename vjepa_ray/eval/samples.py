@@ -2,11 +2,13 @@
 
 Videos give ``num_segments`` clips spread over the video (the recipe's sampling); images become a
 static clip (the image repeated ``frames_per_clip`` times, as the reference evaluates images with a
-video model). Every entry honours the data config's limits (``data.max_file_bytes``, ``data.max_pixels``,
-...): a video through the decoder's own checks, an image through the same checks on its file size and on
-the size its header declares, before any pixel is decoded. Training examples get one random-resized-crop view (one box for all segments, and no
+video model). Training examples get one random-resized-crop view (one box for all segments, and no
 flip: a mirrored clip can change the label, e.g. the direction of motion); evaluation examples get
 ``num_views`` spatial views of every segment.
+
+Every entry honours the data config's limits (``data.max_file_bytes``, ``data.max_pixels``, ...): a video
+through the decoder's own checks, an image through the same checks on its file size and on the size its
+header declares, before any pixel is decoded.
 """
 
 from __future__ import annotations
