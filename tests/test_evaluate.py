@@ -15,6 +15,7 @@ from vjepa_ray.config import ConfigError, load_config
 from vjepa_ray.models import build_models
 from vjepa_ray.models.pretrained import official_checkpoint
 from vjepa_ray.video.labelled_synthetic import make_labelled_motion_videos
+from vjepa_ray.video.synthetic import moving_pattern, write_video
 
 FRAMES, CROP = 4, 32
 
@@ -111,6 +112,25 @@ def test_label_fraction_trains_on_a_stratified_subset(tmp_path, checkpoint, imag
                                            "probe.label_fraction=0.25"))
     results = evaluate.evaluate(cfg).results
     assert results["train_examples"] == 4 and results["train_examples_full"] == 16
+
+
+def test_entries_over_the_data_limits_are_skipped_and_counted(tmp_path, checkpoint):
+    """data.max_pixels holds in evaluation too, for images as for videos: the 40x48 images load, the
+    64x64 image and video are skipped, each time one is met (two in the training epoch, one in validation)."""
+    small = [tmp_path / f"small_{i}.png" for i in range(3)]
+    for i, path in enumerate(small):
+        write_image(path, np.full((40, 48, 3), 60 * i, dtype=np.uint8))
+    big_image, big_video = tmp_path / "big.png", tmp_path / "big.mp4"
+    write_image(big_image, np.zeros((64, 64, 3), dtype=np.uint8))
+    write_video(big_video, moving_pattern(8, 64, 64, np.random.default_rng(0)), codec="mpeg4")
+    train, val = tmp_path / "train.txt", tmp_path / "val.txt"
+    train.write_text(f"{small[0]} 0\n{small[1]} 1\n{big_image} 0\n{big_video} 1\n")
+    val.write_text(f"{small[2]} 0\n{big_video} 1\n")
+    cfg = load_config(None, tiny_overrides(tmp_path, checkpoint, train, val, "probe.epochs=1",
+                                           f"data.max_pixels={40 * 48}"))
+    results = evaluate.evaluate(cfg).results
+    assert results["skipped"] == {"too_large_pixels": 3}
+    assert results["train_examples"] == 4 and results["val_examples"] == 1
 
 
 def test_config_mistakes_name_the_key(tmp_path, checkpoint, image_manifests, capsys):

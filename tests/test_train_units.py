@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import random
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -11,6 +13,7 @@ from torch import nn
 from vjepa_ray import optim
 from vjepa_ray.config import ConfigError, load_config
 from vjepa_ray.train import engine as eng
+from vjepa_ray.train.checkpoint import rng_state, set_rng_state
 from vjepa_ray.train.ema import SHARD_DIR, TargetEncoder
 from vjepa_ray.train.elastic import check_elastic_batch, plan_batch
 from vjepa_ray.train.metrics import IntervalMeter, TensorBoardCallback, collapse_warning
@@ -175,3 +178,18 @@ def test_tensorboard_callback_writes_scalars(tmp_path):
     events = EventAccumulator(str(tmp_path))
     events.Reload()
     assert [(e.step, round(e.value, 3)) for e in events.Scalars("train/loss")] == [(1, 0.9), (2, 0.7)]
+
+
+def _draws() -> tuple[list[float], list[float], list[float]]:
+    return torch.rand(4).tolist(), np.random.standard_normal(3).tolist(), [random.gauss(0, 1) for _ in range(3)]
+
+
+def test_rng_file_loads_weights_only_and_restores_every_generator_exactly(tmp_path):
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    _draws()  # leaves a cached Gaussian in numpy and in python, which the state must carry too
+    path = tmp_path / "rank_00000.pt"
+    torch.save(rng_state(), path)
+    first = _draws()
+    set_rng_state(torch.load(path, map_location="cpu", weights_only=True))
+    assert _draws() == first
+    assert _draws() != first

@@ -39,13 +39,13 @@ from vjepa_ray.data.sources import VideoRef, list_videos
 from vjepa_ray.eval.features import encode_views
 from vjepa_ray.eval.labels import stratified_subset
 from vjepa_ray.eval.probes import ProbeBank, cosine_lr, grid_specs
-from vjepa_ray.eval.samples import SampleSpec, load_example
+from vjepa_ray.eval.samples import SampleSpec, load_example, sample_spec
 from vjepa_ray.models.pretrained import encoder_from_state, read_checkpoint, state_from_checkpoint
 from vjepa_ray.models.probe import AttentiveClassifier
 from vjepa_ray.models.vit import VisionTransformer
 from vjepa_ray.optim import decays
 from vjepa_ray.train.checkpoint import checkpoint_folder, read_model_weights
-from vjepa_ray.video.decode import ClipSpec, VideoSkip
+from vjepa_ray.video.decode import VideoSkip
 from vjepa_ray.worker_env import MALLOC_ENV
 
 PROG = "python -m vjepa_ray.evaluate"
@@ -183,11 +183,7 @@ def evaluate(cfg: Config, rank: int = 0, world_size: int = 1) -> ProbeRun:
 
     encoder = load_encoder(cfg).to(device)
     encoder.requires_grad_(p.finetune)
-    spec = SampleSpec(ClipSpec(frames_per_clip=cfg.data.frames_per_clip, frame_step=cfg.data.frame_step,
-                               fps=cfg.data.fps, clips_per_video=p.num_segments,
-                               decode_timeout_s=cfg.data.decode_timeout_s),
-                      cfg.data.crop_size, p.num_views, tuple(cfg.data.random_resize_scale),
-                      tuple(cfg.data.random_resize_aspect_ratio))
+    spec = sample_spec(cfg)
     examples = _Examples(spec, cfg.meta.seed)
     positions = _shard(len(train_refs), rank, world_size)
     steps_per_epoch = math.ceil(len(positions) / p.batch_size)

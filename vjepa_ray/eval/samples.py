@@ -5,6 +5,10 @@ static clip (the image repeated ``frames_per_clip`` times, as the reference eval
 video model). Training examples get one random-resized-crop view (one box for all segments, and no
 flip: a mirrored clip can change the label, e.g. the direction of motion); evaluation examples get
 ``num_views`` spatial views of every segment.
+
+Every entry honours the data config's limits (``data.max_file_bytes``, ``data.max_pixels``, ...): a video
+through the decoder's own checks, an image through the same checks on its file size and on the size its
+header declares, before any pixel is decoded.
 """
 
 from __future__ import annotations
@@ -12,11 +16,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-import av
 import numpy as np
+from PIL import Image
 
+from vjepa_ray.config import Config
 from vjepa_ray.data.sources import VideoRef, open_video
-from vjepa_ray.video.decode import ClipSpec, VideoSkip, decode_clips
+from vjepa_ray.video.decode import ClipSpec, VideoSkip, VideoSource, check_file_size, check_frame_size, decode_clips
 from vjepa_ray.video.transforms import random_resized_crop_clip, spatial_views
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
@@ -31,20 +36,35 @@ class SampleSpec:
     train_ratio: tuple[float, float]
 
 
+def sample_spec(cfg: Config) -> SampleSpec:
+    """What evaluation takes from each manifest entry: ``probe.num_segments`` clips shaped and limited by
+    ``cfg.data`` as in training, and ``probe.num_views`` views."""
+    # One decoder thread: entries are decoded inside the probe worker, not in data.decode_cpus-sized tasks.
+    clip = ClipSpec.from_config(cfg.data, clips_per_video=cfg.probe.num_segments, decode_threads=1)
+    return SampleSpec(clip, cfg.data.crop_size, cfg.probe.num_views, tuple(cfg.data.random_resize_scale),
+                      tuple(cfg.data.random_resize_aspect_ratio))
+
+
 def is_image(ref: VideoRef) -> bool:
     name = ref.member or ref.uri.split("?", 1)[0]
     return PurePosixPath(name).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def decode_image(source) -> np.ndarray:
-    """An image file (path or binary stream) as uint8 [H, W, 3], decoded with PyAV; raises VideoSkip."""
+def decode_image(source: VideoSource, spec: ClipSpec) -> np.ndarray:
+    """An image file (path or binary stream) as uint8 [H, W, 3]; raises VideoSkip.
+
+    The file size and the header's width x height are checked against ``spec`` first. Pillow reads the
+    header alone on opening (PyAV's probe would decode a PNG whole), so an oversized image is never decoded.
+    """
+    check_file_size(source, spec)
     try:
-        with av.open(source) as container:
-            for frame in container.decode(video=0):
-                return frame.to_ndarray(format="rgb24")
-    except (av.error.FFmpegError, OSError, ValueError) as err:
+        with Image.open(source) as image:
+            check_frame_size(*image.size, spec)
+            return np.asarray(image.convert("RGB"))
+    except Image.DecompressionBombError as err:  # Pillow's own limit, when data.max_pixels is set above it
+        raise VideoSkip("too_large_pixels", str(err)) from None
+    except (OSError, ValueError, EOFError) as err:
         raise VideoSkip("corrupt", f"image does not decode: {err}") from None
-    raise VideoSkip("empty", "image holds no frame")
 
 
 def load_segments(ref: VideoRef, spec: SampleSpec, rng: np.random.Generator) -> np.ndarray:
@@ -55,7 +75,7 @@ def load_segments(ref: VideoRef, spec: SampleSpec, rng: np.random.Generator) -> 
     """
     with open_video(ref) as source:
         if is_image(ref):
-            image = decode_image(source)
+            image = decode_image(source, spec.clip)
             shape = (spec.clip.clips_per_video, spec.clip.frames_per_clip, *image.shape)
             return np.broadcast_to(image, shape).copy()
         return decode_clips(source, spec.clip, rng).clips

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 from collections.abc import Mapping
 from typing import Any, Callable, TypeVar
 
@@ -77,17 +78,35 @@ def official_checkpoint(encoder: StateDict, predictor: StateDict, target_encoder
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """``torch.load`` of a checkpoint dict on the CPU (tensors and plain data only)."""
+    """``torch.load`` of a checkpoint dict on the CPU, unpickling only what weights files hold.
+
+    Downloaded files are untrusted: ``weights_only=True`` rebuilds tensors, numbers, strings and
+    containers of them (what Meta's released checkpoints and probes hold: state dicts, optimizer and
+    scaler states, counters) and refuses any other object before constructing it, so nothing in a
+    hostile file runs. A refused file raises a ValueError that says so.
+    """
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
-    except Exception as err:  # torch.load fails on a foreign file with whatever its unpickler hit
+    except pickle.UnpicklingError as err:  # torch's weights-only unpickler refused an object or opcode
+        raise ValueError(f"{path}: refused to load: it holds objects outside what weights files hold (tensors, "
+                         f"numbers, strings and containers of them); nothing in it was run "
+                         f"({_refusal_reason(err)})") from err
+    except Exception as err:  # torch.load fails on a foreign file with whatever its reader hit
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"{path}: not a readable torch checkpoint ({first})") from err
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path}: expected a dict checkpoint, got {type(checkpoint).__name__}")
     return checkpoint
+
+
+def _refusal_reason(err: pickle.UnpicklingError) -> str:
+    """The weights-only unpickler's own complaint (e.g. ``Unsupported global: GLOBAL os.system ...``), without
+    torch's advice around it, which suggests ``weights_only=False``: exactly what must not be done here."""
+    _, marker, detail = str(err).partition("WeightsUnpickler error:")
+    lines = [line.strip() for line in detail.splitlines() if line.strip()] if marker else []
+    return lines[0].split(". ")[0] if lines else type(err).__name__
 
 
 def state_from_checkpoint(checkpoint: Mapping[str, Any], key: str,

@@ -15,12 +15,14 @@ the cross-attention, as in V-JEPA 2's 4-block probes.
 from __future__ import annotations
 
 import math
+import os
 from typing import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vjepa_ray.models.pretrained import read_checkpoint
 from vjepa_ray.models.vit import LAYER_NORM_EPS, MLP, Block
 
 _INIT_STD = 0.02
@@ -135,14 +137,17 @@ def official_probe_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, to
     return out
 
 
-def load_official_probe(model: AttentiveClassifier, checkpoint: Mapping | str, key: str = "classifier") -> None:
+def load_official_probe(model: AttentiveClassifier, checkpoint: Mapping | str | os.PathLike,
+                        key: str = "classifier") -> None:
     """Loads Meta's released probe weights (a checkpoint file or dict holding `key`, or a bare state dict).
 
-    Raises ValueError naming the missing/unexpected keys when the layouts disagree.
+    A file is read with :func:`~vjepa_ray.models.pretrained.read_checkpoint`, which refuses (ValueError) a
+    file holding anything but weights-file contents without running any of it. Raises ValueError naming the
+    missing/unexpected keys when the layouts disagree.
     """
-    if isinstance(checkpoint, str):
-        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    state = checkpoint.get(key, checkpoint) if isinstance(checkpoint, Mapping) else checkpoint
+    if not isinstance(checkpoint, Mapping):
+        checkpoint = read_checkpoint(checkpoint)
+    state = checkpoint.get(key, checkpoint)
     if isinstance(state, list):  # V-JEPA 2 saves a list of classifiers; the first is the one to load
         state = state[0]
     result = model.load_state_dict(official_probe_state_dict(state), strict=False)

@@ -72,13 +72,21 @@ def read_train_state(folder: str | Path) -> TrainState:
 
 
 def rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+    """This process's torch, numpy, python (and CUDA) RNG states as tensors and plain Python values, so an
+    ``rng/rank_*.pt`` file loads with ``torch.load(..., weights_only=True)``."""
+    numpy_state = np.random.get_state(legacy=False)
+    # The Mersenne Twister's uint32 key as an int64 tensor: numpy arrays would need the full unpickler.
+    numpy_state["state"]["key"] = torch.from_numpy(numpy_state["state"]["key"].astype(np.int64))
+    return {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restores what ``rng_state`` returned, exactly."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    numpy_state = dict(state["numpy"])
+    numpy_state["state"] = {**numpy_state["state"], "key": numpy_state["state"]["key"].numpy().astype(np.uint32)}
+    np.random.set_state(numpy_state)
     random.setstate(state["python"])
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -141,7 +149,7 @@ def restore(folder: str | Path, engine, target: TargetEncoder, rank: int,
     target.load(folder)
     rng_file = folder / "rng" / f"rank_{rank:05d}.pt"
     if rng_file.exists():
-        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
+        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
     return read_train_state(folder)
 
 

@@ -25,18 +25,22 @@ single frame's work small, and a process-level bound (cancelling the Ray task) i
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import io
 import logging
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator, Optional, Union
+from typing import TYPE_CHECKING, Any, BinaryIO, Iterator, Optional, Union
 
 import av
 import numpy as np
 
 from vjepa_ray.video.sampling import clip_indices, frame_step_for, is_short
+
+if TYPE_CHECKING:
+    from vjepa_ray.config import DataConfig
 
 logger = logging.getLogger(__name__)
 
@@ -107,9 +111,11 @@ class ClipSpec:
     decode_threads: int = 1
 
     @classmethod
-    def from_config(cls, data_cfg: Any) -> "ClipSpec":
-        """From a ``DataConfig`` (``cfg.data``)."""
-        return cls(
+    def from_config(cls, data_cfg: DataConfig, **overrides: Any) -> "ClipSpec":
+        """From a ``DataConfig`` (``cfg.data``), with ``overrides`` for the fields a caller samples
+        differently (e.g. evaluation's ``clips_per_video``). Every reader of videos builds its spec here, so
+        none can miss a limit."""
+        spec = cls(
             frames_per_clip=data_cfg.frames_per_clip,
             frame_step=data_cfg.frame_step,
             fps=data_cfg.fps,
@@ -121,6 +127,7 @@ class ClipSpec:
             decode_timeout_s=data_cfg.decode_timeout_s,
             decode_threads=max(1, round(data_cfg.decode_cpus)),
         )
+        return dataclasses.replace(spec, **overrides)
 
     def step_for(self, video_fps: float) -> int:
         """The frame step for a video of this frame rate (``frame_step`` unless ``fps`` is set)."""
@@ -195,6 +202,22 @@ def verify_video(source: VideoSource, spec: Optional[ClipSpec] = None) -> VideoI
         return video.info
 
 
+def check_file_size(source: VideoSource, spec: ClipSpec) -> None:
+    """Raises VideoSkip when ``source`` (from its current position) is missing, unreadable, empty or above
+    ``spec.max_file_bytes``; reads none of it."""
+    size = _source_size(source)
+    if size == 0:
+        raise VideoSkip("empty", "0 bytes")
+    if size > spec.max_file_bytes:
+        raise VideoSkip("too_large_bytes", f"{size} bytes > max_file_bytes {spec.max_file_bytes}")
+
+
+def check_frame_size(width: int, height: int, spec: ClipSpec) -> None:
+    """Raises VideoSkip when a frame (or image) of ``width`` x ``height`` is above ``spec.max_pixels``."""
+    if width * height > spec.max_pixels:
+        raise VideoSkip("too_large_pixels", f"{width}x{height} > max_pixels {spec.max_pixels}")
+
+
 class _Deadline:
     def __init__(self, seconds: float):
         self.seconds = seconds
@@ -217,11 +240,7 @@ class _Video:
         self.spec = spec
         self.deadline = _Deadline(spec.decode_timeout_s)
         self._source = source
-        self._size = _source_size(source)
-        if self._size == 0:
-            raise VideoSkip("empty", "0 bytes")
-        if self._size > spec.max_file_bytes:
-            raise VideoSkip("too_large_bytes", f"{self._size} bytes > max_file_bytes {spec.max_file_bytes}")
+        check_file_size(source, spec)
         self._start_offset = source.tell() if _is_file_object(source) else 0
         self.container: Optional[av.container.InputContainer] = None
         self.frames_decoded = 0
@@ -255,8 +274,7 @@ class _Video:
     def _index_packets(self) -> None:
         stream, spec = self.stream, self.spec
         width, height = stream.codec_context.width, stream.codec_context.height
-        if width * height > spec.max_pixels:
-            raise VideoSkip("too_large_pixels", f"{width}x{height} > max_pixels {spec.max_pixels}")
+        check_frame_size(width, height, spec)
         header_s = _header_duration_s(self.container, stream)
         if header_s is not None and header_s > spec.max_duration_s:
             raise VideoSkip("too_long", f"{header_s:.0f} s > max_duration_s {spec.max_duration_s}")
