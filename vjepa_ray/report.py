@@ -2,16 +2,22 @@
 
 Reads ``summary.json`` and the TensorBoard event files that training writes, prints a summary, and writes
 PNG plots into ``RUN_DIR/plots/``: loss (total and per mask config), learning rate, EMA momentum,
-throughput, data-wait share and the collapse monitor (spread of the target features).
+throughput, data-wait share and the collapse monitor (spread of the target features). ``RUN_DIR`` is a
+local folder or a URI (``vjepa_ray.runs``); the event files are read where training writes them while
+that folder is on this machine, else from the run folder's copy.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import io
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from vjepa_ray import runs
 
 PROG = "python -m vjepa_ray.report"
 TAG_PREFIX = "train/"
@@ -44,14 +50,20 @@ def read_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     series: dict[str, dict[int, float]] = {}
-    for events in sorted(logdir.rglob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime):
+    for events in sorted(logdir.rglob("events.out.tfevents.*"), key=_written_at):
         acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
         acc.Reload()
         for tag in acc.Tags()["scalars"]:
-            name = tag[len(TAG_PREFIX):] if tag.startswith(TAG_PREFIX) else tag
+            name = tag.removeprefix(TAG_PREFIX)
             for event in acc.Scalars(tag):
                 series.setdefault(name, {})[event.step] = event.value
     return {name: sorted(points.items()) for name, points in series.items()}
+
+
+def _written_at(events: Path) -> tuple[int, float]:
+    # The file name starts with its writer's creation time (events.out.tfevents.<seconds>.<host>...), which a
+    # copy keeps and its modification time does not; within a second, the modification time decides.
+    return int(events.name.split(".")[3]), events.stat().st_mtime
 
 
 def series_for(plot: Plot, scalars: dict[str, list]) -> list[str]:
@@ -65,14 +77,13 @@ def series_for(plot: Plot, scalars: dict[str, list]) -> list[str]:
     return names
 
 
-def write_plots(scalars: dict[str, list[tuple[int, float]]], out_dir: Path) -> list[Path]:
-    """One PNG per entry of PLOTS that has data; returns the files written."""
+def write_plots(scalars: dict[str, list[tuple[int, float]]], out_dir: str) -> list[str]:
+    """One PNG per entry of PLOTS that has data, into ``out_dir`` (a local folder or a URI); returns the files."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for plot in PLOTS:
         names = series_for(plot, scalars)
@@ -88,9 +99,11 @@ def write_plots(scalars: dict[str, list[tuple[int, float]]], out_dir: Path) -> l
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        path = out_dir / plot.filename
-        fig.savefig(path, dpi=100)
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=100)
         plt.close(fig)
+        path = runs.join(out_dir, plot.filename)
+        runs.write_bytes(path, png.getvalue())
         written.append(path)
     return written
 
@@ -109,24 +122,40 @@ def summary_lines(summary: dict, scalars: dict[str, list[tuple[int, float]]]) ->
     return lines
 
 
+@contextmanager
+def _event_files(run_dir: str, summary: dict) -> Iterator[Path | None]:
+    """A local folder with the run's event files: where training writes them, when that is on this machine,
+    else the run folder's ``tensorboard/`` (copied here when remote); None when there is neither."""
+    live = summary.get("tensorboard")
+    if live and Path(live).is_dir():
+        yield Path(live)
+        return
+    copy = runs.join(run_dir, runs.TENSORBOARD_DIR)
+    if not runs.exists(copy):
+        yield None
+        return
+    with runs.local_copy(copy) as folder:
+        yield folder
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="<ray.storage_path>/<meta.name> of a local run")
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="<ray.storage_path>/<meta.name>: a folder or a URI")
     parser.add_argument("--out", metavar="DIR", default=None, help="where the PNGs go (default RUN_DIR/plots)")
     args = parser.parse_args(argv)
-    run_dir = Path(args.run_dir).expanduser()
-    if not run_dir.is_dir():
+    run_dir = args.run_dir if runs.is_uri(args.run_dir) else str(Path(args.run_dir).expanduser())
+    if not runs.exists(run_dir):
         parser.exit(2, f"{PROG}: error: RUN_DIR: no such folder: {run_dir}\n")
-    summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    logdir = Path(summary.get("tensorboard") or run_dir / "tensorboard")
-    scalars = read_scalars(logdir) if logdir.is_dir() else {}
+    summary = runs.read_summary(run_dir) or {}
+    with _event_files(run_dir, summary) as logdir:
+        scalars = read_scalars(logdir) if logdir is not None else {}
     for line in summary_lines(summary, scalars):
         print(line)
     if not scalars:
-        print(f"no metrics found under {logdir}", file=sys.stderr)
+        where = summary.get("tensorboard") or runs.join(run_dir, runs.TENSORBOARD_DIR)
+        print(f"no metrics found under {where}", file=sys.stderr)
         return 1
-    for path in write_plots(scalars, Path(args.out) if args.out else run_dir / "plots"):
+    for path in write_plots(scalars, args.out or runs.join(run_dir, runs.PLOTS_DIR)):
         print(f"wrote {path}")
     return 0
 
