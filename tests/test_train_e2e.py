@@ -174,9 +174,10 @@ def test_zero2_killed_worker_resumes_from_checkpoint_and_ema_matches_reference(r
     # The run report plots this real run's series.
     from test_report import check_plots
     from vjepa_ray import report
+    from vjepa_ray.train.curves import read_scalars
 
     assert report.main([str(tmp_path / "zero2_kill")]) == 0
-    check_plots(tmp_path / "zero2_kill" / "plots", report.read_scalars(Path(summary["tensorboard"])))
+    check_plots(tmp_path / "zero2_kill" / "plots", read_scalars(Path(summary["tensorboard"])))
 
 
 def test_uneven_global_batch_split_over_3_workers_matches_reference(ray_local, tmp_path):

@@ -179,6 +179,23 @@ def local_copy(path: str) -> Iterator[Path]:
         yield Path(local)
 
 
+@contextmanager
+def tensorboard_files(folder: str) -> Iterator[Path | None]:
+    """A local folder with the run's event files: where training writes them, when that is on this machine
+    (``summary.json`` names it), else the run folder's ``tensorboard/`` (copied here when remote); None when
+    there is neither."""
+    live = (read_summary(folder) or {}).get("tensorboard")
+    if live and Path(live).is_dir():
+        yield Path(live)
+        return
+    copy = join(folder, TENSORBOARD_DIR)
+    if not exists(copy):
+        yield None
+        return
+    with local_copy(copy) as files:
+        yield files
+
+
 def upload(local_folder: str | Path, dest: str) -> None:
     """Copies a local folder's files into ``dest`` (a path or URI), replacing files of the same names."""
     fs, inner = filesystem(dest)
