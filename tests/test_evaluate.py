@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from vjepa_ray import evaluate, runs
-from vjepa_ray.eval import driver, loop
 from vjepa_ray.config import ConfigError, load_config
+from vjepa_ray.eval import driver, loop
 from vjepa_ray.models import build_models
 from vjepa_ray.models.pretrained import official_checkpoint
 from vjepa_ray.video.labelled_synthetic import make_labelled_motion_videos

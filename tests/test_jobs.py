@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vjepa_ray.train import driver
 from vjepa_ray.config import SECTIONS, load_config
+from vjepa_ray.train import driver
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 CONFIG_JOBS = sorted(p for p in JOBS.glob("*.yaml") if set(yaml.safe_load(p.read_text())) <= set(SECTIONS))

@@ -19,9 +19,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from vjepa_ray.config import load_config
 from vjepa_ray.sweep import driver as sweep
 from vjepa_ray.sweep.trial import trial_starts
-from vjepa_ray.config import load_config
 
 pytestmark = pytest.mark.slow
 

@@ -11,9 +11,9 @@ import pytest
 from vjepa_ray.config import ConfigError, MaskConfig, builtin_config_path, load_config
 from vjepa_ray.masks import MultiBlockMaskGenerator
 from vjepa_ray.sweep import results
+from vjepa_ray.sweep.driver import max_concurrent_trials
 from vjepa_ray.sweep.mask_ratio import masked_fraction, spatial_scale_for_ratio
 from vjepa_ray.sweep.space import MASK_RATIO, check_axes, sweep_axes, token_grid, trial_config
-from vjepa_ray.sweep.driver import max_concurrent_trials
 
 RECIPE_GRID = (8, 14, 14)  # 16 frames, tubelet 2, 224 px, patch 16
 
