@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+import uuid
 from pathlib import Path
 
 import pytest
@@ -10,19 +12,26 @@ import pytest
 SHARED_VIDEOS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "videos"
 
 
+def _start_local_ray():
+    import ray
+
+    # address="local": always a cluster of our own, never one a `ray start` left running on the machine.
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
+    return ray
+
+
 @pytest.fixture
 def ray_local():
     """A local Ray cluster shared by the whole session; started on first use.
 
-    Tests that need a multi-node ``ray.cluster_utils.Cluster`` use ``ray_multinode`` instead, which
-    shuts this one down first; the next ``ray_local`` user starts it again.
+    Tests that need a multi-node ``ray.cluster_utils.Cluster`` use ``ray_multinode`` instead, and tests on
+    S3 ``ray_s3``; both shut this one down first, and the next ``ray_local`` user starts it again.
     """
     import ray
 
     if not ray.is_initialized():
-        # address="local": always a cluster of our own, never one a `ray start` left running on the machine.
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
+        _start_local_ray()
     yield ray
 
 
@@ -40,6 +49,55 @@ def ray_multinode():
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def s3_endpoint():
+    """``host:port`` of moto's S3 server on loopback (access key and secret ``testing``)."""
+    pytest.importorskip("moto.server")
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint, monkeypatch) -> str:
+    """A fresh bucket on moto's server, as ``s3://<bucket>``; the AWS environment variables point every
+    client of this process (pyarrow, boto3) and of Ray clusters it starts from now on at that server."""
+    boto3 = pytest.importorskip("boto3")
+    for key, value in {"AWS_ENDPOINT_URL_S3": f"http://{s3_endpoint}", "AWS_ACCESS_KEY_ID": "testing",
+                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                       "AWS_EC2_METADATA_DISABLED": "true"}.items():
+        monkeypatch.setenv(key, value)
+    bucket = f"vjepa-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    return f"s3://{bucket}"
+
+
+@pytest.fixture
+def ray_s3(s3_bucket):
+    """A local Ray cluster started with ``s3_bucket``'s environment (its workers reach the bucket), shut
+    down after the test so that later tests get a cluster without it."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    try:
+        yield _start_local_ray()
+    finally:
+        ray.shutdown()
 
 
 @pytest.fixture

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from vjepa_ray import evaluate
+from vjepa_ray import evaluate, runs
 from vjepa_ray.config import ConfigError, load_config
+from vjepa_ray.eval import driver, loop
 from vjepa_ray.models import build_models
 from vjepa_ray.models.pretrained import official_checkpoint
 from vjepa_ray.video.labelled_synthetic import make_labelled_motion_videos
@@ -71,8 +72,8 @@ def image_manifests(tmp_path: Path) -> tuple[Path, Path]:
 def test_image_manifest_evaluates_end_to_end(tmp_path, checkpoint, image_manifests):
     cfg = load_config(None, tiny_overrides(tmp_path, checkpoint, *image_manifests, "probe.epochs=4",
                                            "probe.lr=[3e-3,1e-4]", "probe.weight_decay=[0.01]"))
-    before = {k: v.clone() for k, v in evaluate.load_encoder(cfg).state_dict().items()}
-    outcome = evaluate.evaluate(cfg)
+    before = {k: v.clone() for k, v in loop.load_encoder(cfg).state_dict().items()}
+    outcome = loop.evaluate(cfg)
     results = outcome.results
     assert results["num_classes"] == 2 and results["val_examples"] == 8 and results["train_examples"] == 16
     assert [p["lr"] for p in results["probes"]] == [3e-3, 1e-4]
@@ -87,8 +88,8 @@ def test_image_manifest_evaluates_end_to_end(tmp_path, checkpoint, image_manifes
 def test_finetuning_changes_the_encoder(tmp_path, checkpoint, image_manifests):
     cfg = load_config(None, tiny_overrides(tmp_path, checkpoint, *image_manifests, "probe.epochs=1",
                                            "probe.finetune=true", "probe.lr=[1e-3]"))
-    before = {k: v.clone() for k, v in evaluate.load_encoder(cfg).state_dict().items()}
-    after = evaluate.evaluate(cfg).encoder.state_dict()
+    before = {k: v.clone() for k, v in loop.load_encoder(cfg).state_dict().items()}
+    after = loop.evaluate(cfg).encoder.state_dict()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert "blocks.0.attn.qkv.weight" in changed and "norm.weight" in changed
     assert "pos_embed" not in changed  # the fixed table is no parameter
@@ -97,8 +98,8 @@ def test_finetuning_changes_the_encoder(tmp_path, checkpoint, image_manifests):
 def test_layer_decay_scales_lower_blocks_down(checkpoint, tmp_path):
     cfg = load_config(None, ["model.name=vit_tiny", f"data.frames_per_clip={FRAMES}", f"data.crop_size={CROP}",
                              f"probe.checkpoint={checkpoint}"])
-    encoder = evaluate.load_encoder(cfg)
-    groups = evaluate.layer_decay_groups(encoder, 1e-4, 0.05, layer_decay=0.5)
+    encoder = loop.load_encoder(cfg)
+    groups = loop.layer_decay_groups(encoder, 1e-4, 0.05, layer_decay=0.5)
     scale_of = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
     depth = len(encoder.blocks)
     assert scale_of[id(encoder.norm.weight)] == 1.0
@@ -110,7 +111,7 @@ def test_layer_decay_scales_lower_blocks_down(checkpoint, tmp_path):
 def test_label_fraction_trains_on_a_stratified_subset(tmp_path, checkpoint, image_manifests):
     cfg = load_config(None, tiny_overrides(tmp_path, checkpoint, *image_manifests, "probe.epochs=1",
                                            "probe.label_fraction=0.25"))
-    results = evaluate.evaluate(cfg).results
+    results = loop.evaluate(cfg).results
     assert results["train_examples"] == 4 and results["train_examples_full"] == 16
 
 
@@ -128,7 +129,7 @@ def test_entries_over_the_data_limits_are_skipped_and_counted(tmp_path, checkpoi
     val.write_text(f"{small[2]} 0\n{big_video} 1\n")
     cfg = load_config(None, tiny_overrides(tmp_path, checkpoint, train, val, "probe.epochs=1",
                                            f"data.max_pixels={40 * 48}"))
-    results = evaluate.evaluate(cfg).results
+    results = loop.evaluate(cfg).results
     assert results["skipped"] == {"too_large_pixels": 3}
     assert results["train_examples"] == 4 and results["val_examples"] == 1
 
@@ -136,11 +137,11 @@ def test_entries_over_the_data_limits_are_skipped_and_counted(tmp_path, checkpoi
 def test_config_mistakes_name_the_key(tmp_path, checkpoint, image_manifests, capsys):
     cfg = load_config(None, tiny_overrides(tmp_path, tmp_path / "missing.pt", *image_manifests))
     with pytest.raises(ConfigError, match="^probe.checkpoint"):
-        evaluate.run(cfg)
+        driver.run(cfg)
     cfg = load_config(None, tiny_overrides(tmp_path, checkpoint, *image_manifests, "probe.finetune=true",
                                            "probe.lr=[1e-3,1e-4]"))
     with pytest.raises(ConfigError, match="^probe.finetune"):
-        evaluate.check_runnable(cfg)
+        loop.check_runnable(cfg)
     with pytest.raises(SystemExit) as exit_info:
         evaluate.main(tiny_overrides(tmp_path, checkpoint, image_manifests[0], tmp_path / "none.txt"))
     assert exit_info.value.code == 2
@@ -158,7 +159,7 @@ def test_cli_on_ray_train_with_two_workers_on_motion_videos(tmp_path, checkpoint
                           "ray.num_workers=2", "probe.num_segments=2", "probe.num_views=2",
                           "probe.lr=[1e-3,1e-4]")
     assert evaluate.main(argv) == 0
-    written = json.loads((tmp_path / "runs" / "probe_test" / evaluate.RESULTS_FILE).read_text())
+    written = json.loads((tmp_path / "runs" / "probe_test" / runs.PROBE_RESULTS_FILE).read_text())
     assert written["world_size"] == 2 and len(written["probes"]) == 2
     assert written["val_examples"] == 4 and sum(written["skipped"].values()) == 1
     assert "best top-1" in capsys.readouterr().out

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vjepa_ray import pretrain
 from vjepa_ray.config import SECTIONS, load_config
+from vjepa_ray.train import driver
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 CONFIG_JOBS = sorted(p for p in JOBS.glob("*.yaml") if set(yaml.safe_load(p.read_text())) <= set(SECTIONS))
@@ -26,7 +26,7 @@ def test_job_config_validates(path):
     if path.name.endswith("_pretrain.yaml"):
         # What the schema cannot see, e.g. an elastic range that cannot hold the global batch; the recipes
         # leave data.paths to the command line.
-        pretrain.check_runnable(load_config(path, ["data.paths=[s3://bucket/k710.csv]"]))
+        driver.check_runnable(load_config(path, ["data.paths=[s3://bucket/k710.csv]"]))
 
 
 def test_benchmark_settings_file_parses():

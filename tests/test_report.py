@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 
-from vjepa_ray.report import PLOTS, read_scalars, series_for
+from vjepa_ray.train.curves import PLOTS, read_scalars, series_for
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

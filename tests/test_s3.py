@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import itertools
-import socket
 import tarfile
 
 import pytest
@@ -20,25 +19,6 @@ boto3 = pytest.importorskip("boto3")
 pafs = pytest.importorskip("pyarrow.fs")
 
 KEYS = {"access_key": "testing", "secret_key": "testing"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        server.stop()
 
 
 def test_clips_from_s3_equal_clips_from_a_local_folder(ray_local, s3_endpoint, tmp_path):

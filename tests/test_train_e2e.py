@@ -21,13 +21,14 @@ import psutil
 import pytest
 import torch
 
-from vjepa_ray import export, pretrain, schedules
+from vjepa_ray import export, schedules
 from vjepa_ray.config import Config, builtin_config_path, load_config
 from vjepa_ray.ema import ema_update_
 from vjepa_ray.jepa import normalize_clips
 from vjepa_ray.masks import MaskCollator
 from vjepa_ray.models import build_models
 from vjepa_ray.models.pretrained import strip_prefixes
+from vjepa_ray.train import driver
 from vjepa_ray.train.checkpoint import TRAIN_STATE
 from vjepa_ray.train.elastic import global_batch_size, plan_batch
 from vjepa_ray.optim import apply_schedules
@@ -110,7 +111,7 @@ def losses_from_tensorboard(folder: str) -> list[tuple[int, float]]:
 def run_in_background(cfg: Config) -> tuple[threading.Thread, list]:
     out: list = []
     thread = threading.Thread(target=lambda: out.append(
-        pretrain.run(cfg, stream_factory=SyntheticClipStream, verify_restore=True)), daemon=True)
+        driver.run(cfg, stream_factory=SyntheticClipStream, verify_restore=True)), daemon=True)
     thread.start()
     return thread, out
 
@@ -173,16 +174,17 @@ def test_zero2_killed_worker_resumes_from_checkpoint_and_ema_matches_reference(r
     # The run report plots this real run's series.
     from test_report import check_plots
     from vjepa_ray import report
+    from vjepa_ray.train.curves import read_scalars
 
     assert report.main([str(tmp_path / "zero2_kill")]) == 0
-    check_plots(tmp_path / "zero2_kill" / "plots", report.read_scalars(Path(summary["tensorboard"])))
+    check_plots(tmp_path / "zero2_kill" / "plots", read_scalars(Path(summary["tensorboard"])))
 
 
 def test_uneven_global_batch_split_over_3_workers_matches_reference(ray_local, tmp_path):
     # 10 clips over 3 workers: shares 4, 3, 3, each as 2 micro batches ([2, 2], [2, 1], [2, 1]).
     cfg = tiny_config(tmp_path, "uneven", "ray.num_workers=3", "optimization.global_batch_size=10",
                       "data.batch_size=2", "optimization.total_steps=3", "checkpoint.every_steps=3")
-    summary = pretrain.run(cfg, stream_factory=SyntheticClipStream)
+    summary = driver.run(cfg, stream_factory=SyntheticClipStream)
     assert summary["status"] == "finished" and summary["world_sizes"] == [3]
     metrics = json.loads((tmp_path / "uneven" / "summary.json").read_text())["metrics"]
     assert (metrics["global_batch"], metrics["micro_batch"], metrics["grad_accum"]) == (10, 2, 2)
@@ -194,7 +196,7 @@ def test_zero3_partitioned_ema_and_resharding_2_to_1_to_2(ray_local, tmp_path):
     name = "zero3"
     cfg = tiny_config(tmp_path, name, "deepspeed.zero_stage=3", "optimization.total_steps=4",
                       "logging.every_steps=1")
-    first = pretrain.run(cfg, stream_factory=SyntheticClipStream, verify_restore=True)
+    first = driver.run(cfg, stream_factory=SyntheticClipStream, verify_restore=True)
     assert first["status"] == "finished" and first["steps"] == 4
     # ZeRO-3: each rank saved its own partition of the target.
     assert len(list(Path(first["checkpoint"], "target_encoder").glob("shard_*_of_00002.pt"))) == 2
@@ -213,7 +215,7 @@ def test_zero3_partitioned_ema_and_resharding_2_to_1_to_2(ray_local, tmp_path):
             torch.testing.assert_close(got[param], value, rtol=1e-5, atol=2e-6, msg=f"{key}.{param}")
 
     # The same run continues on one worker (ZeRO-3 state resharded through a universal checkpoint) ...
-    second = pretrain.run(tiny_config(tmp_path, name, "deepspeed.zero_stage=3", "ray.num_workers=1",
+    second = driver.run(tiny_config(tmp_path, name, "deepspeed.zero_stage=3", "ray.num_workers=1",
                                       "optimization.global_batch_size=8", "optimization.total_steps=6"),
                           stream_factory=SyntheticClipStream, verify_restore=True)
     assert second["status"] == "finished" and second["steps"] == 6
@@ -223,7 +225,7 @@ def test_zero3_partitioned_ema_and_resharding_2_to_1_to_2(ray_local, tmp_path):
     assert (metrics["global_batch"], metrics["micro_batch"], metrics["grad_accum"]) == (8, 4, 2)
 
     # ... and back on two.
-    third = pretrain.run(tiny_config(tmp_path, name, "deepspeed.zero_stage=3", "optimization.total_steps=8"),
+    third = driver.run(tiny_config(tmp_path, name, "deepspeed.zero_stage=3", "optimization.total_steps=8"),
                          stream_factory=SyntheticClipStream, verify_restore=True)
     assert third["status"] == "finished" and third["starts"] == [{"world_size": 2, "step": 6}]
     resumed_digest_matches_saved(third, tmp_path, name)
@@ -271,7 +273,7 @@ def test_exception_in_step_restarts_then_fails_past_max_failures_with_checkpoint
     # Ray workers cannot import this test module: ship FailingStream by value.
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     cfg = tiny_config(tmp_path, "failing", "deepspeed.zero_stage=2", "ray.max_failures=1")
-    summary = pretrain.run(cfg, stream_factory=FailingStream)
+    summary = driver.run(cfg, stream_factory=FailingStream)
     assert summary["status"] == "failed" and "injected failure" in summary["error"]
     assert summary["restarts"] == 1 and [s["step"] for s in summary["starts"]] == [0, 4]
     assert summary["steps"] == 4 and summary["checkpoint"].endswith("step_00000004")

@@ -19,8 +19,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from vjepa_ray import tune
 from vjepa_ray.config import load_config
+from vjepa_ray.sweep import driver as sweep
+from vjepa_ray.sweep.trial import trial_starts
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +40,7 @@ def sweep_overrides(tmp: Path, name: str, *extra: str) -> list[str]:
 
 def test_four_trial_sweep_writes_table_best_and_plots(ray_local, tmp_path):
     cfg = load_config(REPO / "jobs" / "tune_demo.yaml", sweep_overrides(tmp_path, "sweep4"))
-    summary = tune.run(cfg)
+    summary = sweep.run(cfg)
 
     folder = tmp_path / "runs" / "sweep4"
     assert summary["folder"] == str(folder)
@@ -74,7 +75,7 @@ def test_four_trial_sweep_writes_table_best_and_plots(ray_local, tmp_path):
     for name in ("top1_vs_mask_ratio.png", "top1_vs_probe_lr.png"):
         data = (folder / name).read_bytes()
         assert data[:8] == PNG_SIGNATURE and 10_000 < len(data) < 2_000_000
-    assert tune.trial_starts(str(folder)) == {r["trial_id"]: 1 for r in rows}
+    assert trial_starts(str(folder)) == {r["trial_id"]: 1 for r in rows}
 
 
 def _ray_processes(temp_root: str) -> list[psutil.Process]:
@@ -146,7 +147,7 @@ def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(tmp_path)
     with open(folder / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 and all(r["status"] == "finished" for r in rows)
-    starts = tune.trial_starts(str(folder))
+    starts = trial_starts(str(folder))
     assert set(starts) == {r["trial_id"] for r in rows}
     # The trial that had finished ran once; the other started once or twice (killed mid-run, then rerun).
     (done,) = finished_before

@@ -11,9 +11,9 @@ import pytest
 from vjepa_ray.config import ConfigError, MaskConfig, builtin_config_path, load_config
 from vjepa_ray.masks import MultiBlockMaskGenerator
 from vjepa_ray.sweep import results
+from vjepa_ray.sweep.driver import max_concurrent_trials
 from vjepa_ray.sweep.mask_ratio import masked_fraction, spatial_scale_for_ratio
 from vjepa_ray.sweep.space import MASK_RATIO, check_axes, sweep_axes, token_grid, trial_config
-from vjepa_ray.tune import max_concurrent_trials
 
 RECIPE_GRID = (8, 14, 14)  # 16 frames, tubelet 2, 224 px, patch 16
 
@@ -152,7 +152,7 @@ def test_best_row_skips_unfinished_trials_and_breaks_ties_by_loss():
 
 
 def test_asha_compares_pretraining_loss_by_step_and_never_stops_a_trial_before_its_probe():
-    from vjepa_ray.tune import _scheduler
+    from vjepa_ray.sweep.driver import _scheduler
 
     assert _scheduler(demo("tune.grace_period=0")) is None
     asha = _scheduler(demo("tune.grace_period=50", "optimization.total_steps=300"))
@@ -161,7 +161,7 @@ def test_asha_compares_pretraining_loss_by_step_and_never_stops_a_trial_before_i
     # The last pretraining report (step 300) is below max_t: ASHA lets the trial go on to its probe.
     assert asha._max_t > 300
     # A rung judged at the last report would stop trials after all their pretraining, before their probe.
-    from vjepa_ray.tune import asha_rungs, check_runnable
+    from vjepa_ray.sweep.driver import asha_rungs, check_runnable
 
     short = ("optimization.total_steps=20", "optimization.warmup_steps=2", "logging.every_steps=5",
              "probe.train_manifest=train.txt", "probe.val_manifest=val.txt")
@@ -172,7 +172,7 @@ def test_asha_compares_pretraining_loss_by_step_and_never_stops_a_trial_before_i
         check_runnable(demo("tune.grace_period=8", *short))
     check_runnable(demo("tune.grace_period=10", "tune.reduction_factor=3", *short))
     # Tune refuses a result without the scheduler's metric and time: the trial's last one (its probe) too.
-    from vjepa_ray.tune import trial_result
+    from vjepa_ray.sweep.trial import trial_result
 
     last = trial_result({"steps": 300, "final_loss": 0.4, "checkpoint": "/runs/t/step_00000300"},
                         {"probes": [{"lr": 1e-3, "weight_decay": 0.01, "top1": 40.0},
@@ -182,9 +182,10 @@ def test_asha_compares_pretraining_loss_by_step_and_never_stops_a_trial_before_i
 
 
 def test_trial_pretrains_in_its_own_folder_of_the_sweep(tmp_path):
-    from vjepa_ray.tune import sweep_dir, trial_run_config
+    from vjepa_ray import runs
+    from vjepa_ray.sweep.trial import trial_run_config
 
     cfg = demo(f"ray.storage_path={tmp_path}", "meta.name=sweep", "tune.lr=[1e-3]")
     trial = trial_run_config(cfg, {"optimization.lr": 1e-3}, "abc_00001")
-    assert sweep_dir(cfg) == str(tmp_path / "sweep")
+    assert runs.run_dir(cfg) == str(tmp_path / "sweep")
     assert (trial.ray.storage_path, trial.meta.name) == (str(tmp_path / "sweep" / "pretrain"), "abc_00001")

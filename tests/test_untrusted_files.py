@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vjepa_ray import evaluate
+from vjepa_ray.eval import loop
 from vjepa_ray.config import ConfigError, builtin_config_path, load_config
 from vjepa_ray.export import main as export_main
 from vjepa_ray.models import build_models, load_pretrained, load_pretrained_predictor
@@ -66,7 +66,7 @@ LOADERS: dict[str, Callable[[Path, Path], object]] = {
     "load_pretrained": lambda path, _: load_pretrained(path, "vit_tiny", FRAMES, CROP),
     "load_pretrained_predictor": lambda path, _: load_pretrained_predictor(path, "vit_tiny", FRAMES, CROP),
     "load_official_probe": lambda path, _: load_official_probe(tiny_probe(), path),
-    "evaluate_probe_checkpoint": lambda path, tmp: evaluate.load_encoder(probe_config(tmp, path)),
+    "evaluate_probe_checkpoint": lambda path, tmp: loop.load_encoder(probe_config(tmp, path)),
 }
 
 
@@ -114,7 +114,7 @@ def test_a_genuine_release_file_with_optimizer_and_scaler_state_still_loads(tmp_
     assert all(torch.equal(v, encoder.state_dict()[k]) for k, v in loaded.state_dict().items())
     loaded_predictor = load_pretrained_predictor(path, "vit_tiny", FRAMES, CROP)
     assert all(torch.equal(v, predictor.state_dict()[k]) for k, v in loaded_predictor.state_dict().items())
-    assert evaluate.load_encoder(probe_config(tmp_path, path)).state_dict().keys() == encoder.state_dict().keys()
+    assert loop.load_encoder(probe_config(tmp_path, path)).state_dict().keys() == encoder.state_dict().keys()
     assert export_main(["from-official", "--input", str(path), "--output", str(tmp_path / "ours.pt"), *TINY]) == 0
 
     probe = tiny_probe()

@@ -3,9 +3,10 @@
     python -m vjepa_ray.export to-official --input RUN_FOLDER --output OFFICIAL.pt [--config FILE] [key=value ...]
     python -m vjepa_ray.export from-official --input OFFICIAL.pt --output OURS.pt [--config FILE] [key=value ...]
 
-``--input`` of ``to-official`` is a run folder (its latest checkpoint), one ``step_*`` checkpoint
-folder, or a file ``from-official`` wrote. The config (model.*, data.frames_per_clip, data.crop_size, the
-mask list; for a run folder by default the run's own) says which models the weights belong to; both directions load them strictly into those models before writing, so a file
+``--input`` of ``to-official`` is a run folder (its checkpoint) or one ``step_*`` checkpoint folder, local
+or a URI such as ``s3://bucket/runs/demo``, or a file ``from-official`` wrote. The config (model.*,
+data.frames_per_clip, data.crop_size, the mask list; for a run folder by default the run's own) says which
+models the weights belong to; both directions load them strictly into those models before writing, so a file
 that does not fit fails here, listing the keys, rather than in whoever reads it next.
 """
 
@@ -15,27 +16,36 @@ import argparse
 import copy
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from vjepa_ray import runs
 from vjepa_ray.cli import OneLineArgumentParser, build_arg_parser, exit_on_config_error
 from vjepa_ray.config import Config, ConfigError, builtin_config_path, load_config
 from vjepa_ray.models import build_models
-from vjepa_ray.models.pretrained import (MODEL_KEYS, StateDict, build_empty, load_state_checked,
-                                         official_checkpoint, read_checkpoint, state_from_checkpoint)
-from vjepa_ray.train.checkpoint import CONFIG_FILE, checkpoint_folder, read_model_weights
+from vjepa_ray.models.pretrained import (
+    MODEL_KEYS,
+    StateDict,
+    build_empty,
+    load_state_checked,
+    official_checkpoint,
+    read_checkpoint,
+    state_from_checkpoint,
+)
+from vjepa_ray.train.checkpoint import CONFIG_FILE, read_model_weights
 
 PROG = "python -m vjepa_ray.export"
 
 
 def read_training_weights(path: str | os.PathLike) -> dict[str, dict[str, torch.Tensor]]:
-    """The encoder, predictor and target-encoder state dicts of our weights: a run folder or one of its
+    """The encoder, predictor and target-encoder state dicts of our weights: a local run folder or one of its
     training checkpoints (``step_*``), or a file ``from-official`` wrote
     (``{"encoder": sd, "predictor": sd, "target_encoder": sd}``)."""
     if Path(path).is_dir():
-        return read_model_weights(checkpoint_folder(path))
+        return read_model_weights(runs.find_checkpoint(str(path)))
     checkpoint = read_checkpoint(path)
     return {key: state_from_checkpoint(checkpoint, key, str(path)) for key in MODEL_KEYS}
 
@@ -76,37 +86,47 @@ def build_parser() -> argparse.ArgumentParser:
         # The config parser's own -h comes along as a parent, hence add_help=False.
         sub = commands.add_parser(name, help=text, description=text, add_help=False,
                                   parents=[build_arg_parser(f"{PROG} {name}", text)])
-        sub.add_argument("--input", required=True, type=Path,
-                         help="file to read (to-official: also a run folder or a step_* checkpoint folder)")
+        sub.add_argument("--input", required=True,
+                         help="file to read (to-official: also a run folder or a step_* checkpoint folder, "
+                         "local or a URI)")
         sub.add_argument("--output", required=True, type=Path, help="file to write")
     return parser
+
+
+@contextmanager
+def _local_input(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Iterator[tuple[Path, Path | None]]:
+    """``--input`` as a local path, and the config file of the run it comes from (None for a weights file).
+    A run's checkpoint on remote storage is copied here while the command runs."""
+    source = args.input
+    if args.direction == "to-official" and (runs.is_uri(source) or Path(source).is_dir()):
+        try:
+            checkpoint = runs.find_checkpoint(source)
+        except FileNotFoundError as err:
+            parser.error(f"--input: {err}")
+        with runs.local_copy(checkpoint) as folder:
+            yield folder, folder / CONFIG_FILE  # the run's own models
+        return
+    if not Path(source).is_file():
+        parser.error(f"--input: no such file: {source}")
+    yield Path(source), None
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     prog = f"{PROG} {args.direction}"
-    run_weights = args.direction == "to-official" and args.input.is_dir()
-    if not (args.input.is_file() or run_weights):
-        parser.error(f"--input: no such file: {args.input}")
-    config_path = args.config
-    if config_path is None and run_weights:
+    with _local_input(parser, args) as (source, run_config):
         try:
-            config_path = checkpoint_folder(args.input) / CONFIG_FILE  # the run's own models
-        except FileNotFoundError as err:
-            parser.error(f"--input: {err}")
-    config_path = config_path or builtin_config_path("local_demo")
-    try:
-        cfg = load_config(config_path, args.overrides)
-    except ConfigError as err:
-        exit_on_config_error(prog, err)
-    convert: dict[str, Callable[[Config, Path, Path], None]] = {
-        "to-official": to_official_file, "from-official": from_official_file}
-    try:
-        convert[args.direction](cfg, args.input, args.output)
-    except (ValueError, RuntimeError, OSError) as err:  # a file that does not fit the config's models
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 1
+            cfg = load_config(args.config or run_config or builtin_config_path("local_demo"), args.overrides)
+        except ConfigError as err:
+            exit_on_config_error(prog, err)
+        convert: dict[str, Callable[[Config, Path, Path], None]] = {
+            "to-official": to_official_file, "from-official": from_official_file}
+        try:
+            convert[args.direction](cfg, source, args.output)
+        except (ValueError, RuntimeError, OSError) as err:  # a file that does not fit the config's models
+            print(f"{prog}: error: {err}", file=sys.stderr)
+            return 1
     print(f"{prog}: wrote {args.output} ({cfg.model.name}, {cfg.data.frames_per_clip} frames, "
           f"crop {cfg.data.crop_size})")
     return 0

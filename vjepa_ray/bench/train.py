@@ -103,10 +103,10 @@ def local_steps_per_s(cfg: Config, steps: int) -> float:
 
 
 def _ray_run(cfg: Config) -> dict[str, Any]:
-    from vjepa_ray import pretrain
+    from vjepa_ray.train import driver
     from vjepa_ray.train.synthetic_stream import SyntheticClipStream
 
-    summary = pretrain.run(cfg, stream_factory=SyntheticClipStream)
+    summary = driver.run(cfg, stream_factory=SyntheticClipStream)
     if summary["status"] != "finished":
         raise RuntimeError(f"benchmark run {cfg.meta.name} failed: {summary['error']}")
     return summary

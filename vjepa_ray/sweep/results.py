@@ -4,7 +4,7 @@ Rows are flat dicts (one per trial): ``trial_id``, ``status`` (``finished``, ``s
 or ``error``), one column per axis of the grid, what the trial's masks cover (``masked_fraction``), the
 pretraining's last ``step`` and ``loss``, the best probe of its grid (``probe_top1``, ``probe_lr``,
 ``probe_weight_decay``) and every probe's top-1 (``top1[lr=...,wd=...]``), top-1 in percent. Files go into the sweep's
-folder (a local path or a URI pyarrow can open): ``results.csv``, ``results.json``, ``best.json``,
+folder (a local path or a URI, see ``vjepa_ray.runs``): ``results.csv``, ``results.json``, ``best.json``,
 ``top1_vs_mask_ratio.png``, ``top1_vs_probe_lr.png``.
 """
 
@@ -17,7 +17,7 @@ import math
 import re
 from typing import Any, Iterable, Sequence
 
-import pyarrow.fs as pafs
+from vjepa_ray import runs
 
 RESULT_FILES = ("results.csv", "results.json", "best.json", "top1_vs_mask_ratio.png", "top1_vs_probe_lr.png")
 _HEAD = re.compile(r"^top1\[lr=(?P<lr>[^,\]]+),wd=(?P<wd>[^\]]+)\]$")
@@ -118,20 +118,11 @@ def write_results(folder: str, rows: Sequence[dict[str, Any]], axes: Sequence[st
         "top1_vs_mask_ratio.png": plot_top1_vs_mask_ratio(rows),
         "top1_vs_probe_lr.png": plot_top1_vs_probe_lr(rows, axes),
     }
-    fs, base = _filesystem(folder)
-    fs.create_dir(base, recursive=True)
     paths = {}
     for name, data in contents.items():
-        with fs.open_output_stream(f"{base}/{name}") as out:
-            out.write(data)
-        paths[name] = f"{folder.rstrip('/')}/{name}"
+        paths[name] = runs.join(folder, name)
+        runs.write_bytes(paths[name], data)
     return paths
-
-
-def _filesystem(folder: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in folder:
-        return pafs.FileSystem.from_uri(folder)
-    return pafs.LocalFileSystem(), folder.rstrip("/")
 
 
 def _label(row: dict[str, Any], axes: Sequence[str]) -> str:

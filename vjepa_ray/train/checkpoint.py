@@ -153,26 +153,10 @@ def restore(folder: str | Path, engine, target: TargetEncoder, rank: int,
     return read_train_state(folder)
 
 
-def checkpoint_folder(path: str | Path) -> Path:
-    """The training checkpoint at ``path``: a checkpoint folder itself, or the one a run folder's
-    summary.json names (its latest ``step_*`` folder while the run has no summary yet)."""
-    path = Path(path).expanduser()
-    if (path / TRAIN_STATE).is_file():
-        return path
-    summary = path / "summary.json"
-    if summary.is_file():
-        named = json.loads(summary.read_text()).get("checkpoint")
-        if not named or not (Path(named) / TRAIN_STATE).is_file():
-            raise FileNotFoundError(f"{summary} names no checkpoint folder that exists ({named!r})")
-        return Path(named)
-    steps = sorted(p for p in path.glob("step_*") if (p / TRAIN_STATE).is_file())
-    if not steps:
-        raise FileNotFoundError(f"{path} is neither a training checkpoint nor a run folder with one")
-    return steps[-1]
-
-
 def read_model_weights(folder: str | Path) -> dict[str, dict[str, torch.Tensor]]:
     """``encoder``, ``predictor`` and ``target_encoder`` (the EMA) state dicts of a training checkpoint, fp32.
+
+    ``folder`` is a local checkpoint folder (``vjepa_ray.runs`` finds a run's and copies a remote one here).
 
     Encoder and predictor are DeepSpeed's fp32 master weights, gathered from every rank's partition; the
     target comes from its own shards. The models are built from the checkpoint's ``config.yaml``.

@@ -1,0 +1,262 @@
+"""The evaluation loop: attentive probes trained on a frozen (or fine-tuned) encoder, on one worker.
+
+``evaluate`` is one worker's share (all of it in one process); ``train_func`` runs it on every Ray Train
+worker and hands rank 0's results back through a one-file checkpoint (``vjepa_ray.eval.driver`` starts
+them). Every (probe.lr, probe.weight_decay) pair is a probe; all of them train in the same pass, fed by
+one encoder forward per batch. Training uses one random crop of all ``probe.num_segments`` segments;
+validation averages each probe's softmax over ``probe.num_views`` spatial views. Workers split the
+examples and average gradients.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from vjepa_ray import runs
+from vjepa_ray.config import Config, ConfigError, from_dict
+from vjepa_ray.data.sources import VideoRef, list_videos
+from vjepa_ray.eval.features import encode_views
+from vjepa_ray.eval.labels import stratified_subset
+from vjepa_ray.eval.probes import ProbeBank, cosine_lr, grid_specs
+from vjepa_ray.eval.samples import SampleSpec, load_example, sample_spec
+from vjepa_ray.models.pretrained import encoder_from_state, read_checkpoint, state_from_checkpoint
+from vjepa_ray.models.probe import AttentiveClassifier
+from vjepa_ray.models.vit import VisionTransformer
+from vjepa_ray.optim import decays
+from vjepa_ray.train.checkpoint import read_model_weights
+from vjepa_ray.video.decode import VideoSkip
+
+log = logging.getLogger(__name__)
+
+
+def check_runnable(cfg: Config) -> None:
+    """What evaluation needs beyond the schema's own checks; raises ConfigError naming the key."""
+    p = cfg.probe
+    for key in ("checkpoint", "train_manifest", "val_manifest"):
+        if not getattr(p, key):
+            raise ConfigError(f"probe.{key}", "is empty")
+    if p.finetune and len(p.lr) * len(p.weight_decay) != 1:
+        raise ConfigError("probe.finetune", "fine-tuning trains the encoder, so it takes one probe: give one "
+                          f"probe.lr and one probe.weight_decay (got {len(p.lr)} and {len(p.weight_decay)})")
+
+
+def encoder_state(cfg: Config) -> tuple[dict[str, torch.Tensor], str]:
+    """The encoder weights ``probe.checkpoint`` names (under ``probe.checkpoint_key``) and where they are
+    from: a weights file in Meta's layout or our export, or a run folder / training checkpoint of ours
+    (a local folder or a URI)."""
+    path, key = cfg.probe.checkpoint, cfg.probe.checkpoint_key
+    local = Path(path).expanduser()
+    try:
+        if runs.is_uri(path) or local.is_dir():
+            folder = runs.find_checkpoint(path)
+            with runs.local_copy(folder) as files:
+                return read_model_weights(files)[key], f"{folder}[{key}]"
+        if not local.is_file():
+            raise ConfigError("probe.checkpoint", f"{path} does not exist")
+        return state_from_checkpoint(read_checkpoint(local), key, path), f"{path}[{key}]"
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        raise ConfigError("probe.checkpoint", str(err).splitlines()[0]) from None
+
+
+def load_encoder(cfg: Config) -> VisionTransformer:
+    m = cfg.model
+    state, source = encoder_state(cfg)
+    try:
+        return encoder_from_state(state, source, m.name, cfg.data.frames_per_clip, cfg.data.crop_size,
+                                  patch_size=m.patch_size, tubelet_size=m.tubelet_size,
+                                  uniform_power=m.uniform_power)
+    except ValueError as err:
+        raise ConfigError("probe.checkpoint", str(err).splitlines()[0]) from None
+
+
+def labelled_refs(manifest: str, key: str) -> list[VideoRef]:
+    """The entries of a labelled manifest; every entry needs an integer label."""
+    try:
+        refs = list_videos([manifest])
+    except ConfigError as err:
+        raise ConfigError(key, str(err).split(": ", 1)[-1]) from None
+    unlabelled = [str(r) for r in refs if not isinstance(r.label, int)]
+    if unlabelled:
+        raise ConfigError(key, f"{len(unlabelled)} entries have no integer label, e.g. {unlabelled[0]}")
+    return refs
+
+
+def layer_decay_groups(encoder: VisionTransformer, base_lr: float, weight_decay: float,
+                       layer_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups for fine-tuning: block i's LR is ``base_lr * layer_decay ** (depth - i)``.
+
+    The patch embedding sits below block 0 and the final norm above the last block; no weight decay on
+    biases and 1-D parameters. Each group records ``lr_scale`` for the schedule.
+    """
+    depth = len(encoder.blocks)
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    for name, param in encoder.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name.startswith("blocks."):
+            layer = int(name.split(".")[1]) + 1
+        elif name.startswith("patch_embed."):
+            layer = 0
+        else:
+            layer = depth + 1
+        decay = decays(name, param)
+        group = groups.setdefault((layer, decay), {
+            "params": [], "weight_decay": weight_decay if decay else 0.0,
+            "lr_scale": layer_decay ** (depth + 1 - layer), "lr": base_lr})
+        group["params"].append(param)
+    return list(groups.values())
+
+
+class _Examples:
+    """Loads batches of examples; a bad file is a counted, logged skip."""
+
+    def __init__(self, spec: SampleSpec, seed: int):
+        self.spec = spec
+        self.seed = seed
+        self.skipped: dict[str, int] = {}
+
+    def batch(self, refs: Sequence[VideoRef], train: bool, key: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, *key])
+        clips, labels = [], []
+        for ref in refs:
+            try:
+                clips.append(load_example(ref, self.spec, train, rng))
+            except VideoSkip as skip:
+                self.skipped[skip.reason] = self.skipped.get(skip.reason, 0) + 1
+                log.warning("skipping %s: %s %s", ref, skip.reason, skip.detail)
+                continue
+            labels.append(ref.label)
+        if not clips:
+            shape = (0, 1 if train else self.spec.num_views, self.spec.clip.clips_per_video,
+                     self.spec.clip.frames_per_clip, self.spec.crop_size, self.spec.crop_size, 3)
+            return torch.zeros(shape, dtype=torch.uint8), torch.zeros(0, dtype=torch.long)
+        return torch.from_numpy(np.stack(clips)), torch.tensor(labels)
+
+
+def _shard(count: int, rank: int, world: int) -> np.ndarray:
+    """Rank's positions among ``count`` items, padded by wrapping so every rank gets ceil(count/world)."""
+    per_rank = math.ceil(count / world)
+    return np.arange(rank * per_rank, (rank + 1) * per_rank) % max(1, count)
+
+
+@dataclass
+class ProbeRun:
+    results: dict[str, Any]
+    encoder: VisionTransformer
+    bank: ProbeBank
+
+
+def evaluate(cfg: Config, rank: int = 0, world_size: int = 1) -> ProbeRun:
+    """Trains the probes and measures them; one worker's share when world_size > 1 (process group set up)."""
+    check_runnable(cfg)
+    p = cfg.probe
+    device = torch.device("cuda" if cfg.ray.use_gpu and torch.cuda.is_available() else "cpu")
+    train_refs = labelled_refs(p.train_manifest, "probe.train_manifest")
+    val_refs = labelled_refs(p.val_manifest, "probe.val_manifest")
+    num_classes = p.num_classes or 1 + max(r.label for r in (*train_refs, *val_refs))
+    full_train = len(train_refs)
+    if p.label_fraction < 1.0:
+        keep = stratified_subset([r.label for r in train_refs], p.label_fraction, cfg.meta.seed)
+        train_refs = [train_refs[i] for i in keep]
+
+    encoder = load_encoder(cfg).to(device)
+    encoder.requires_grad_(p.finetune)
+    spec = sample_spec(cfg)
+    examples = _Examples(spec, cfg.meta.seed)
+    positions = _shard(len(train_refs), rank, world_size)
+    steps_per_epoch = math.ceil(len(positions) / p.batch_size)
+    total_steps = p.epochs * steps_per_epoch
+    heads = p.num_heads or encoder.num_heads
+    bank = ProbeBank(lambda g: AttentiveClassifier(encoder.embed_dim, heads, num_classes, p.num_blocks, generator=g),
+                     grid_specs(p.lr, p.weight_decay, cfg.meta.seed), total_steps, device)
+    encoder_opt = None
+    if p.finetune:
+        encoder_opt = torch.optim.AdamW(layer_decay_groups(encoder, p.lr[0] * p.finetune_lr_scale,
+                                                           p.weight_decay[0], p.layer_decay))
+
+    losses = []
+    for epoch in range(p.epochs):
+        # Every rank draws the same permutation and takes its own slice of it.
+        order = np.random.default_rng([cfg.meta.seed, epoch]).permutation(len(train_refs))[positions]
+        encoder.train(p.finetune)
+        for step in range(steps_per_epoch):
+            batch_refs = [train_refs[i] for i in order[step * p.batch_size:(step + 1) * p.batch_size]]
+            clips, labels = examples.batch(batch_refs, True, (epoch, step, rank))
+            with torch.set_grad_enabled(p.finetune):
+                tokens = encode_views(encoder, clips.to(device)) if len(labels) else None
+            if encoder_opt is not None:
+                encoder_opt.zero_grad(set_to_none=True)
+                for group in encoder_opt.param_groups:
+                    group["lr"] = group["lr_scale"] * cosine_lr(p.lr[0] * p.finetune_lr_scale, bank.step,
+                                                                 total_steps)
+            step_losses = bank.train_step(tokens, labels.to(device),
+                                          extra_params=list(encoder.parameters()) if p.finetune else ())
+            if encoder_opt is not None:
+                encoder_opt.step()
+            losses.append(step_losses)
+        log.info("epoch %d/%d: mean train loss per probe %s", epoch + 1, p.epochs,
+                 np.round(np.mean(losses[-steps_per_epoch:], axis=0), 4).tolist())
+
+    encoder.eval()
+    correct = torch.zeros(len(bank.specs), dtype=torch.float64)
+    counted = torch.zeros(1, dtype=torch.float64)
+    val_positions = _shard(len(val_refs), rank, world_size)
+    # Wrapped (padded) positions would count some examples twice: each rank keeps only its real ones.
+    val_positions = val_positions[np.arange(len(val_positions)) + rank * len(val_positions) < len(val_refs)]
+    for start in range(0, len(val_positions), p.batch_size):
+        batch_refs = [val_refs[i] for i in val_positions[start:start + p.batch_size]]
+        clips, labels = examples.batch(batch_refs, False, (p.epochs, start, rank))
+        if not len(labels):
+            continue
+        with torch.no_grad():
+            probs = bank.predict(encode_views(encoder, clips.to(device)))
+        correct += (probs.argmax(-1).cpu() == labels).sum(-1).double()
+        counted += len(labels)
+    skipped = Counter(examples.skipped)
+    if world_size > 1:
+        totals = torch.cat([correct, counted])
+        dist.all_reduce(totals)
+        correct, counted = totals[:-1], totals[-1:]
+        # Each rank skipped the bad files of its own share.
+        per_rank: list[dict[str, int] | None] = [None] * world_size
+        dist.all_gather_object(per_rank, examples.skipped)
+        skipped = sum((Counter(counts) for counts in per_rank), Counter())
+    top1 = (100.0 * correct / counted.clamp(min=1)).tolist()
+    probes = [{"lr": s.lr, "weight_decay": s.weight_decay, "seed": s.seed, "top1": round(t, 3)}
+              for s, t in zip(bank.specs, top1)]
+    best = max(probes, key=lambda r: r["top1"])
+    results = {"top1": best["top1"], "best": best, "probes": probes, "num_classes": num_classes,
+            "train_examples": len(train_refs), "train_examples_full": full_train, "val_examples": int(counted.item()),
+            "label_fraction": p.label_fraction, "finetune": p.finetune, "num_segments": p.num_segments,
+            "num_views": p.num_views, "epochs": p.epochs, "world_size": world_size,
+            "final_train_loss": [round(x, 4) for x in np.mean(losses[-steps_per_epoch:], axis=0).tolist()],
+            "skipped": dict(skipped), "checkpoint": cfg.probe.checkpoint}
+    return ProbeRun(results, encoder, bank)
+
+
+def train_func(config: dict) -> None:
+    """The Ray Train worker: every rank evaluates its share; rank 0's report carries the results."""
+    import ray.train
+
+    ctx = ray.train.get_context()
+    outcome = evaluate(from_dict(config["cfg"]), ctx.get_world_rank(), ctx.get_world_size())
+    # Train V2's Result.metrics are those of the latest checkpoint (a report without one leaves them None),
+    # so rank 0 attaches the results as a one-file checkpoint.
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = None
+        if ctx.get_world_rank() == 0:
+            Path(folder, runs.PROBE_RESULTS_FILE).write_text(json.dumps(outcome.results))
+            checkpoint = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report({"results": json.dumps(outcome.results)}, checkpoint=checkpoint)

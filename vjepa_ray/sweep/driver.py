@@ -1,0 +1,176 @@
+"""The sweep's driver: a Ray Tune experiment of trials (``vjepa_ray.sweep.trial``), its progress lines, and
+its results table once the trials are done.
+
+The experiment's folder is the run folder ``<ray.storage_path>/<meta.name>`` (``vjepa_ray.runs``): Tune's
+own files, each trial's run folder under ``pretrain/``, the table, the best trial and the plots. Running
+the same sweep again after its driver died resumes the experiment there.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import PurePosixPath
+from typing import Any
+
+from ray.tune import Callback
+
+from vjepa_ray import cluster, runs
+from vjepa_ray.config import Config, ConfigError, to_dict
+from vjepa_ray.data.demo import prepare_demo_videos, prepare_probe_videos
+from vjepa_ray.sweep import results as tables
+from vjepa_ray.sweep.mask_ratio import masked_fraction
+from vjepa_ray.sweep.space import check_axes, sweep_axes, token_grid, trial_config
+from vjepa_ray.sweep.trial import run_trial, trial_run_config
+from vjepa_ray.train import driver as pretraining
+from vjepa_ray.train.elastic import worker_range
+
+
+class ProgressLines(Callback):
+    """One line per trial result, so the sweep's progress reads in the job logs."""
+
+    def __init__(self):
+        self.done = 0
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if "probe_top1" in result:
+            print(f"[tune] {trial.trial_id} probe top-1 {result['probe_top1']:.1f}% "
+                  f"(probe lr {result['probe_lr']:g}, wd {result['probe_weight_decay']:g})", flush=True)
+        elif "step" in result and "loss" in result:
+            print(f"[tune] {trial.trial_id} step {result['step']} loss {result['loss']:.4f}", flush=True)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.done += 1
+        top1 = trial.last_result.get("probe_top1")
+        outcome = f"probe top-1 {top1:.1f}%" if top1 is not None else "stopped early (ASHA)"
+        print(f"[tune] {trial.trial_id} done: {outcome}; {self.done} trial(s) done", flush=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        print(f"[tune] {trial.trial_id} failed: {trial.error_file}", flush=True)
+
+
+def max_concurrent_trials(cfg: Config, resources: dict[str, float]) -> int:
+    """``tune.max_concurrent_trials``, or as many trials as the cluster's ``resources`` (CPUs, GPUs) hold at once.
+
+    A trial holds its driver's CPUs, its workers' and, so that its video stream never starves, one decode
+    task's (a trial whose workers took every CPU would wait forever for its data).
+    """
+    if cfg.tune.max_concurrent_trials:
+        return cfg.tune.max_concurrent_trials
+    workers = worker_range(cfg)[1]
+    per_trial = cfg.tune.driver_cpus + workers * cfg.ray.cpus_per_worker + cfg.data.decode_cpus
+    fits = [resources.get("CPU", 0.0) // per_trial]
+    if cfg.ray.use_gpu:
+        fits.append(resources.get("GPU", 0.0) // workers)
+    return max(1, int(min(fits)))
+
+
+def asha_rungs(cfg: Config) -> list[float]:
+    """The steps at which ASHA compares trials (none without early stopping)."""
+    t, rungs = cfg.tune, []
+    while t.grace_period and t.grace_period * t.reduction_factor ** len(rungs) < _asha_max_t(cfg):
+        rungs.append(t.grace_period * t.reduction_factor ** len(rungs))
+    return rungs
+
+
+def _asha_max_t(cfg: Config) -> int:
+    # Past the last step: ASHA stops any trial that reaches max_t, and a finished trial still has its probe.
+    return cfg.optimization.total_steps + 1
+
+
+def _scheduler(cfg: Config):
+    if cfg.tune.grace_period == 0:
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    # Time in pretraining steps (check_runnable keeps every rung before the last report).
+    return ASHAScheduler(time_attr="step", metric="loss", mode="min", max_t=_asha_max_t(cfg),
+                         grace_period=cfg.tune.grace_period, reduction_factor=cfg.tune.reduction_factor)
+
+
+def _tuner(cfg: Config, axes: dict[str, list[Any]]):
+    import ray
+    from ray import tune
+
+    trainable = tune.with_resources(tune.with_parameters(run_trial, base=to_dict(cfg)),
+                                    {"CPU": cfg.tune.driver_cpus})
+    path = runs.run_dir(cfg)
+    if tune.Tuner.can_restore(path):
+        print(f"resuming the sweep in {path}", flush=True)
+        # Finished trials keep their results; unfinished and errored ones run again.
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+    concurrency = max_concurrent_trials(cfg, ray.cluster_resources())
+    print(f"sweep {cfg.meta.name}: {math.prod(len(v) for v in axes.values())} trials over "
+          f"{', '.join(axes) or 'no axes'}; up to {concurrency} at a time; results in {path}", flush=True)
+    return tune.Tuner(
+        trainable,
+        param_space={"settings": {key: tune.grid_search(values) for key, values in axes.items()}},
+        tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=concurrency, scheduler=_scheduler(cfg)),
+        run_config=tune.RunConfig(name=cfg.meta.name, storage_path=runs.storage_path(cfg),
+                                  failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures),
+                                  callbacks=[ProgressLines()], verbose=0),
+    )
+
+
+def _row(cfg: Config, result, axes: dict[str, list[Any]]) -> dict[str, Any]:
+    metrics = result.metrics or {}
+    settings = (result.config or {}).get("settings", {})
+    trial_id = metrics.get("trial_id") or PurePosixPath(result.path).name
+    if result.error is not None:
+        status = "error"
+    elif "probe_top1" in metrics:
+        status = "finished"
+    else:
+        status = "stopped_early"
+    trial_cfg = trial_config(cfg, settings)
+    grid = token_grid(trial_cfg)
+    fractions = [masked_fraction(m, grid) for m in trial_cfg.mask]
+    row: dict[str, Any] = {"trial_id": trial_id, "status": status}
+    row.update({key: settings.get(key) for key in axes})
+    row.update({f"mask.{i}.spatial_scale": m.spatial_scale for i, m in enumerate(trial_cfg.mask)})
+    row["masked_fraction"] = round(sum(fractions) / len(fractions), 4)
+    row["pretrain_steps"] = metrics.get("pretrain_steps", metrics.get("step"))
+    row["loss"] = metrics.get("pretrain_loss", metrics.get("loss"))
+    for key in ("probe_top1", "probe_lr", "probe_weight_decay"):
+        row[key] = metrics.get(key)
+    row.update(metrics.get("probe_heads") or {})
+    if result.error is not None:
+        row["error"] = str(result.error).splitlines()[0][:300]
+    return row
+
+
+def check_runnable(cfg: Config) -> dict[str, list]:
+    """What a sweep needs beyond the schema; raises ConfigError naming the key. Returns the sweep's axes."""
+    axes = sweep_axes(cfg)
+    check_axes(cfg, axes)
+    pretraining.check_runnable(trial_config(cfg, {k: v[0] for k, v in axes.items()}))
+    last_step, every = cfg.optimization.total_steps, cfg.logging.every_steps
+    for rung in asha_rungs(cfg):
+        # ASHA judges a rung at the first report at or past it; at the last report it would stop a trial
+        # after all its pretraining and before its probe.
+        if -(-rung // every) * every >= last_step:
+            raise ConfigError("tune.grace_period", f"ASHA would compare trials at step {rung:g}, judged at the "
+                              f"last report (step {last_step}); choose tune.grace_period and "
+                              "tune.reduction_factor so that every rung (grace x factor^k) comes earlier")
+    for key in ("train_manifest", "val_manifest"):
+        if not getattr(cfg.probe, key):
+            raise ConfigError(f"probe.{key}", "is empty: every trial ends with the probe, which needs labelled videos")
+    return axes
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """Runs (or resumes) the sweep; writes and returns its results (paths, best trial, counts)."""
+    axes = check_runnable(cfg)
+    # Made here, once, rather than by trials racing each other to write them.
+    prepare_demo_videos(cfg)
+    prepare_probe_videos(cfg)
+    cluster.connect(cfg)
+    grid = _tuner(cfg, axes).fit()
+    rows = sorted((_row(cfg, result, axes) for result in grid), key=lambda r: r["trial_id"])
+    best = tables.best_row(rows)
+    best_cfg = None
+    if best is not None:
+        settings = {key: best[key] for key in axes}
+        best_cfg = to_dict(trial_run_config(cfg, settings, best["trial_id"]))
+    paths = tables.write_results(runs.run_dir(cfg), rows, list(axes), best_cfg)
+    counts = {status: sum(r["status"] == status for r in rows) for status in ("finished", "stopped_early", "error")}
+    return {"trials": len(rows), **counts, "best": best, "files": paths, "folder": runs.run_dir(cfg)}

@@ -1,0 +1,133 @@
+"""Pretraining's driver side: one run's TorchTrainer, its starts counted, and its ``summary.json``.
+
+``run`` is what ``python -m vjepa_ray.pretrain`` and every Tune trial call; the workers run
+``vjepa_ray.train.loop.train_func``. Re-running with the same ``meta.name`` and ``ray.storage_path``
+resumes the run from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from vjepa_ray import cluster, runs
+from vjepa_ray.config import Config, ConfigError, to_dict
+from vjepa_ray.data.demo import prepare_demo_videos
+from vjepa_ray.train.elastic import check_elastic_batch, global_batch_size, worker_range
+from vjepa_ray.train.loop import StreamFactory, train_func
+from vjepa_ray.train.trainer import build_trainer
+
+log = logging.getLogger(__name__)
+
+
+def check_runnable(cfg: Config) -> None:
+    """What the schema cannot see but would fail a run after minutes of start-up."""
+    if cfg.deepspeed.precision == "fp16" and not cfg.ray.use_gpu:
+        raise ConfigError("deepspeed.precision", "fp16 needs GPUs (ray.use_gpu=true); use bf16 or fp32 on CPUs")
+    if cfg.deepspeed.offload_params and cfg.deepspeed.zero_stage != 3:
+        raise ConfigError("deepspeed.offload_params", "parameter offload needs deepspeed.zero_stage=3")
+    if cfg.deepspeed.offload_optimizer and cfg.deepspeed.zero_stage == 0:
+        raise ConfigError("deepspeed.offload_optimizer", "optimizer offload needs deepspeed.zero_stage >= 1")
+    if not cfg.data.paths:
+        raise ConfigError("data.paths", "no video source given")
+    check_elastic_batch(cfg)
+
+
+def _resolved_data_paths(cfg: Config) -> Config:
+    # Workers may run under another working directory (ray job submit): pass absolute local paths.
+    cfg = copy.deepcopy(cfg)
+    cfg.data.paths = [p if runs.is_uri(p) else str(Path(p).expanduser().resolve()) for p in cfg.data.paths]
+    return cfg
+
+
+def _tracker():
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote(num_cpus=0)
+    class RunTracker:
+        """Counts the starts of the worker group (restarts, world sizes, the step each resumed from)."""
+
+        def __init__(self):
+            self.starts: list[dict[str, int]] = []
+
+        def started(self, world_size: int, step: int) -> None:
+            self.starts.append({"world_size": world_size, "step": step})
+
+        def get(self) -> list[dict[str, int]]:
+            return self.starts
+
+    # On the driver's node: it must outlive any worker node.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return RunTracker.options(scheduling_strategy=here).remote()
+
+
+def _last_result(folder: str):
+    """The failed run's last reported metrics and checkpoint, or None when it never reported one."""
+    import ray.train
+
+    try:
+        return ray.train.Result.from_path(folder)
+    except RuntimeError:
+        return None
+
+
+def run(cfg: Config, *, stream_factory: StreamFactory | None = None, verify_restore: bool = False,
+        extra_env: dict[str, str] | None = None, callbacks: list | None = None) -> dict[str, Any]:
+    """Trains as ``cfg`` says; returns the summary (also written to ``<run folder>/summary.json``).
+
+    ``stream_factory`` replaces the Ray Data clip stream (see ``vjepa_ray.train.loop``); ``verify_restore``
+    makes every restore check a digest of weights and Adam moments against the checkpoint's.
+    ``callbacks`` (``ray.train.UserCallback``) join the run's own, e.g. a ``TuneReportCallback`` when a
+    Tune trial runs this.
+    """
+    import ray
+    import ray.train
+
+    from vjepa_ray.train.metrics import TensorBoardCallback
+
+    check_runnable(cfg)
+    cfg = _resolved_data_paths(cfg)
+    prepare_demo_videos(cfg)
+    cluster.connect(cfg)
+    tracker = _tracker()
+    folder, tensorboard = runs.run_dir(cfg), runs.tensorboard_dir(cfg)
+    trainer = build_trainer(
+        cfg, train_func,
+        {"cfg": to_dict(cfg), "stream_factory": stream_factory, "tracker": tracker, "verify_restore": verify_restore},
+        name=cfg.meta.name, callbacks=[TensorBoardCallback(tensorboard), *(callbacks or [])], extra_env=extra_env)
+    low, high = worker_range(cfg)
+    log.info("run %s: %s workers, global batch %d, results in %s", cfg.meta.name,
+             low if low == high else f"{low}-{high}", global_batch_size(cfg), folder)
+    started = time.time()
+    error = None
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as err:
+        error = err
+        result = _last_result(folder)
+    starts = ray.get(tracker.get.remote())
+    if runs.is_uri(folder) and Path(tensorboard).is_dir():
+        runs.upload(tensorboard, runs.join(folder, runs.TENSORBOARD_DIR))
+    metrics = (result.metrics if result is not None else None) or {}
+    checkpoint = result.checkpoint if result is not None else None
+    summary = {
+        "status": "failed" if error is not None else "finished",
+        "steps": int(metrics.get("step", 0)),
+        "final_loss": metrics.get("loss"),
+        "restarts": max(len(starts) - 1, 0),
+        "skipped_videos": int(metrics.get("skipped_videos", 0)),
+        "checkpoint": runs.checkpoint_path(folder, checkpoint.path) if checkpoint is not None else None,
+        "world_sizes": [s["world_size"] for s in starts],
+        "starts": starts,
+        "global_batch": global_batch_size(cfg),
+        "elapsed_s": round(time.time() - started, 1),
+        "tensorboard": tensorboard,
+        "error": None if error is None else str(error)[-2000:],
+        "metrics": metrics,
+    }
+    summary["summary"] = runs.write_summary(folder, summary)
+    return summary
