@@ -37,6 +37,7 @@ from vjepa_ray.models.vit import VisionTransformer
 from vjepa_ray.optim import decays
 from vjepa_ray.train.checkpoint import read_model_weights
 from vjepa_ray.video.decode import VideoSkip
+from vjepa_ray.worker_env import configure_worker_logging
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +251,7 @@ def train_func(config: dict) -> None:
     """The Ray Train worker: every rank evaluates its share; rank 0's report carries the results."""
     import ray.train
 
+    configure_worker_logging()
     ctx = ray.train.get_context()
     outcome = evaluate(from_dict(config["cfg"]), ctx.get_world_rank(), ctx.get_world_size())
     # Train V2's Result.metrics are those of the latest checkpoint (a report without one leaves them None),
