@@ -8,12 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from vjepa_ray import optim
 from vjepa_ray.config import ConfigError, load_config
+from vjepa_ray.recipe.optimizer import apply_schedules
 from vjepa_ray.train import engine as eng
-from vjepa_ray.train.ema import SHARD_DIR, TargetEncoder
 from vjepa_ray.train.elastic import check_elastic_batch, plan_batch
 from vjepa_ray.train.metrics import IntervalMeter, TensorBoardCallback, collapse_warning
+from vjepa_ray.train.target_encoder import SHARD_DIR, TargetEncoder
 
 
 def test_batch_plan_keeps_the_global_batch_for_every_world_size():
@@ -86,7 +86,7 @@ def test_schedules_set_weight_decay_only_on_decaying_groups():
     model = nn.Linear(3, 2)
     cfg = load_config(None, ["deepspeed.precision=fp32"])
     optimizer = eng.build_optimizer(model, cfg)
-    optim.apply_schedules(optimizer, lr=0.5, weight_decay=0.3)
+    apply_schedules(optimizer, lr=0.5, weight_decay=0.3)
     by_decay = {g["apply_wd"]: g for g in optimizer.param_groups}
     assert by_decay[True]["lr"] == by_decay[False]["lr"] == 0.5
     assert by_decay[True]["weight_decay"] == 0.3 and by_decay[False]["weight_decay"] == 0.0
