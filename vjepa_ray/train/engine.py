@@ -188,19 +188,20 @@ class TrainStep:
             self.target = TargetEncoder.partitioned(target, online, target_engine_config(self.ds_config))
         else:
             self.target = TargetEncoder.replicated(target.to(device, dtype), online)
-        self.step = DeepSpeedStep(self.engine, self.target, cfg, device, dtype)
+        self.jepa_step = DeepSpeedStep(self.engine, self.target, cfg, device, dtype)
 
     def __call__(self, batches: Iterator[ClipBatch], step: int, meter: IntervalMeter | None = None) -> StepOutput:
         """Optimizer step ``step`` (0-based) over ``plan.grad_accum`` micro batches from ``batches``.
         ``meter`` times the waits for them and sums the step's losses and gradient norm."""
         sizes = self.plan.micro_batches(self.rank)
+        # The recipe's step takes all micro batches of a step at once: they are fetched first.
         fetched = []
         for _ in sizes:
             with meter.waiting() if meter is not None else contextlib.nullcontext():
                 fetched.append(next(batches))
         # The stream yields the largest micro batch of any rank; an uneven split takes fewer here.
-        out = self.step([MicroBatch(batch.clips[:size], self.rank, micro, self.plan.loss_weight(size))
-                         for micro, (batch, size) in enumerate(zip(fetched, sizes))], step)
+        out = self.jepa_step([MicroBatch(batch.clips[:size], self.rank, micro, self.plan.loss_weight(size))
+                              for micro, (batch, size) in enumerate(zip(fetched, sizes))], step)
         if meter is not None:
             for batch, size, micro_out in zip(fetched, sizes, out.outputs):
                 meter.add_micro_step(micro_out.loss, micro_out.per_mask_losses, micro_out.target_features_std,
