@@ -179,13 +179,13 @@ class TrainStep:
                  load_universal: bool = False):
         self.plan, self.rank = plan, rank
         dtype = PRECISION_DTYPES[cfg.deepspeed.precision]
-        self.ds_config = deepspeed_config(cfg, plan, load_universal=load_universal)
+        ds_config = deepspeed_config(cfg, plan, load_universal=load_universal)
         # Same seed on every rank: identical initial weights (ZeRO-3 partitions them as they are).
         module, target = init_networks(cfg)
-        self.engine = build_engine(module, cfg, self.ds_config)
+        self.engine = build_engine(module, cfg, ds_config)
         online = self.engine.module.encoder
         if cfg.deepspeed.zero_stage == 3:
-            self.target = TargetEncoder.partitioned(target, online, target_engine_config(self.ds_config))
+            self.target = TargetEncoder.partitioned(target, online, target_engine_config(ds_config))
         else:
             self.target = TargetEncoder.replicated(target.to(device, dtype), online)
         self.jepa_step = DeepSpeedStep(self.engine, self.target, cfg, device, dtype)
