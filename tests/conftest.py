@@ -8,6 +8,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import torch
 
 SHARED_VIDEOS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "videos"
 
@@ -98,6 +99,15 @@ def ray_s3(s3_bucket):
         yield _start_local_ray()
     finally:
         ray.shutdown()
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread; on a busy machine a second one mostly waits at barriers."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

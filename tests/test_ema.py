@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vjepa_ray.ema import ema_update_
+from vjepa_ray.recipe.ema import ema_update_
 
 
 def test_constant_online_weights_follow_the_closed_form():

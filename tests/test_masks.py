@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from vjepa_ray.config import MaskConfig
-from vjepa_ray.masks import MaskCollator, MultiBlockMaskGenerator
+from vjepa_ray.recipe.masks import MaskCollator, MultiBlockMaskGenerator
 
 SHORT = MaskConfig(num_blocks=8, spatial_scale=[0.15, 0.15])
 LONG = MaskConfig(num_blocks=2, spatial_scale=[0.7, 0.7])

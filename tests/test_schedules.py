@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from vjepa_ray import optim, schedules
 from vjepa_ray.config import OptimizationConfig
 from vjepa_ray.models import Predictor, VisionTransformer
+from vjepa_ray.recipe import optimizer, schedules
 
 RECIPE = OptimizationConfig()  # defaults = the ViT-L/16 recipe: 90k steps, warmup 12k, schedules over 1.25x
 
@@ -51,7 +51,7 @@ def _models():
 def test_param_groups_exclude_biases_and_1d_params_from_weight_decay():
     encoder, predictor = _models()
     named = [*encoder.named_parameters(prefix="encoder"), *predictor.named_parameters(prefix="predictor")]
-    groups = optim.param_groups(named, 0.04)
+    groups = optimizer.param_groups(named, 0.04)
     assert [(g["apply_wd"], g["weight_decay"]) for g in groups] == [(True, 0.04), (False, 0.0)]
     names = {id(p): n for n, p in named}
     decayed = {names[id(p)] for p in groups[0]["params"]}
@@ -67,16 +67,16 @@ def test_param_groups_exclude_biases_and_1d_params_from_weight_decay():
 def test_frozen_parameters_are_left_out():
     layer = nn.Linear(3, 3)
     layer.bias.requires_grad_(False)
-    groups = optim.param_groups(layer.named_parameters(), 0.1)
+    groups = optimizer.param_groups(layer.named_parameters(), 0.1)
     assert len(groups) == 1 and groups[0]["params"] == [layer.weight]
 
 
 def test_adamw_uses_config_and_schedules_touch_decay_groups_only():
     encoder, predictor = _models()
     cfg = OptimizationConfig(betas=[0.8, 0.95], eps=1e-6)
-    opt = optim.adamw(encoder.named_parameters(), cfg)
+    opt = optimizer.adamw(encoder.named_parameters(), cfg)
     assert [(g["betas"], g["eps"], g["lr"]) for g in opt.param_groups] == [((0.8, 0.95), 1e-6, 2e-4)] * 2
-    optim.apply_schedules(opt, schedules.lr_at(12_000, cfg), schedules.weight_decay_at(112_500, cfg))
+    optimizer.apply_schedules(opt, schedules.lr_at(12_000, cfg), schedules.weight_decay_at(112_500, cfg))
     assert [(g["lr"], g["weight_decay"]) for g in opt.param_groups] == [(pytest.approx(6.25e-4), 0.4),
                                                                          (pytest.approx(6.25e-4), 0.0)]
     x = torch.randn(1, 3, 2, 16, 16)

@@ -7,7 +7,6 @@ worker (the restart resumes the exact state). Runs share assertions to stay few;
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import os
@@ -21,18 +20,13 @@ import psutil
 import pytest
 import torch
 
-from vjepa_ray import export, schedules
+from vjepa_ray import export
 from vjepa_ray.config import Config, builtin_config_path, load_config
-from vjepa_ray.ema import ema_update_
-from vjepa_ray.jepa import normalize_clips
-from vjepa_ray.masks import MaskCollator
-from vjepa_ray.models import build_models
 from vjepa_ray.models.pretrained import strip_prefixes
+from vjepa_ray.recipe.step import JepaStep, MicroBatch, init_networks
 from vjepa_ray.train import driver
 from vjepa_ray.train.checkpoint import TRAIN_STATE
 from vjepa_ray.train.elastic import global_batch_size, plan_batch
-from vjepa_ray.optim import apply_schedules
-from vjepa_ray.train.engine import JepaModule, build_optimizer
 from vjepa_ray.train.synthetic_stream import SyntheticClipStream, synthetic_clips
 
 pytestmark = pytest.mark.slow
@@ -50,30 +44,17 @@ def tiny_config(storage: Path, name: str, *overrides: str) -> Config:
 
 
 def reference_weights(cfg: Config, world_size: int, steps: int) -> dict[str, dict[str, torch.Tensor]]:
-    """The run's ``encoder`` and EMA ``target_encoder``, recomputed in this process from the same batches,
-    masks and schedules."""
-    torch.manual_seed(cfg.meta.seed)
-    encoder, predictor = build_models(cfg)
-    target = copy.deepcopy(encoder).requires_grad_(False)
-    module = JepaModule(encoder, predictor)
-    optimizer = build_optimizer(module, cfg)
+    """The run's ``encoder`` and EMA ``target_encoder``, recomputed in this process by the recipe's step over
+    every rank's micro batches of the same synthetic stream."""
+    train_step = JepaStep.from_config(cfg)
     plan = plan_batch(global_batch_size(cfg), cfg.data.batch_size, world_size)
     data = dataclasses.replace(cfg.data, batch_size=plan.micro_batch)
-    collator = MaskCollator(cfg.mask, encoder.grid)
-    o = cfg.optimization
     for step in range(steps):
-        apply_schedules(optimizer, schedules.lr_at(step, o), schedules.weight_decay_at(step, o))
-        optimizer.zero_grad()
-        for rank in range(world_size):
-            for micro, size in enumerate(plan.micro_batches(rank)):
-                clips = synthetic_clips(data, cfg.meta.seed, rank, step * plan.grad_accum + micro)[:size]
-                masks = collator(size, seed=(cfg.meta.seed, step, micro), rank=rank)
-                loss = module(normalize_clips(clips), masks, target).loss * plan.loss_weight(size)
-                (loss / (world_size * plan.grad_accum)).backward()
-        optimizer.step()
-        ema_update_(list(target.parameters()), list(encoder.parameters()), schedules.ema_momentum_at(step, o))
+        train_step([MicroBatch(synthetic_clips(data, cfg.meta.seed, rank, step * plan.grad_accum + micro)[:size],
+                               rank, micro, plan.loss_weight(size))
+                    for rank in range(world_size) for micro, size in enumerate(plan.micro_batches(rank))], step)
     return {key: {name: p.detach().clone() for name, p in model.named_parameters()}
-            for key, model in (("encoder", encoder), ("target_encoder", target))}
+            for key, model in (("encoder", train_step.module.encoder), ("target_encoder", train_step.target_encoder))}
 
 
 def saved_target(checkpoint: str | Path) -> dict[str, torch.Tensor]:
@@ -95,9 +76,8 @@ def assert_target_matches_reference(checkpoint: str | Path, reference: dict[str,
 
 
 def initial_target(cfg: Config) -> dict[str, torch.Tensor]:
-    torch.manual_seed(cfg.meta.seed)
-    encoder, _ = build_models(cfg)
-    return {name: p.detach().clone() for name, p in encoder.named_parameters()}
+    _, target = init_networks(cfg)
+    return {name: p.detach().clone() for name, p in target.named_parameters()}
 
 
 def losses_from_tensorboard(folder: str) -> list[tuple[int, float]]:
@@ -173,6 +153,7 @@ def test_zero2_killed_worker_resumes_from_checkpoint_and_ema_matches_reference(r
 
     # The run report plots this real run's series.
     from test_report import check_plots
+
     from vjepa_ray import report
     from vjepa_ray.train.curves import read_scalars
 

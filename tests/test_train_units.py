@@ -1,8 +1,10 @@
-"""The Ray/DeepSpeed layer's pure parts, in one process: batch rule, engine config, EMA target, metrics."""
+"""The Ray/DeepSpeed layer's pure parts, in one process: batch rule, engine config, EMA target, save schedule,
+synthetic stream, metrics."""
 
 from __future__ import annotations
 
 import copy
+import itertools
 import random
 
 import numpy as np
@@ -10,13 +12,14 @@ import pytest
 import torch
 from torch import nn
 
-from vjepa_ray import optim
 from vjepa_ray.config import ConfigError, load_config
+from vjepa_ray.recipe.optimizer import apply_schedules
 from vjepa_ray.train import engine as eng
-from vjepa_ray.train.checkpoint import rng_state, set_rng_state
-from vjepa_ray.train.ema import SHARD_DIR, TargetEncoder
+from vjepa_ray.train.checkpoint import SaveSchedule, rng_state, set_rng_state
 from vjepa_ray.train.elastic import check_elastic_batch, plan_batch
 from vjepa_ray.train.metrics import IntervalMeter, TensorBoardCallback, collapse_warning
+from vjepa_ray.train.synthetic_stream import SyntheticClipStream
+from vjepa_ray.train.target_encoder import SHARD_DIR, TargetEncoder
 
 
 def test_batch_plan_keeps_the_global_batch_for_every_world_size():
@@ -89,7 +92,7 @@ def test_schedules_set_weight_decay_only_on_decaying_groups():
     model = nn.Linear(3, 2)
     cfg = load_config(None, ["deepspeed.precision=fp32"])
     optimizer = eng.build_optimizer(model, cfg)
-    optim.apply_schedules(optimizer, lr=0.5, weight_decay=0.3)
+    apply_schedules(optimizer, lr=0.5, weight_decay=0.3)
     by_decay = {g["apply_wd"]: g for g in optimizer.param_groups}
     assert by_decay[True]["lr"] == by_decay[False]["lr"] == 0.5
     assert by_decay[True]["weight_decay"] == 0.3 and by_decay[False]["weight_decay"] == 0.0
@@ -154,6 +157,24 @@ def test_incomplete_target_shards_are_refused(tmp_path):
     torch.save({"tensors": {}, "numels": {}}, tmp_path / SHARD_DIR / "shard_00001_of_00002.pt")
     with pytest.raises(FileNotFoundError, match="incomplete"):
         target.load(tmp_path)
+
+
+def test_save_schedule_saves_every_n_steps_at_the_last_step_and_on_preemption():
+    saves = SaveSchedule(every_steps=4, total_steps=10)
+    assert [step for step in range(1, 11) if saves.due(step)] == [4, 8, 10]
+    assert saves.due(5, preempted=True) and not saves.due(5)
+
+
+def test_synthetic_stream_resumes_from_its_state_dict():
+    data = load_config(None, ["data.batch_size=2", "data.frames_per_clip=2", "data.crop_size=16"]).data
+    stream = SyntheticClipStream(data, seed=3, rank=1, world_size=2)
+    batches = list(itertools.islice(stream, 5))
+    assert stream.state_dict() == {"epoch": 0, "chunk": 5}
+
+    resumed = SyntheticClipStream(data, seed=3, rank=1, world_size=2)
+    resumed.load_state_dict({"epoch": 0, "chunk": 2})
+    assert all(torch.equal(a.clips, b.clips) for a, b in zip(batches[2:], itertools.islice(resumed, 3)))
+    assert not torch.equal(batches[0].clips, batches[1].clips)
 
 
 def test_interval_meter_means_and_collapse_warning():

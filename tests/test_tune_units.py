@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from vjepa_ray.config import ConfigError, MaskConfig, builtin_config_path, load_config
-from vjepa_ray.masks import MultiBlockMaskGenerator
+from vjepa_ray.recipe.masks import MultiBlockMaskGenerator
 from vjepa_ray.sweep import results
 from vjepa_ray.sweep.driver import max_concurrent_trials
 from vjepa_ray.sweep.mask_ratio import masked_fraction, spatial_scale_for_ratio

@@ -1,7 +1,7 @@
 """Does pretraining learn motion? Probe accuracy of a JEPA-pretrained encoder vs random init vs one frame.
 
 Pre-trains a small encoder with the V-JEPA objective on unlabelled synthetic videos (one process, the
-same masks, loss, schedules and EMA as ``pretrain``), then trains attentive probes on the frozen
+recipe's training step, as ``pretrain`` runs it on one rank), then trains attentive probes on the frozen
 features of a labelled synthetic set whose classes only motion separates
 (``vjepa_ray.video.labelled_synthetic``). Two baselines are measured in the same run: the same
 architecture at its random initialisation, and the pretrained encoder shown one frame repeated (motion
@@ -27,15 +27,14 @@ import yaml
 
 from vjepa_ray.config import MaskConfig, OptimizationConfig
 from vjepa_ray.data.sources import list_videos
-from vjepa_ray.ema import ema_update_
 from vjepa_ray.eval.probes import ProbeBank, grid_specs
-from vjepa_ray.jepa import jepa_loss, normalize_clips
-from vjepa_ray.masks import MaskCollator
 from vjepa_ray.models.predictor import Predictor
 from vjepa_ray.models.probe import AttentiveClassifier
 from vjepa_ray.models.vit import VisionTransformer
-from vjepa_ray.optim import adamw, apply_schedules
-from vjepa_ray.schedules import ema_momentum_at, lr_at, weight_decay_at
+from vjepa_ray.recipe.masks import MaskCollator
+from vjepa_ray.recipe.objective import JepaModule, normalize_clips
+from vjepa_ray.recipe.optimizer import adamw
+from vjepa_ray.recipe.step import JepaStep, MicroBatch
 from vjepa_ray.video.decode import ClipSpec, VideoSkip, decode_clips
 from vjepa_ray.video.labelled_synthetic import MOTION_CLASSES, make_labelled_motion_videos
 
@@ -129,31 +128,22 @@ def _pretrain(args: argparse.Namespace, clips: torch.Tensor, encoder: VisionTran
     predictor = Predictor(encoder.grid, args.embed_dim, args.pred_dim, args.pred_depth, num_heads=args.heads,
                           num_mask_tokens=len(masks)).to(args.device)
     target = copy.deepcopy(encoder).requires_grad_(False)
-    collator = MaskCollator(masks, encoder.grid)
     # A short run: schedules end with training (no 1.25x stretch) and weight decay stays at the start value.
     opt_cfg = OptimizationConfig(total_steps=args.steps, warmup_steps=max(1, args.steps // 10), schedule_scale=1.0,
                                  start_lr=args.lr / 10, lr=args.lr, final_lr=args.lr / 100, weight_decay=0.04,
                                  final_weight_decay=0.04, ema=list(args.ema))
-    named = [*(("encoder." + n, p) for n, p in encoder.named_parameters()),
-             *(("predictor." + n, p) for n, p in predictor.named_parameters())]
-    optimizer = adamw(named, opt_cfg)
-    params = [p for _, p in named]
+    module = JepaModule(encoder, predictor)
+    train_step = JepaStep(module, target, adamw(module.named_parameters(), opt_cfg),
+                          MaskCollator(masks, encoder.grid), opt_cfg, args.seed, args.device)
     rng = np.random.default_rng(args.seed)
     losses = []
     for step in range(args.steps):
-        apply_schedules(optimizer, lr_at(step, opt_cfg), weight_decay_at(step, opt_cfg))
         batch = torch.from_numpy(rng.choice(len(clips), args.batch, replace=False))
-        masks_of_step = collator(args.batch, (args.seed, step))
-        out = jepa_loss(normalize_clips(clips[batch].to(args.device)), masks_of_step, encoder, predictor, target)
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, opt_cfg.clip_grad)
-        optimizer.step()
-        ema_update_(list(target.parameters()), list(encoder.parameters()), ema_momentum_at(step, opt_cfg))
-        losses.append(out.loss.item())
+        out = train_step([MicroBatch(clips[batch])], step)
+        losses.append(out.loss)
         if step % 50 == 0 or step == args.steps - 1:
-            log.info("pretrain step %d loss %.4f target std %.3f", step, out.loss.item(),
-                     out.target_features_std.item())
+            log.info("pretrain step %d loss %.4f target std %.3f", step, out.loss,
+                     out.outputs[0].target_features_std.item())
     return target, losses
 
 

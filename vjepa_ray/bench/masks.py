@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from vjepa_ray.config import load_config
-from vjepa_ray.masks import MaskCollator
+from vjepa_ray.recipe.masks import MaskCollator
 
 REFERENCE_224_16F_B24 = [{"context_fraction": 0.23, "target_fraction": 0.48},
                          {"context_fraction": 0.066, "target_fraction": 0.70}]
@@ -41,7 +41,8 @@ def run(args: argparse.Namespace) -> dict:
     sums = np.zeros((len(collator), 3))
     start = time.perf_counter()
     for step in range(args.batches):
-        for i, (ctx, tgt) in enumerate(collator(args.batch, (args.seed, step))):
+        # The masks training draws for rank 0's first micro batch of each step.
+        for i, (ctx, tgt) in enumerate(collator(args.batch, (args.seed, step, 0))):
             sums[i, :2] += (ctx.shape[1], tgt.shape[1])
     seconds = time.perf_counter() - start
     # Untruncated sizes: one clip per draw has nothing cut.

@@ -1,9 +1,10 @@
 """Training-step throughput: the full V-JEPA step on one device, in clips per second.
 
-The step is the one training runs: masks for every config, uint8 -> normalised clips, the target
-encoder's pass on the full clips, one encoder + predictor pass per mask config, the L1 loss,
-backward, an AdamW step with the scheduled LR/WD, and the EMA update of the target encoder.
-Each timed step is split into phases (seconds, mean over the timed steps).
+The step is the recipe's (``vjepa_ray.recipe.step.JepaStep``, the one training runs) on one micro batch
+of rank 0: masks for every config, uint8 -> normalised clips, the target encoder's pass on the full clips,
+one encoder + predictor pass per mask config, the L1 loss, backward, gradient clipping, an AdamW step with
+the scheduled LR/WD, and the EMA update of the target encoder. Each timed step is split into phases
+(seconds, mean over the timed steps).
 
 Baseline, measured in the same run between the steps: one no-grad forward of the encoder over the
 full clips (what the target pass costs). ``step_over_forward`` = step time / that forward, a
@@ -12,15 +13,15 @@ machine-independent figure of the step's overhead (about 1 + 3 x the masked pass
 Where the time goes (``time_shares``, ``gemm``; CPU only): one more step runs under the profiler, which
 also counts the matrix multiplications' FLOPs from their shapes. Its wall time splits into matrix
 multiplications, attention and everything else, and the multiplications' arithmetic rate is set against
-one large square fp32 matmul timed in the same run, about the best rate this device's GEMMs reach. A step whose multiplications already run near that rate can only
-be made faster by doing less arithmetic or by shrinking the other shares.
+one large square fp32 matmul timed in the same run, about the best rate this device's GEMMs reach. A step
+whose multiplications already run near that rate can only be made faster by doing less arithmetic or by
+shrinking the other shares.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import logging
 import statistics
 import sys
@@ -29,11 +30,11 @@ from typing import Iterator
 
 import torch
 
-from vjepa_ray import jepa, optim, schedules
 from vjepa_ray.config import load_config
-from vjepa_ray.ema import ema_update_
-from vjepa_ray.masks import MaskCollator
-from vjepa_ray.models import MODEL_SPECS, build_models
+from vjepa_ray.models import MODEL_SPECS
+from vjepa_ray.recipe.masks import MaskPair
+from vjepa_ray.recipe.objective import JepaOutput, normalize_clips, target_features
+from vjepa_ray.recipe.step import JepaStep, MicroBatch
 
 log = logging.getLogger(__name__)
 
@@ -80,60 +81,40 @@ class StepTimer:
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
+class _Bf16AutocastStep(JepaStep):
+    """``--precision bf16``: the forward passes under bf16 autocast, fp32 weights and optimizer."""
+
+    def forward(self, clips: torch.Tensor, masks: list[MaskPair]) -> JepaOutput:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16):
+            return super().forward(clips, masks)
+
+
 class Trainer:
-    """The models, optimizer and collator of the benchmark, and ``step()``: one full training step."""
+    """The benchmark's step, its clips, and ``step()``: one full training step."""
 
     def __init__(self, args: argparse.Namespace):
         self.device = torch.device(args.device)
         self.cfg = load_config(None, [f"model.name={args.model}", f"data.frames_per_clip={args.frames}",
                                       f"data.crop_size={args.crop}", f"data.batch_size={args.batch}",
                                       f"meta.seed={args.seed}"])
-        torch.manual_seed(args.seed)
-        self.encoder, self.predictor = (m.to(self.device) for m in build_models(self.cfg))
-        self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
-        self.target_params = list(self.target_encoder.parameters())
-        self.online_params = list(self.encoder.parameters())
-        named = [*self.encoder.named_parameters(prefix="encoder"), *self.predictor.named_parameters(prefix="predictor")]
-        self.optimizer = optim.adamw(named, self.cfg.optimization, fused=True)
-        self.collator = MaskCollator(self.cfg.mask, self.encoder.grid)
-        self.autocast_dtype = torch.bfloat16 if args.precision == "bf16" else None
+        self.bf16 = args.precision == "bf16"
+        step_class = _Bf16AutocastStep if self.bf16 else JepaStep
+        self.train_step = step_class.from_config(self.cfg, self.device, fused=True)
         gen = torch.Generator().manual_seed(args.seed)
         self.clips = torch.randint(0, 256, (args.batch, args.frames, args.crop, args.crop, 3), generator=gen,
                                    dtype=torch.uint8).to(self.device)
-        self.batch = args.batch
-        self.seed = args.seed
         self.step_index = 0
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
-
     def step(self, timer: StepTimer) -> float:
-        o = self.cfg.optimization
-        with timer.phase("masks"):
-            masks = self.collator(self.batch, (self.seed, self.step_index))
-        with timer.phase("normalize"):
-            x = jepa.normalize_clips(self.clips)
-        with timer.phase("forward"):
-            optim.apply_schedules(self.optimizer, schedules.lr_at(self.step_index, o),
-                                  schedules.weight_decay_at(self.step_index, o))
-            with self._autocast():
-                out = jepa.jepa_loss(x, masks, self.encoder, self.predictor, self.target_encoder)
-        with timer.phase("backward"):
-            out.loss.backward()
-        with timer.phase("optimizer"):
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        with timer.phase("ema"):
-            ema_update_(self.target_params, self.online_params, schedules.ema_momentum_at(self.step_index, o))
+        out = self.train_step([MicroBatch(self.clips)], self.step_index, timer)
         self.step_index += 1
-        return out.loss.detach().item()
+        return out.loss
 
     def target_forward(self, timer: StepTimer) -> None:
-        x = jepa.normalize_clips(self.clips)
-        with timer.phase("target_forward"), self._autocast():
-            jepa.target_features(self.target_encoder, x)
+        x = normalize_clips(self.clips)
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+        with timer.phase("target_forward"), autocast:
+            target_features(self.train_step.target_encoder, x)
 
 
 def reference_gemm_gflop_per_s(device: torch.device, size: int = REFERENCE_GEMM_SIZE, reps: int = 5) -> float:

@@ -201,14 +201,13 @@ class ClipStream:
         data: the ``data`` config section.
         seed: ``meta.seed``.
         rank, world_size: this worker's place among those that share the stream.
-        position: (epoch, chunk) to start from, e.g. from a checkpoint's ``state_dict()``.
         refs: the video list, when the caller listed it once for all workers (else listed here).
         filesystem: pyarrow filesystem for URI paths (e.g. ``S3FileSystem(endpoint_override=...)``).
         label_selector: node labels for the decode tasks; default ``data.decode_label_selector``.
     """
 
-    def __init__(self, data: DataConfig, seed: int, rank: int = 0, world_size: int = 1,
-                 position: Position = (0, 0), *, refs: Optional[Sequence[VideoRef]] = None,
+    def __init__(self, data: DataConfig, seed: int, rank: int = 0, world_size: int = 1, *,
+                 refs: Optional[Sequence[VideoRef]] = None,
                  filesystem: Optional[pafs.FileSystem] = None,
                  label_selector: Optional[dict[str, str]] = None):
         if not 0 <= rank < world_size:
@@ -223,8 +222,8 @@ class ClipStream:
             raise ConfigError("data.chunk_size", f"{data.chunk_size} files per chunk give each of {world_size} "
                               f"workers fewer than data.batch_size={data.batch_size} clips; use >= {need}")
         self.num_chunks = math.ceil(len(self.refs) / data.chunk_size)
+        # Where to start: the beginning, until ``load_state_dict`` restores a checkpoint's position.
         self._position: Position = (0, 0)
-        self.load_state_dict({"epoch": position[0], "chunk": position[1]})
         self._unreported: Counter = Counter()
         self._logged: set[str] = set()
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vjepa_ray.jepa import normalize_clips
+from vjepa_ray.recipe.objective import normalize_clips
 
 
 def encode_views(encoder: nn.Module, clips: torch.Tensor, chunk: int = 0) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vjepa_ray.models.probe import AttentiveClassifier
-from vjepa_ray.optim import apply_schedules, param_groups
+from vjepa_ray.recipe.optimizer import apply_schedules, param_groups
 
 
 @dataclass(frozen=True)

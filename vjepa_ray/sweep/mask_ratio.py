@@ -1,6 +1,6 @@
 """``mask_ratio``: a masking knob in the units people think in, mapped onto the multi-block generator.
 
-The generator (``vjepa_ray.masks``) is parametrised by a number of blocks and a spatial scale per block;
+The generator (``vjepa_ray.recipe.masks``) is parametrised by a number of blocks and a spatial scale per block;
 what it masks is the union of those blocks, which overlap, so the masked share of a clip is not the
 scale times the number of blocks. Here the masked share is measured on the generator itself:
 
@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 
 from vjepa_ray.config import MaskConfig
-from vjepa_ray.masks import MultiBlockMaskGenerator
+from vjepa_ray.recipe.masks import MultiBlockMaskGenerator
 
 # Draws per estimate: the standard error of the mean masked fraction stays below ~0.01.
 SAMPLES = 400

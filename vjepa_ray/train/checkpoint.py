@@ -1,37 +1,41 @@
-"""Training checkpoints: what every rank writes, and how a (re)started run reads it back.
+"""Training checkpoints: when a run saves, what every rank writes, and how a (re)started run reads it back.
 
 One checkpoint is one folder, assembled by Ray Train from every rank's local folder (``ray.train.report``
 copies all ranks' files into ``<storage>/<name>/<checkpoint_dir_name>``)::
 
     deepspeed/state/...          DeepSpeed's sharded engine state (model, optimizer, per-rank ZeRO files)
-    target_encoder/shard_*.pt    the EMA target, fp32 (vjepa_ray.train.ema)
+    target_encoder/shard_*.pt    the EMA target, fp32 (vjepa_ray.train.target_encoder)
     rng/rank_*.pt                each rank's torch / numpy / python RNG state
     train_state.json             step, data position, world size, counters (rank 0)
     config.yaml                  the run's config (rank 0)
 
 A run that restarts with a different world size under ZeRO 1-3 cannot load DeepSpeed's partitioned files
 directly: the checkpoint is converted once per node to a universal checkpoint (``ds_to_universal``) in a
-temporary folder, which the new engine loads with ``checkpoint.load_universal``. That is why every save passes DeepSpeed the
-``universal_checkpoint_info`` client state.
+temporary folder, which the new engine loads with ``checkpoint.load_universal``. That is why every save passes
+DeepSpeed the ``universal_checkpoint_info`` client state.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import random
+import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from vjepa_ray.config import Config
-from vjepa_ray.train.ema import TargetEncoder
+from vjepa_ray.train.target_encoder import TargetEncoder
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +43,19 @@ DEEPSPEED_DIR = "deepspeed"
 DEEPSPEED_TAG = "state"
 TRAIN_STATE = "train_state.json"
 CONFIG_FILE = "config.yaml"
+
+
+@dataclass(frozen=True)
+class SaveSchedule:
+    """Which steps save a checkpoint: every ``every_steps`` (``checkpoint.every_steps``), the last step
+    (``total_steps``), and the step at which a preemption notice arrived."""
+
+    every_steps: int
+    total_steps: int
+
+    def due(self, step: int, preempted: bool = False) -> bool:
+        """Whether the run saves after ``step`` steps."""
+        return preempted or step == self.total_steps or step % self.every_steps == 0
 
 
 @dataclass
@@ -54,7 +71,7 @@ class TrainState:
     skipped_videos: int = 0
     last_loss: float | None = None
     world_sizes: list[int] = field(default_factory=list)
-    # loop.state_digest of weights and Adam moments at the save, when the run verifies its restores.
+    # state_digest of weights and Adam moments at the save, when the run verifies its restores.
     state_digest: str | None = None
 
     def to_json(self) -> str:
@@ -114,14 +131,14 @@ def needs_universal(saved: TrainState, world_size: int, cfg: Config) -> bool:
     return saved.world_size != world_size and partitioned
 
 
-def universal_folder(token: str) -> Path:
+def _universal_folder(token: str) -> Path:
     """Where a node writes this start's universal conversion. ``token`` is drawn afresh for every start
     (and shared by all ranks), so a conversion is never confused with one of an earlier run or checkpoint
     that had the same run and step names."""
     return Path(tempfile.gettempdir()) / "vjepa_ray_universal" / token
 
 
-def convert_to_universal(checkpoint_dir: str | Path, out: str | Path) -> Path:
+def _convert_to_universal(checkpoint_dir: str | Path, out: str | Path) -> Path:
     """``ds_to_universal`` on the DeepSpeed state of ``checkpoint_dir`` into the new folder ``out``;
     returns the folder to load from."""
     from deepspeed.checkpoint import ds_to_universal
@@ -138,11 +155,33 @@ def convert_to_universal(checkpoint_dir: str | Path, out: str | Path) -> Path:
     return out
 
 
-def restore(folder: str | Path, engine, target: TargetEncoder, rank: int,
-            universal_dir: str | Path | None = None) -> TrainState:
-    """Loads engine, EMA target and this rank's RNG (a new rank keeps its fresh RNG) from ``folder``."""
+def restore(folder: str | Path, engine, target: TargetEncoder, rank: int, local_rank: int,
+            resharded: bool = False) -> TrainState:
+    """Loads engine, EMA target and this rank's RNG (a new rank keeps its fresh RNG) from ``folder``.
+
+    Every rank calls it. ``resharded`` (``needs_universal``): local rank 0 of each node converts the
+    DeepSpeed state to a universal checkpoint in a folder named by a token rank 0 draws, every rank loads
+    from it (an engine built with ``load_universal``), and the conversion is removed after.
+    """
+    if not resharded:
+        return _load(folder, engine, target, rank, Path(folder) / DEEPSPEED_DIR)
+    token = [uuid.uuid4().hex if rank == 0 else None]
+    dist.broadcast_object_list(token, src=0)
+    universal_dir = _universal_folder(token[0])
+    if local_rank == 0:
+        _convert_to_universal(folder, universal_dir)
+    dist.barrier()
+    try:
+        return _load(folder, engine, target, rank, universal_dir)
+    finally:
+        # No rank may still read the conversion when it goes.
+        dist.barrier()
+        if local_rank == 0:
+            shutil.rmtree(universal_dir, ignore_errors=True)
+
+
+def _load(folder: str | Path, engine, target: TargetEncoder, rank: int, deepspeed_dir: Path) -> TrainState:
     folder = Path(folder)
-    deepspeed_dir = Path(universal_dir) if universal_dir is not None else folder / DEEPSPEED_DIR
     load_path, _ = engine.load_checkpoint(str(deepspeed_dir), tag=DEEPSPEED_TAG, load_lr_scheduler_states=False)
     if load_path is None:
         raise FileNotFoundError(f"DeepSpeed found no checkpoint in {deepspeed_dir}")
@@ -151,6 +190,37 @@ def restore(folder: str | Path, engine, target: TargetEncoder, rank: int,
     if rng_file.exists():
         set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
     return read_train_state(folder)
+
+
+def state_digest(engine) -> str:
+    """SHA-256 over every trained parameter's fp32 master weights and Adam moments, gathered in full.
+
+    Identical on all ranks and independent of the world size, so a restore (resharded or not) can be
+    checked against the save. A collective under ZeRO-3.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    optimizer = engine.optimizer
+    if hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
+        # DeepSpeed 0.19 (ZeRO 1-2, bf16) links Adam moments to parameters during the first step, before
+        # later param groups have moments, and never again: relink now that all groups have them.
+        optimizer._hp_optimizer_states_linked = False
+        optimizer._lazy_init_hp_params_optimizer_state()
+    digest = hashlib.sha256()
+    for name, param in engine.module.named_parameters():
+        if not param.requires_grad:
+            continue
+        if engine.zero_optimization() or engine.bfloat16_enabled():
+            tensors = [safe_get_full_fp32_param(param), safe_get_full_optimizer_state(param, "exp_avg"),
+                       safe_get_full_optimizer_state(param, "exp_avg_sq")]
+        else:
+            state = engine.optimizer.state.get(param, {})
+            tensors = [param.detach(), state.get("exp_avg"), state.get("exp_avg_sq")]
+        digest.update(name.encode())
+        for tensor in tensors:
+            if tensor is not None:
+                digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def read_model_weights(folder: str | Path) -> dict[str, dict[str, torch.Tensor]]:

@@ -1,45 +1,37 @@
-"""The DeepSpeed side of a training step: the engine config, the trained module and the optimizer.
+"""The recipe's training step on DeepSpeed: the engine config, the engine, and the step adapter.
 
-One DeepSpeed engine trains a module holding the context encoder and the predictor; the EMA target encoder
-lives beside it (``vjepa_ray.train.ema``). The optimizer is ours (``optim.param_groups`` with AdamW), and the
-LR/WD schedules are written into its groups before every step, so DeepSpeed's own scheduler stays unused.
+One DeepSpeed engine trains the ``JepaModule`` (context encoder and predictor); the EMA target encoder lives
+beside it (``vjepa_ray.train.target_encoder``). The optimizer is the recipe's (``param_groups`` with AdamW),
+and the step writes the LR/WD schedules into its groups, so DeepSpeed's own scheduler stays unused.
+``DeepSpeedStep`` is ``vjepa_ray.recipe.step.JepaStep`` with the engine doing forward, backward and the
+optimizer step; ``TrainStep`` feeds it one rank's micro batches from the data stream.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from torch import nn
 
-from vjepa_ray import jepa, optim, schedules
 from vjepa_ray.config import Config
-from vjepa_ray.masks import MaskCollator
+from vjepa_ray.recipe.masks import MaskCollator, MaskPair
+from vjepa_ray.recipe.objective import JepaModule, JepaOutput
+from vjepa_ray.recipe.optimizer import adamw, param_groups
+from vjepa_ray.recipe.step import JepaStep, MicroBatch, StepOutput, init_networks
 from vjepa_ray.train.elastic import BatchPlan
-from vjepa_ray.train.ema import TargetEncoder
+from vjepa_ray.train.target_encoder import TargetEncoder
+
+if TYPE_CHECKING:
+    from vjepa_ray.data.pipeline import ClipBatch
+    from vjepa_ray.train.metrics import IntervalMeter
 
 log = logging.getLogger(__name__)
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class JepaModule(nn.Module):
-    """What DeepSpeed trains: the context encoder and the predictor; forward = one step's objective.
-
-    Routing the whole step through ``engine(...)`` lets DeepSpeed's ZeRO-3 hooks see one root forward per
-    micro batch (they gather and release parameters around it).
-    """
-
-    def __init__(self, encoder: nn.Module, predictor: nn.Module):
-        super().__init__()
-        self.encoder = encoder
-        self.predictor = predictor
-
-    def forward(self, clips: torch.Tensor, masks: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                target_encoder: nn.Module) -> jepa.JepaOutput:
-        return jepa.jepa_loss(clips, masks, self.encoder, self.predictor, target_encoder)
 
 
 def merge_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -98,15 +90,15 @@ def target_engine_config(train_config: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_optimizer(module: nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """``optim.adamw`` (no decay on biases and 1-D params); DeepSpeed's CPU Adam over the same groups when
-    the optimizer is offloaded."""
+    """``adamw`` (no decay on biases and 1-D params); DeepSpeed's CPU Adam over the same groups when the
+    optimizer is offloaded."""
     o = cfg.optimization
     if cfg.deepspeed.offload_optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        return DeepSpeedCPUAdam(optim.param_groups(module.named_parameters(), o.weight_decay), adamw_mode=True,
+        return DeepSpeedCPUAdam(param_groups(module.named_parameters(), o.weight_decay), adamw_mode=True,
                                 lr=o.start_lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-    return optim.adamw(module.named_parameters(), o)
+    return adamw(module.named_parameters(), o)
 
 
 def build_engine(module: JepaModule, cfg: Config, ds_config: dict[str, Any]):
@@ -149,53 +141,70 @@ def state_bytes(engine, target: TargetEncoder) -> dict[str, int]:
             "total": weights + optimizer + target.bytes_per_rank()}
 
 
+class DeepSpeedStep(JepaStep):
+    """``JepaStep`` on a DeepSpeed engine and a ``TargetEncoder``.
+
+    The engine runs the forward and the backward, and steps the optimizer (clipping the gradient norm,
+    ``gradient_clipping``) when the last micro batch of the step is in: it divides the loss by its
+    accumulation steps and averages the gradient over the ranks itself. The EMA updates this rank's share
+    of the target (its ZeRO-3 partition, or all of it).
+    """
+
+    def __init__(self, engine, target: TargetEncoder, cfg: Config, device: torch.device, dtype: torch.dtype):
+        super().__init__(engine.module, target.module, engine.optimizer,
+                         MaskCollator(cfg.mask, engine.module.encoder.grid), cfg.optimization, cfg.meta.seed,
+                         device, dtype)
+        self.engine, self.target = engine, target
+
+    def forward(self, clips: torch.Tensor, masks: list[MaskPair]) -> JepaOutput:
+        return self.engine(clips, masks, self.target_encoder)
+
+    def backward(self, weighted_loss: torch.Tensor, num_micro_batches: int) -> None:
+        self.engine.backward(weighted_loss)
+        self.engine.step()
+
+    def optimizer_step(self) -> float | None:
+        # The engine stepped in ``backward``; the norm is the one it computed there.
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def update_target(self, momentum: float) -> None:
+        self.target.update(momentum)
+
+
 class TrainStep:
-    """One rank's models, DeepSpeed engine, EMA target and masks, and the optimizer step over them."""
+    """One rank's engine, EMA target and step, and ``__call__``: the step over this rank's micro batches."""
 
     def __init__(self, cfg: Config, plan: BatchPlan, rank: int, device: torch.device,
                  load_universal: bool = False):
-        from vjepa_ray.models import build_models
-
-        self.cfg, self.plan, self.rank, self.device = cfg, plan, rank, device
-        self.dtype = PRECISION_DTYPES[cfg.deepspeed.precision]
-        self.ds_config = deepspeed_config(cfg, plan, load_universal=load_universal)
+        self.plan, self.rank = plan, rank
+        dtype = PRECISION_DTYPES[cfg.deepspeed.precision]
+        ds_config = deepspeed_config(cfg, plan, load_universal=load_universal)
         # Same seed on every rank: identical initial weights (ZeRO-3 partitions them as they are).
-        torch.manual_seed(cfg.meta.seed)
-        encoder, predictor = build_models(cfg)
-        target = copy.deepcopy(encoder)
-        self.engine = build_engine(JepaModule(encoder, predictor), cfg, self.ds_config)
+        module, target = init_networks(cfg)
+        self.engine = build_engine(module, cfg, ds_config)
         online = self.engine.module.encoder
         if cfg.deepspeed.zero_stage == 3:
-            self.target = TargetEncoder.partitioned(target, online, target_engine_config(self.ds_config))
+            self.target = TargetEncoder.partitioned(target, online, target_engine_config(ds_config))
         else:
-            self.target = TargetEncoder.replicated(target.to(device, self.dtype), online)
-        self.collator = MaskCollator(cfg.mask, encoder.grid)
+            self.target = TargetEncoder.replicated(target.to(device, dtype), online)
+        self.jepa_step = DeepSpeedStep(self.engine, self.target, cfg, device, dtype)
 
-    def __call__(self, batches: Iterator, step: int, meter=None) -> dict[str, float]:
-        """Optimizer step ``step`` (0-based) over ``plan.grad_accum`` micro batches from ``batches``;
-        returns the schedules' values it used. ``meter`` (an ``IntervalMeter``) times and sums it."""
-        o = self.cfg.optimization
-        values = {"lr": schedules.lr_at(step, o), "wd": schedules.weight_decay_at(step, o),
-                  "momentum": schedules.ema_momentum_at(step, o)}
-        optim.apply_schedules(self.engine.optimizer, values["lr"], values["wd"])
-        for micro, size in enumerate(self.plan.micro_batches(self.rank)):
-            if meter is not None:
-                with meter.waiting():
-                    batch = next(batches)
-            else:
-                batch = next(batches)
-            # The stream yields the largest micro batch of any rank; an uneven split takes fewer here.
-            clips = jepa.normalize_clips(batch.clips[:size].to(self.device, non_blocking=True), self.dtype)
-            masks = [(c.to(self.device), t.to(self.device)) for c, t in
-                     self.collator(size, seed=(self.cfg.meta.seed, step, micro), rank=self.rank)]
-            out = self.engine(clips, masks, self.target.module)
-            self.engine.backward(out.loss * self.plan.loss_weight(size))
-            self.engine.step()
-            if meter is not None:
-                meter.add_micro_step(out.loss.detach(), out.per_mask_losses, out.target_features_std,
-                                     clips=size, skipped=sum(batch.skipped.values()))
-        self.target.update(values["momentum"])
+    def __call__(self, batches: Iterator[ClipBatch], step: int, meter: IntervalMeter | None = None) -> StepOutput:
+        """Optimizer step ``step`` (0-based) over ``plan.grad_accum`` micro batches from ``batches``.
+        ``meter`` times the waits for them and sums the step's losses and gradient norm."""
+        sizes = self.plan.micro_batches(self.rank)
+        # The recipe's step takes all micro batches of a step at once: they are fetched first.
+        fetched = []
+        for _ in sizes:
+            with meter.waiting() if meter is not None else contextlib.nullcontext():
+                fetched.append(next(batches))
+        # The stream yields the largest micro batch of any rank; an uneven split takes fewer here.
+        out = self.jepa_step([MicroBatch(batch.clips[:size], self.rank, micro, self.plan.loss_weight(size))
+                              for micro, (batch, size) in enumerate(zip(fetched, sizes))], step)
         if meter is not None:
-            norm = self.engine.get_global_grad_norm()
-            meter.add_step(None if norm is None else float(norm))
-        return values
+            for batch, size, micro_out in zip(fetched, sizes, out.outputs):
+                meter.add_micro_step(micro_out.loss, micro_out.per_mask_losses, micro_out.target_features_std,
+                                     clips=size, skipped=sum(batch.skipped.values()))
+            meter.add_step(out.grad_norm)
+        return out

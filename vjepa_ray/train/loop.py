@@ -11,14 +11,12 @@ need (both are barriers).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import shutil
 import sys
-import uuid
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
 import torch
 import torch.distributed as dist
@@ -29,17 +27,31 @@ from vjepa_ray.train.elastic import BatchPlan, global_batch_size, plan_batch
 from vjepa_ray.train.engine import TrainStep, state_bytes
 from vjepa_ray.train.metrics import IntervalMeter, collapse_warning, format_progress
 
+if TYPE_CHECKING:
+    from vjepa_ray.data.pipeline import ClipBatch
+
 log = logging.getLogger(__name__)
 
-# (data config with the micro batch as batch_size, meta.seed, rank, world size, (epoch, chunk)) -> stream
-StreamFactory = Callable[[DataConfig, int, int, int, tuple[int, int]], Iterable]
+
+class Stream(Protocol):
+    """An endless stream of micro batches that can say, and be told, where it stands."""
+
+    def __iter__(self) -> Iterator[ClipBatch]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-def clip_stream(data: DataConfig, seed: int, rank: int, world_size: int, position: tuple[int, int]) -> Iterable:
+# (data config with the micro batch as batch_size, meta.seed, rank, world size) -> a stream at its start
+StreamFactory = Callable[[DataConfig, int, int, int], Stream]
+
+
+def clip_stream(data: DataConfig, seed: int, rank: int, world_size: int) -> Stream:
     """The default stream: ``vjepa_ray.data.pipeline.ClipStream`` (Ray Data decoding of ``data.paths``)."""
     from vjepa_ray.data.pipeline import ClipStream
 
-    return ClipStream(data, seed, rank, world_size, position)
+    return ClipStream(data, seed, rank, world_size)
 
 
 def train_func(config: dict[str, Any]) -> None:
@@ -63,37 +75,6 @@ def _log_to_stderr() -> None:
         package.addHandler(handler)
         package.setLevel(logging.INFO)
         package.propagate = False
-
-
-def state_digest(engine) -> str:
-    """SHA-256 over every trained parameter's fp32 master weights and Adam moments, gathered in full.
-
-    Identical on all ranks and independent of the world size, so a restore (resharded or not) can be
-    checked against the save. A collective under ZeRO-3.
-    """
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
-    optimizer = engine.optimizer
-    if hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
-        # DeepSpeed 0.19 (ZeRO 1-2, bf16) links Adam moments to parameters during the first step, before
-        # later param groups have moments, and never again: relink now that all groups have them.
-        optimizer._hp_optimizer_states_linked = False
-        optimizer._lazy_init_hp_params_optimizer_state()
-    digest = hashlib.sha256()
-    for name, param in engine.module.named_parameters():
-        if not param.requires_grad:
-            continue
-        if engine.zero_optimization() or engine.bfloat16_enabled():
-            tensors = [safe_get_full_fp32_param(param), safe_get_full_optimizer_state(param, "exp_avg"),
-                       safe_get_full_optimizer_state(param, "exp_avg_sq")]
-        else:
-            state = engine.optimizer.state.get(param, {})
-            tensors = [param.detach(), state.get("exp_avg"), state.get("exp_avg_sq")]
-        digest.update(name.encode())
-        for tensor in tensors:
-            if tensor is not None:
-                digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 class Run:
@@ -137,26 +118,13 @@ class Run:
             if saved is None:
                 return ckpt.TrainState(world_size=self.world_size, global_batch=self.plan.global_batch,
                                        zero_stage=self.cfg.deepspeed.zero_stage)
-            if universal:
-                token = [uuid.uuid4().hex if self.rank == 0 else None]
-                dist.broadcast_object_list(token, src=0)
-                universal_dir = ckpt.universal_folder(token[0])
-                if self.local_rank == 0:
-                    ckpt.convert_to_universal(folder, universal_dir)
-                dist.barrier()
-                try:
-                    state = ckpt.restore(folder, self.step.engine, self.step.target, self.rank, universal_dir)
-                finally:
-                    dist.barrier()
-                    if self.local_rank == 0:
-                        shutil.rmtree(universal_dir, ignore_errors=True)
-            else:
-                state = ckpt.restore(folder, self.step.engine, self.step.target, self.rank)
+            state = ckpt.restore(folder, self.step.engine, self.step.target, self.rank, self.local_rank,
+                                 resharded=universal)
         if state.global_batch != self.plan.global_batch:
             log.warning("global batch changed from %d (checkpoint) to %d (config)", state.global_batch,
                         self.plan.global_batch)
         if self.verify_restore:
-            self.restored_digest = state_digest(self.step.engine)
+            self.restored_digest = ckpt.state_digest(self.step.engine)
             if state.state_digest is not None and state.state_digest != self.restored_digest:
                 raise RuntimeError(f"the state restored from {checkpoint.path} differs from the one saved there")
         if self.rank == 0:
@@ -180,27 +148,29 @@ class Run:
 
         cfg, total = self.cfg, self.cfg.optimization.total_steps
         data = dataclasses.replace(cfg.data, batch_size=self.plan.micro_batch)
-        saved_position = state.data_position or {"epoch": 0, "chunk": 0}
-        position = (int(saved_position["epoch"]), int(saved_position["chunk"]))
-        stream = self.stream_factory(data, cfg.meta.seed, self.rank, self.world_size, position)
+        stream = self.stream_factory(data, cfg.meta.seed, self.rank, self.world_size)
+        if state.data_position is not None:
+            stream.load_state_dict(state.data_position)
         batches = iter(stream)
+        saves = ckpt.SaveSchedule(cfg.checkpoint.every_steps, total)
         meter = IntervalMeter(len(cfg.mask))
         if state.step >= total:
             self._report(state, {"step": state.step, "resumed_from_step": resumed_step}, checkpoint=False)
             return
         while state.step < total:
-            values = self.step(batches, state.step, meter)
+            out = self.step(batches, state.step, meter)
             state.step += 1
             state.data_position = stream.state_dict()
-            step, last = state.step, state.step == total
-            if step % cfg.logging.every_steps and step % cfg.checkpoint.every_steps and not last:
+            step = state.step
+            if step % cfg.logging.every_steps and not saves.due(step):
                 continue
             metrics = meter.reduce(self.device)
             meter.reset()
             state.skipped_videos += metrics.pop("skipped_videos")
             state.last_loss = metrics["loss"]
             memory = state_bytes(self.step.engine, self.step.target)
-            metrics.update(values, step=step, skipped_videos=state.skipped_videos, world_size=self.world_size,
+            metrics.update(lr=out.lr, wd=out.weight_decay, momentum=out.momentum, step=step,
+                           skipped_videos=state.skipped_videos, world_size=self.world_size,
                            global_batch=self.plan.global_batch, micro_batch=self.plan.micro_batch,
                            grad_accum=self.plan.grad_accum, resumed_from_step=resumed_step,
                            state_bytes_per_rank=memory["total"])
@@ -216,7 +186,7 @@ class Run:
             preempted = ray.train.get_preemption_info() is not None
             if preempted and self.rank == 0:
                 log.warning("preemption notice at step %d: checkpointing now", step)
-            self._report(state, metrics, checkpoint=last or preempted or step % cfg.checkpoint.every_steps == 0)
+            self._report(state, metrics, checkpoint=saves.due(step, preempted))
 
     def _report(self, state: ckpt.TrainState, metrics: dict[str, Any], checkpoint: bool) -> None:
         import ray.train
@@ -227,7 +197,7 @@ class Run:
         folder = ckpt.node_local_tempdir(f"vjepa_ckpt_{state.step}_")
         try:
             if self.verify_restore:
-                state.state_digest = metrics["saved_state_digest"] = state_digest(self.step.engine)
+                state.state_digest = metrics["saved_state_digest"] = ckpt.state_digest(self.step.engine)
             ckpt.save(folder, self.step.engine, self.step.target, state, self.rank, to_yaml(self.cfg))
             dist.barrier()
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),

@@ -27,20 +27,21 @@ def synthetic_clips(data: DataConfig, seed: int, rank: int, index: int) -> torch
 
 
 class SyntheticClipStream:
-    """``ClipStream``'s interface (iterate, ``position``, ``state_dict``) over ``synthetic_clips``."""
+    """``ClipStream``'s interface (iterate, ``state_dict``, ``load_state_dict``) over ``synthetic_clips``.
 
-    def __init__(self, data: DataConfig, seed: int, rank: int = 0, world_size: int = 1,
-                 position: tuple[int, int] = (0, 0)):
+    Its state is ``ClipStream``'s (epoch, chunk) with the epoch always 0 and the index of the next batch
+    as the chunk.
+    """
+
+    def __init__(self, data: DataConfig, seed: int, rank: int = 0, world_size: int = 1):
         self.data, self.seed, self.rank, self.world_size = data, seed, rank, world_size
-        # (0, i): the index of the next batch; the epoch stays 0.
-        self._index = int(position[1])
-
-    @property
-    def position(self) -> tuple[int, int]:
-        return (0, self._index)
+        self._index = 0
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": 0, "chunk": self._index}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._index = int(state["chunk"])
 
     def __iter__(self) -> Iterator[ClipBatch]:
         while True:

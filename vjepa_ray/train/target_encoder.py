@@ -1,4 +1,4 @@
-"""The EMA target encoder, kept by the training function beside the DeepSpeed engine.
+"""The ZeRO-aware EMA target encoder, kept by the training function beside the DeepSpeed engine.
 
 ZeRO 0-2 replicate the module's weights on every rank, so the target is a full copy updated in place. Under
 ZeRO-3 the target is a second ZeRO-3 module (an engine without optimizer): each rank holds and updates only
@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from vjepa_ray import ema
+from vjepa_ray.recipe.ema import ema_update_
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +87,9 @@ class TargetEncoder:
         """target <- momentum * target + (1 - momentum) * online, on this rank's share of the weights."""
         online = [self._shard(p) for p in self._online]
         if self._master is None:
-            ema.ema_update_(self._local_target(), online, momentum)
+            ema_update_(self._local_target(), online, momentum)
             return
-        ema.ema_update_(self._master, [t.float() for t in online], momentum)
+        ema_update_(self._master, [t.float() for t in online], momentum)
         torch._foreach_copy_(self._local_target(), self._master)
 
     def fp32_shards(self) -> dict[str, torch.Tensor]:

@@ -7,6 +7,8 @@ One step of it (``jepa_loss``):
 2. for each mask config ``i``, the encoder encodes only the context tokens and the predictor,
    using mask token ``i``, predicts the features at the target ids;
 3. the loss is the mean absolute error per config, averaged over the configs.
+
+``JepaModule`` holds the two trained networks and makes that loss its forward.
 """
 
 from __future__ import annotations
@@ -103,3 +105,20 @@ def jepa_loss(clips: torch.Tensor, masks: Sequence[tuple[torch.Tensor, torch.Ten
             losses.append(F.l1_loss(prediction.float(), gather_tokens(targets, target_ids)))
     loss = torch.stack(losses).mean()
     return JepaOutput(loss=loss, per_mask_losses=[x.detach() for x in losses], target_features_std=spread)
+
+
+class JepaModule(nn.Module):
+    """The trained networks, the context encoder and the predictor; forward = ``jepa_loss`` of one batch.
+
+    Making the whole objective one module's forward lets a wrapper that hooks the root forward (DeepSpeed's
+    ZeRO-3 gathers and releases parameters around it) see one forward per micro batch.
+    """
+
+    def __init__(self, encoder: nn.Module, predictor: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.predictor = predictor
+
+    def forward(self, clips: torch.Tensor, masks: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                target_encoder: nn.Module) -> JepaOutput:
+        return jepa_loss(clips, masks, self.encoder, self.predictor, target_encoder)

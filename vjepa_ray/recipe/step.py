@@ -1,0 +1,151 @@
+"""The V-JEPA training step: schedules -> masks -> normalise -> loss -> backward -> optimizer -> EMA.
+
+A step takes the micro batches of one optimizer step. Each names the rank that draws it and its index
+among that rank's micro batches, and its masks follow from them as in a distributed run: block sizes from
+``(meta.seed, step, micro)``, shared by every rank, positions from those and the rank. So one process can
+replay the step of W ranks: given every rank's micro batches, it draws the same masks and, weighting and
+averaging the micro losses as DeepSpeed does, computes the same gradient.
+
+``JepaStep`` runs the step with plain autograd and a torch optimizer. Its hooks (``forward``, ``backward``,
+``optimizer_step``, ``update_target``) are what a distributed runtime replaces: ``vjepa_ray.train.engine``
+runs the same step on a DeepSpeed engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import statistics
+from dataclasses import dataclass
+from typing import ContextManager, Protocol, Sequence
+
+import torch
+from torch import nn
+
+from vjepa_ray.config import Config, OptimizationConfig
+from vjepa_ray.models import build_models
+from vjepa_ray.recipe.ema import ema_update_
+from vjepa_ray.recipe.masks import MaskCollator, MaskPair
+from vjepa_ray.recipe.objective import JepaModule, JepaOutput, normalize_clips
+from vjepa_ray.recipe.optimizer import adamw, apply_schedules
+from vjepa_ray.recipe.schedules import ema_momentum_at, lr_at, weight_decay_at
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """One micro batch of a step.
+
+    clips: uint8 [B, T, H, W, 3]; rank: the rank that draws it; micro: its index among that rank's micro
+    batches; weight: the factor on its mean loss (``BatchPlan.loss_weight``: 1 unless the global batch
+    splits unevenly).
+    """
+
+    clips: torch.Tensor
+    rank: int = 0
+    micro: int = 0
+    weight: float = 1.0
+
+
+@dataclass
+class StepOutput:
+    """The schedules' values a step used, each micro batch's (detached) objective, and the gradient norm
+    (None where it was not computed)."""
+
+    lr: float
+    weight_decay: float
+    momentum: float
+    outputs: list[JepaOutput]
+    grad_norm: float | None
+
+    @property
+    def loss(self) -> float:
+        """The mean of the micro batches' losses (the step's loss when they hold equally many clips)."""
+        return statistics.fmean(float(out.loss) for out in self.outputs)
+
+
+class PhaseTimer(Protocol):
+    """Times the phases of a step: masks, normalize, forward, backward, optimizer, ema."""
+
+    def phase(self, name: str) -> ContextManager[None]: ...
+
+
+class _Untimed:
+    def phase(self, name: str) -> ContextManager[None]:
+        return contextlib.nullcontext()
+
+
+def init_networks(cfg: Config) -> tuple[JepaModule, nn.Module]:
+    """The trained module and the target encoder (a frozen copy of the encoder), initialised from
+    ``cfg.meta.seed``: every rank of a run, and any one-process replay of it, starts from these weights."""
+    torch.manual_seed(cfg.meta.seed)
+    encoder, predictor = build_models(cfg)
+    return JepaModule(encoder, predictor), copy.deepcopy(encoder).requires_grad_(False)
+
+
+class JepaStep:
+    """One optimizer step of V-JEPA over micro batches, in this process.
+
+    ``module`` holds the trained encoder and predictor, ``target_encoder`` the EMA copy of the encoder; the
+    models run in ``dtype`` on ``device``. Masks come from ``collator`` seeded with ``seed`` (``meta.seed``).
+    """
+
+    def __init__(self, module: JepaModule, target_encoder: nn.Module, optimizer: torch.optim.Optimizer,
+                 collator: MaskCollator, optimization: OptimizationConfig, seed: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        self.module, self.target_encoder, self.optimizer = module, target_encoder, optimizer
+        self.collator, self.optimization, self.seed = collator, optimization, seed
+        self.device, self.dtype = torch.device(device), dtype
+
+    @classmethod
+    def from_config(cls, cfg: Config, device: torch.device | str = "cpu", fused: bool | None = None) -> "JepaStep":
+        """The step of a run's config: ``init_networks`` on ``device``, AdamW (``fused`` as ``adamw``)."""
+        module, target = init_networks(cfg)
+        module, target = module.to(device), target.to(device)
+        return cls(module, target, adamw(module.named_parameters(), cfg.optimization, fused=fused),
+                   MaskCollator(cfg.mask, module.encoder.grid), cfg.optimization, cfg.meta.seed, device)
+
+    def __call__(self, micro_batches: Sequence[MicroBatch], step: int, timer: PhaseTimer | None = None) -> StepOutput:
+        """Optimizer step ``step`` (0-based) over ``micro_batches``, in their order."""
+        timer = timer or _Untimed()
+        o = self.optimization
+        lr, weight_decay, momentum = lr_at(step, o), weight_decay_at(step, o), ema_momentum_at(step, o)
+        with timer.phase("optimizer"):
+            apply_schedules(self.optimizer, lr, weight_decay)
+        outputs = []
+        for batch in micro_batches:
+            with timer.phase("normalize"):
+                clips = normalize_clips(batch.clips.to(self.device, non_blocking=True), self.dtype)
+            with timer.phase("masks"):
+                masks = [(context.to(self.device), target.to(self.device)) for context, target in
+                         self.collator(len(batch.clips), seed=(self.seed, step, batch.micro), rank=batch.rank)]
+            with timer.phase("forward"):
+                out = self.forward(clips, masks)
+            with timer.phase("backward"):
+                self.backward(out.loss * batch.weight, len(micro_batches))
+            outputs.append(JepaOutput(out.loss.detach(), out.per_mask_losses, out.target_features_std))
+        with timer.phase("optimizer"):
+            grad_norm = self.optimizer_step()
+        with timer.phase("ema"):
+            self.update_target(momentum)
+        return StepOutput(lr, weight_decay, momentum, outputs, grad_norm)
+
+    def forward(self, clips: torch.Tensor, masks: list[MaskPair]) -> JepaOutput:
+        return self.module(clips, masks, self.target_encoder)
+
+    def backward(self, weighted_loss: torch.Tensor, num_micro_batches: int) -> None:
+        """Accumulates the gradient of the mean over all micro batches of the step (of all emulated ranks),
+        as DeepSpeed's accumulation and all-reduce make it."""
+        (weighted_loss / num_micro_batches).backward()
+
+    def optimizer_step(self) -> float | None:
+        """Clips the gradient norm to ``optimization.clip_grad`` (0: no clipping), steps, zeroes the
+        gradients; returns the norm before clipping, if clipped."""
+        norm = None
+        if self.optimization.clip_grad > 0:
+            norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.optimization.clip_grad))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def update_target(self, momentum: float) -> None:
+        ema_update_(list(self.target_encoder.parameters()), list(self.module.encoder.parameters()), momentum)
