@@ -7,8 +7,19 @@ import sys
 
 import pytest
 
-from vjepa_ray.config import (Config, ConfigError, DataConfig, MaskConfig, ModelConfig, OptimizationConfig,
-                              SweepConfig, builtin_config_path, from_dict, load_config, to_dict)
+from vjepa_ray.config import (
+    Config,
+    ConfigError,
+    DataConfig,
+    MaskConfig,
+    ModelConfig,
+    OptimizationConfig,
+    SweepConfig,
+    builtin_config_path,
+    from_dict,
+    load_config,
+    to_dict,
+)
 from vjepa_ray.models.vit import MODEL_SPECS
 
 

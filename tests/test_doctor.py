@@ -10,7 +10,6 @@ import pytest
 from vjepa_ray.data.doctor import main
 from vjepa_ray.video.synthetic import moving_pattern, write_video
 
-
 # The clip these tests' 24-frame videos must hold, independent of the built-in demo's settings.
 CLIP = ["data.frames_per_clip=8", "data.frame_step=2", "data.clips_per_video=1"]
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from vjepa_ray.eval import loop
 from vjepa_ray.config import ConfigError, builtin_config_path, load_config
+from vjepa_ray.eval import loop
 from vjepa_ray.export import main as export_main
 from vjepa_ray.models import build_models, load_pretrained, load_pretrained_predictor
 from vjepa_ray.models.pretrained import official_checkpoint, read_checkpoint

@@ -9,8 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vjepa_ray.video.transforms import (random_resized_crop_clip, resize_clip, resize_short_side, sample_crop_box,
-                                        spatial_views)
+from vjepa_ray.video.transforms import (
+    random_resized_crop_clip,
+    resize_clip,
+    resize_short_side,
+    sample_crop_box,
+    spatial_views,
+)
 
 
 def coordinate_clip(frames: int, height: int, width: int) -> np.ndarray:

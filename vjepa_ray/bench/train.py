@@ -8,7 +8,8 @@
   ``ray.cpus_per_worker`` threads. Perfect scaling would give the Ray run this rate, so
   ``ray_overhead`` = 1 - (Ray rate / this rate) is what Ray, the collectives, reporting and checkpointing
   cost. A shared machine's speed drifts over minutes, so each of ``--repeats`` Ray runs is compared with the
-  mean of the one-process runs timed right before and right after it; the figures reported are the medians over the repeats, and ``runs`` holds each one.
+  mean of the one-process runs timed right before and right after it; the figures reported are the medians
+  over the repeats, and ``runs`` holds each one.
 - ``ray_overhead_per_worker_share``: the same, with the baseline scaled to the cores a worker actually had.
   Over the reports the rate is taken from, a sampler in this process reads the CPU time of every process
   under it (``runs.cores_used_by_role``: the local cluster's GCS, raylet, dashboard and agents, the Train

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
-import sys
 from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
@@ -26,6 +25,7 @@ from vjepa_ray.train import checkpoint as ckpt
 from vjepa_ray.train.elastic import BatchPlan, global_batch_size, plan_batch
 from vjepa_ray.train.engine import TrainStep, state_bytes
 from vjepa_ray.train.metrics import IntervalMeter, collapse_warning, format_progress
+from vjepa_ray.worker_env import configure_worker_logging
 
 if TYPE_CHECKING:
     from vjepa_ray.data.pipeline import ClipBatch
@@ -59,22 +59,11 @@ def train_func(config: dict[str, Any]) -> None:
     optionally ``stream_factory`` (default ``clip_stream``), ``tracker`` (a ``RunTracker`` actor) and
     ``verify_restore`` (save a digest of weights and Adam moments with every checkpoint; fail a restore
     whose state differs from it)."""
-    _log_to_stderr()
+    configure_worker_logging()
     cfg = from_dict(config["cfg"])
     run = Run(cfg, config.get("stream_factory") or clip_stream, config.get("tracker"),
               bool(config.get("verify_restore", False)))
     run.train()
-
-
-def _log_to_stderr() -> None:
-    # Ray forwards worker output to the driver; our package logs at INFO there.
-    package = logging.getLogger("vjepa_ray")
-    if not package.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
-        package.addHandler(handler)
-        package.setLevel(logging.INFO)
-        package.propagate = False
 
 
 class Run:
