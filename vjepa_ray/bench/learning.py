@@ -71,10 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--pretrain-videos", type=int, default=2000, help="unlabelled videos for pretraining")
     a("--train-per-class", type=int, default=60)
     a("--val-per-class", type=int, default=50)
-    # Encoder and predictor. 4-px patches (an 8x8 grid at 32 px): with 8-px ones a patch swallows most of
-    # the disc's motion between frames; there, the same ViT trained end to end on 2,000 labels reached 21%,
-    # and pretraining (1,200 steps) put probes 6 points over random init, against 19 with 4-px patches
-    # (600 steps, mean of 3 probe initialisations).
+    # Encoder and predictor. 4-px patches (an 8x8 grid at 32 px): an 8-px patch swallows most of the disc's
+    # motion between frames, and then neither pretraining nor supervised training separates the classes well.
     a("--patch", type=int, default=4)
     a("--tubelet", type=int, default=2)
     a("--embed-dim", type=int, default=96)
@@ -85,13 +83,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # Pretraining.
     a("--steps", type=int, default=600)
     a("--batch", type=int, default=32)
-    # With 8-px patches, 5e-4 collapsed the target's features onto ~5 directions within 600 steps
-    # (effective rank 4.6 on 300 val clips, random init 16.6) and probes on them did worse than at random
-    # init; at 1.5e-4 the rank grew (25, 28, 31 at steps 300, 600, 1200).
+    # A larger learning rate can collapse the target's features onto a few directions (the JSON's
+    # feature_effective_rank shows it) and leave probes below random init; this one keeps the rank growing.
     a("--lr", type=float, default=1.5e-4)
     a("--ema", type=float, nargs=2, default=[0.998, 1.0], help="the recipe's momentum, start and end")
     # Probes: the grid of learning rates x weight decays, all trained in one pass. On these small
-    # feature sets the attentive probe's query learns slowly: at 3e-4 it stayed at chance for 20 epochs.
+    # feature sets the attentive probe's query learns slowly, hence the high learning rates and many epochs.
     a("--probe-epochs", type=int, default=60)
     a("--probe-batch", type=int, default=32)
     a("--probe-lr", type=float, nargs="+", default=[1e-2, 3e-3])

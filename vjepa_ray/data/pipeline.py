@@ -1,6 +1,6 @@
 """The Ray Data clip pipeline: video list -> seeded epochs of chunks -> decoded, augmented uint8 clips.
 
-Ray 2.60's dataset iterators carry no state, so a restart could only replay whole epochs. Instead each
+Ray Data's dataset iterators carry no state (through 2.60), so a restart could only replay whole epochs. Instead each
 Train worker builds its own `ClipStream` inside the training function and the stream keeps the
 position itself:
 
@@ -176,7 +176,7 @@ def build_clip_dataset(data: DataConfig, seed: int, epoch: int = 0, *, refs: Opt
     """One epoch of decoded clips (bad videos dropped) as a Dataset, for ``TorchTrainer(datasets=...)``.
 
     Columns ``clip`` (uint8 [T, crop, crop, 3]), ``chunk``, ``slot``, ``clip_index``, ``uri``,
-    ``decode_node``. Ray 2.60 cannot resume such a dataset mid-epoch and does not balance skipped
+    ``decode_node``. Ray Data (through 2.60) cannot resume such a dataset mid-epoch and does not balance skipped
     videos across workers; `ClipStream` does both.
     """
     refs = list(refs) if refs is not None else list_videos(data.paths, data.weights, filesystem)

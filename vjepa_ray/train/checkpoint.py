@@ -202,7 +202,7 @@ def state_digest(engine) -> str:
 
     optimizer = engine.optimizer
     if hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
-        # DeepSpeed 0.19 (ZeRO 1-2, bf16) links Adam moments to parameters during the first step, before
+        # DeepSpeed's ZeRO 1-2 and bf16 optimizers link Adam moments to parameters during the first step, before
         # later param groups have moments, and never again: relink now that all groups have them.
         optimizer._hp_optimizer_states_linked = False
         optimizer._lazy_init_hp_params_optimizer_state()
