@@ -43,10 +43,15 @@ PROBE_RESULTS_FILE = "probe_results.json"
 TRIAL_STARTS_DIR = "trial_starts"
 TRIALS_DIR = "pretrain"
 CHECKPOINT_PREFIX = "step_"
-# A training checkpoint is a folder with this file (vjepa_ray.train.checkpoint.TRAIN_STATE).
+# A training checkpoint is a folder with this file (its contents: vjepa_ray.train.checkpoint).
 CHECKPOINT_MARKER = "train_state.json"
 # Local files of runs whose folder is a URI (TensorBoard's event files while the run lasts).
 LOCAL_ROOT = "~/vjepa_runs"
+
+
+def checkpoint_dir_name(step: int) -> str:
+    """The folder of the checkpoint taken after ``step`` steps: ``step_00000100``."""
+    return f"{CHECKPOINT_PREFIX}{step:08d}"
 
 
 def is_uri(path: str) -> bool:

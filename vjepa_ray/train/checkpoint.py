@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from vjepa_ray import runs
 from vjepa_ray.config import Config
 from vjepa_ray.train.target_encoder import TargetEncoder
 
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 
 DEEPSPEED_DIR = "deepspeed"
 DEEPSPEED_TAG = "state"
-TRAIN_STATE = "train_state.json"
+TRAIN_STATE = runs.CHECKPOINT_MARKER
 CONFIG_FILE = "config.yaml"
 
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 import torch
 import torch.distributed as dist
 
+from vjepa_ray import runs
 from vjepa_ray.config import Config, DataConfig, from_dict, to_yaml
 from vjepa_ray.train import checkpoint as ckpt
 from vjepa_ray.train.elastic import BatchPlan, global_batch_size, plan_batch
@@ -190,6 +191,6 @@ class Run:
             ckpt.save(folder, self.step.engine, self.step.target, state, self.rank, to_yaml(self.cfg))
             dist.barrier()
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
-                             checkpoint_dir_name=f"step_{state.step:08d}")
+                             checkpoint_dir_name=runs.checkpoint_dir_name(state.step))
         finally:
             shutil.rmtree(folder, ignore_errors=True)
