@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 from vjepa_ray.config import Config
-from vjepa_ray.train.elastic import worker_range
 
 # Logical CPUs a new local cluster reserves for Ray Data decoding beside the training workers.
 LOCAL_DECODE_CPUS = 2
@@ -23,5 +22,5 @@ def connect(cfg: Config) -> None:
     if address:
         ray.init(address=address)
         return
-    workers = worker_range(cfg)[1] * cfg.ray.cpus_per_worker
+    workers = cfg.ray.worker_range()[1] * cfg.ray.cpus_per_worker
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, workers + LOCAL_DECODE_CPUS))

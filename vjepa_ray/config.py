@@ -72,6 +72,12 @@ class RayConfig:
     # Joins this cluster; empty = RAY_ADDRESS / a running `ray start`, else a new local cluster.
     address: str = ""
 
+    def worker_range(self) -> tuple[int, int]:
+        """(min, max) workers; equal for a fixed-size run."""
+        if isinstance(self.num_workers, (list, tuple)):
+            return int(self.num_workers[0]), int(self.num_workers[1])
+        return int(self.num_workers), int(self.num_workers)
+
     def validate(self, key: str) -> None:
         check = _SectionChecks(key)
         workers = self.num_workers

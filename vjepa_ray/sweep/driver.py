@@ -22,7 +22,6 @@ from vjepa_ray.sweep.mask_ratio import masked_fraction
 from vjepa_ray.sweep.space import check_axes, sweep_axes, token_grid, trial_config
 from vjepa_ray.sweep.trial import run_trial, trial_run_config
 from vjepa_ray.train import driver as pretraining
-from vjepa_ray.train.elastic import worker_range
 
 
 class ProgressLines(Callback):
@@ -56,7 +55,7 @@ def max_concurrent_trials(cfg: Config, resources: dict[str, float]) -> int:
     """
     if cfg.tune.max_concurrent_trials:
         return cfg.tune.max_concurrent_trials
-    workers = worker_range(cfg)[1]
+    workers = cfg.ray.worker_range()[1]
     per_trial = cfg.tune.driver_cpus + workers * cfg.ray.cpus_per_worker + cfg.data.decode_cpus
     fits = [resources.get("CPU", 0.0) // per_trial]
     if cfg.ray.use_gpu:

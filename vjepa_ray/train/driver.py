@@ -16,7 +16,7 @@ from typing import Any
 from vjepa_ray import cluster, runs
 from vjepa_ray.config import Config, ConfigError, to_dict
 from vjepa_ray.data.demo import prepare_demo_videos
-from vjepa_ray.train.elastic import check_elastic_batch, global_batch_size, worker_range
+from vjepa_ray.train.elastic import check_elastic_batch, global_batch_size
 from vjepa_ray.train.loop import StreamFactory, train_func
 from vjepa_ray.train.trainer import build_trainer
 
@@ -99,7 +99,7 @@ def run(cfg: Config, *, stream_factory: StreamFactory | None = None, verify_rest
         cfg, train_func,
         {"cfg": to_dict(cfg), "stream_factory": stream_factory, "tracker": tracker, "verify_restore": verify_restore},
         name=cfg.meta.name, callbacks=[TensorBoardCallback(tensorboard), *(callbacks or [])], extra_env=extra_env)
-    low, high = worker_range(cfg)
+    low, high = cfg.ray.worker_range()
     log.info("run %s: %s workers, global batch %d, results in %s", cfg.meta.name,
              low if low == high else f"{low}-{high}", global_batch_size(cfg), folder)
     started = time.time()

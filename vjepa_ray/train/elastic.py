@@ -55,17 +55,9 @@ class BatchPlan:
                 f"micro batches of at most {self.micro_batch} (losses weighted by micro-batch size)")
 
 
-def worker_range(cfg: Config) -> tuple[int, int]:
-    """(min, max) workers; equal for a fixed-size run."""
-    workers = cfg.ray.num_workers
-    if isinstance(workers, (list, tuple)):
-        return int(workers[0]), int(workers[1])
-    return int(workers), int(workers)
-
-
 def global_batch_size(cfg: Config) -> int:
     """``optimization.global_batch_size``, or ``data.batch_size`` times the most workers the run may have."""
-    return cfg.optimization.global_batch_size or cfg.data.batch_size * worker_range(cfg)[1]
+    return cfg.optimization.global_batch_size or cfg.data.batch_size * cfg.ray.worker_range()[1]
 
 
 def plan_batch(global_batch: int, max_micro_batch: int, world_size: int) -> BatchPlan:
@@ -86,6 +78,6 @@ def plan_batch(global_batch: int, max_micro_batch: int, world_size: int) -> Batc
 
 def check_elastic_batch(cfg: Config) -> None:
     """Fails at start (not mid-run) when some allowed world size cannot hold the global batch."""
-    low, high = worker_range(cfg)
+    low, high = cfg.ray.worker_range()
     for world_size in range(low, high + 1):
         plan_batch(global_batch_size(cfg), cfg.data.batch_size, world_size)

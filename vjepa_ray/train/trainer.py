@@ -13,12 +13,11 @@ from typing import Any
 
 from vjepa_ray import runs
 from vjepa_ray.config import Config
-from vjepa_ray.train.elastic import worker_range
 from vjepa_ray.worker_env import MALLOC_ENV
 
 
 def resources_per_worker(cfg: Config) -> dict[str, float]:
-    """One worker's share of a node: ``ray.cpus_per_worker`` CPUs (fractions allowed) and a GPU if used."""
+    """One worker's share of a node: ``ray.cpus_per_worker`` CPUs and a GPU if used; custom resources go here."""
     return {"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if cfg.ray.use_gpu else {})}
 
 
@@ -35,7 +34,7 @@ def scaling_config(cfg: Config, elastic: bool = True):
     takes the maximum as a fixed size."""
     import ray.train
 
-    low, high = worker_range(cfg)
+    low, high = cfg.ray.worker_range()
     workers = (low, high) if elastic and low != high else high
     return ray.train.ScalingConfig(num_workers=workers, use_gpu=cfg.ray.use_gpu,
                                    resources_per_worker=resources_per_worker(cfg))
