@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from vjepa_ray.config import builtin_config_path, load_config
-from vjepa_ray.video.decode import ClipSpec, VideoSkip, decode_clips, probe, verify_video
+from vjepa_ray.video.decode import ClipSpec, VideoSkip, decode_clips, read_video_info, verify_video
 from vjepa_ray.video.sampling import clip_indices
 from vjepa_ray.video.synthetic import moving_pattern, write_video
 
@@ -72,7 +72,7 @@ def assert_clips_match_full_decode(path: Path, spec: ClipSpec, seeds=(0, 1, 2)) 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_clips_equal_full_decode(videos, name):
     assert_clips_match_full_decode(videos[name], SPEC)
-    info = probe(videos[name])
+    info = read_video_info(videos[name])
     assert (info.frames, info.width, info.height, info.fps, info.rotation) == (FRAMES, WIDTH, HEIGHT, 25.0, 0)
 
 
@@ -148,7 +148,7 @@ def test_variable_frame_rate_indexes_frames_in_presentation_order(tmp_path, sour
             shown = [f.time for f in container.decode(video=0)]
         assert np.allclose(np.diff(shown), gaps[:-1] / 1000, atol=2e-3)  # the file really is VFR
         assert_clips_match_full_decode(path, SPEC)
-        assert probe(path).frames == FRAMES
+        assert read_video_info(path).frames == FRAMES
 
 
 def test_the_default_video_stream_is_chosen(tmp_path, source_frames):
@@ -320,7 +320,7 @@ def test_shared_clips_equal_full_decode(shared_videos, name):
 
 
 def test_shared_info(shared_videos):
-    got = {name: probe(shared_videos / name) for name in GOOD_SHARED}
+    got = {name: read_video_info(shared_videos / name) for name in GOOD_SHARED}
     assert {n: (i.frames, round(i.fps, 3), i.width, i.height, i.codec) for n, i in got.items()} == {
         "decord__flipping_a_pancake.mkv": (310, 30.0, 426, 240, "h264"),
         "mmaction2__demo.mp4": (280, 28.0, 340, 256, "h264"),

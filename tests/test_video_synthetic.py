@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vjepa_ray.video.decode import ClipSpec, decode_clips, probe
+from vjepa_ray.video.decode import ClipSpec, decode_clips, read_video_info
 from vjepa_ray.video.synthetic import make_moving_pattern_videos, moving_pattern, write_video
 
 
@@ -21,7 +21,7 @@ def test_moving_patterns_are_deterministic_textured_and_moving(tmp_path):
     frames = clips[0].astype(int)
     assert frames[0].std() > 20  # textured, not flat
     assert all(np.abs(frames[t + 1] - frames[t]).mean() > 1 for t in range(11))  # moving
-    info = probe(first[0])
+    info = read_video_info(first[0])
     assert (info.frames, info.fps, info.width, info.height) == (12, 10.0, 64, 48)
 
 

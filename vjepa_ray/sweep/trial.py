@@ -44,7 +44,7 @@ def run_trial(config: dict[str, Any], base: dict[str, Any]) -> None:
     if summary["status"] != "finished":
         # Tune retries the trial (tune.max_failures); the retry resumes from the run's last checkpoint.
         raise RuntimeError(f"pretraining of trial {trial_id} failed: {summary['error']}")
-    ray.tune.report(trial_result(summary, probe(cfg, summary["checkpoint"])))
+    ray.tune.report(trial_result(summary, evaluate_encoder(cfg, summary["checkpoint"])))
 
 
 def trial_result(summary: dict[str, Any], probes: dict[str, Any]) -> dict[str, Any]:
@@ -61,7 +61,7 @@ def trial_result(summary: dict[str, Any], probes: dict[str, Any]) -> dict[str, A
     }
 
 
-def probe(cfg: Config, checkpoint: str) -> dict[str, Any]:
+def evaluate_encoder(cfg: Config, checkpoint: str) -> dict[str, Any]:
     """The probe grid of ``cfg.probe`` on the EMA encoder of a training checkpoint (the evaluation's results:
     ``probes`` = ``[{lr, weight_decay, top1 (%)}, ...]``), on the workers the pretraining used."""
     cfg = copy.deepcopy(cfg)

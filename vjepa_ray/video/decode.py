@@ -1,4 +1,4 @@
-"""Decoding training clips with PyAV: probe once, then decode only the frames the clips need.
+"""Decoding training clips with PyAV: read the stream's info once, then decode only the frames the clips need.
 
 A frame index ``i`` means the i-th frame of the chosen video stream in presentation order, which is also
 the i-th frame a full sequential decode returns. Opening a video demuxes its packets once (no decoding)
@@ -157,7 +157,7 @@ class DecodedClips:
     frames_decoded: int = 0
 
 
-def probe(source: VideoSource, spec: Optional[ClipSpec] = None) -> VideoInfo:
+def read_video_info(source: VideoSource, spec: Optional[ClipSpec] = None) -> VideoInfo:
     """Frame count, rate, size, codec, duration and rotation of the video stream; raises VideoSkip.
 
     Decodes only the first frame (rotation lives in frame side data, and it proves the codec works).
