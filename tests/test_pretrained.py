@@ -11,10 +11,10 @@ import torch.nn.functional as F
 
 from vjepa_ray.config import builtin_config_path, load_config
 from vjepa_ray.export import main as export_main
-from vjepa_ray.export import read_training_weights, write_training_weights
 from vjepa_ray.models import build_encoder, build_models, load_pretrained, load_pretrained_predictor
 from vjepa_ray.models.pos_embed import sincos_3d
 from vjepa_ray.models.pretrained import official_checkpoint
+from vjepa_ray.train.weights import read_training_weights, write_training_weights
 
 PREFIX = "module.backbone."
 

@@ -6,76 +6,24 @@
 ``--input`` of ``to-official`` is a run folder (its checkpoint) or one ``step_*`` checkpoint folder, local
 or a URI such as ``s3://bucket/runs/demo``, or a file ``from-official`` wrote. The config (model.*,
 data.frames_per_clip, data.crop_size, the mask list; for a run folder by default the run's own) says which
-models the weights belong to; both directions load them strictly into those models before writing, so a file
-that does not fit fails here, listing the keys, rather than in whoever reads it next.
+models the weights belong to (``vjepa_ray.train.weights`` checks them against those models).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import os
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-
-import torch
 
 from vjepa_ray import runs
 from vjepa_ray.cli import OneLineArgumentParser, build_arg_parser, exit_on_config_error
 from vjepa_ray.config import Config, ConfigError, builtin_config_path, load_config
-from vjepa_ray.models import build_models
-from vjepa_ray.models.pretrained import (
-    MODEL_KEYS,
-    StateDict,
-    build_empty,
-    load_state_checked,
-    official_checkpoint,
-    read_checkpoint,
-    state_from_checkpoint,
-)
-from vjepa_ray.train.checkpoint import CONFIG_FILE, read_model_weights
+from vjepa_ray.train.checkpoint import CONFIG_FILE
+from vjepa_ray.train.weights import from_official_file, to_official_file
 
 PROG = "python -m vjepa_ray.export"
-
-
-def read_training_weights(path: str | os.PathLike) -> dict[str, dict[str, torch.Tensor]]:
-    """The encoder, predictor and target-encoder state dicts of our weights: a local run folder or one of its
-    training checkpoints (``step_*``), or a file ``from-official`` wrote
-    (``{"encoder": sd, "predictor": sd, "target_encoder": sd}``)."""
-    if Path(path).is_dir():
-        return read_model_weights(runs.find_checkpoint(str(path)))
-    checkpoint = read_checkpoint(path)
-    return {key: state_from_checkpoint(checkpoint, key, str(path)) for key in MODEL_KEYS}
-
-
-def write_training_weights(path: str | os.PathLike, weights: Mapping[str, StateDict]) -> None:
-    """The inverse of ``read_training_weights``."""
-    torch.save({key: dict(weights[key]) for key in MODEL_KEYS}, path)
-
-
-def verified_weights(cfg: Config, weights: Mapping[str, StateDict], source: str) -> dict[str, dict[str, torch.Tensor]]:
-    """Loads each state dict into the config's model (strictly) and returns the models' state dicts.
-
-    A position table of another clip size is replaced by the config's (see models.pretrained).
-    """
-    encoder, predictor = build_empty(build_models, cfg)
-    models = {"encoder": encoder, "predictor": predictor, "target_encoder": copy.deepcopy(encoder)}
-    for key, model in models.items():
-        load_state_checked(model, weights[key], f"{source}[{key}]")
-    return {key: model.state_dict() for key, model in models.items()}
-
-
-def to_official_file(cfg: Config, source: str | os.PathLike, dest: str | os.PathLike) -> None:
-    weights = verified_weights(cfg, read_training_weights(source), str(source))
-    torch.save(official_checkpoint(**weights), dest)
-
-
-def from_official_file(cfg: Config, source: str | os.PathLike, dest: str | os.PathLike) -> None:
-    checkpoint = read_checkpoint(source)
-    weights = {key: state_from_checkpoint(checkpoint, key, str(source)) for key in MODEL_KEYS}
-    write_training_weights(dest, verified_weights(cfg, weights, str(source)))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,66 @@
+"""Our runs' weights in and out of Meta's released V-JEPA layout, checked against the config's models.
+
+Both directions load every state dict strictly into the models the config describes before writing, so a
+file that does not fit fails here, listing the keys, rather than in whoever reads it next.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from vjepa_ray import runs
+from vjepa_ray.config import Config
+from vjepa_ray.models import build_models
+from vjepa_ray.models.pretrained import (
+    MODEL_KEYS,
+    StateDict,
+    build_empty,
+    load_state_checked,
+    official_checkpoint,
+    read_checkpoint,
+    state_from_checkpoint,
+)
+from vjepa_ray.train.checkpoint import read_model_weights
+
+
+def read_training_weights(path: str | os.PathLike) -> dict[str, dict[str, torch.Tensor]]:
+    """The encoder, predictor and target-encoder state dicts of our weights: a local run folder or one of its
+    training checkpoints (``step_*``), or a file ``from-official`` wrote
+    (``{"encoder": sd, "predictor": sd, "target_encoder": sd}``)."""
+    if Path(path).is_dir():
+        return read_model_weights(runs.find_checkpoint(str(path)))
+    checkpoint = read_checkpoint(path)
+    return {key: state_from_checkpoint(checkpoint, key, str(path)) for key in MODEL_KEYS}
+
+
+def write_training_weights(path: str | os.PathLike, weights: Mapping[str, StateDict]) -> None:
+    """The inverse of ``read_training_weights``."""
+    torch.save({key: dict(weights[key]) for key in MODEL_KEYS}, path)
+
+
+def verified_weights(cfg: Config, weights: Mapping[str, StateDict], source: str) -> dict[str, dict[str, torch.Tensor]]:
+    """Loads each state dict into the config's model (strictly) and returns the models' state dicts.
+
+    A position table of another clip size is replaced by the config's (see models.pretrained).
+    """
+    encoder, predictor = build_empty(build_models, cfg)
+    models = {"encoder": encoder, "predictor": predictor, "target_encoder": copy.deepcopy(encoder)}
+    for key, model in models.items():
+        load_state_checked(model, weights[key], f"{source}[{key}]")
+    return {key: model.state_dict() for key, model in models.items()}
+
+
+def to_official_file(cfg: Config, source: str | os.PathLike, dest: str | os.PathLike) -> None:
+    weights = verified_weights(cfg, read_training_weights(source), str(source))
+    torch.save(official_checkpoint(**weights), dest)
+
+
+def from_official_file(cfg: Config, source: str | os.PathLike, dest: str | os.PathLike) -> None:
+    checkpoint = read_checkpoint(source)
+    weights = {key: state_from_checkpoint(checkpoint, key, str(source)) for key in MODEL_KEYS}
+    write_training_weights(dest, verified_weights(cfg, weights, str(source)))
