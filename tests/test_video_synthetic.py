@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -23,6 +27,19 @@ def test_moving_patterns_are_deterministic_textured_and_moving(tmp_path):
     assert all(np.abs(frames[t + 1] - frames[t]).mean() > 1 for t in range(11))  # moving
     info = read_video_info(first[0])
     assert (info.frames, info.fps, info.width, info.height) == (12, 10.0, 64, 48)
+
+
+def test_moving_pattern_videos_do_not_depend_on_leftover_heap_memory(tmp_path):
+    # glibc's MALLOC_PERTURB_ fills fresh allocations with a chosen byte, standing in for whatever an earlier
+    # workload (a training run, say) left on the heap. libx264's macroblock tree read such memory on AVX-512
+    # CPUs, so this video came out as different bytes under different fills.
+    write = ("import sys; from vjepa_ray.video.synthetic import make_moving_pattern_videos; "
+             "make_moving_pattern_videos(sys.argv[1], 1, frames=12, size=(48, 64), fps=10, seed=3)")
+    for fill in ("1", "77", "200"):
+        subprocess.run([sys.executable, "-c", write, str(tmp_path / fill)], env={**os.environ, "MALLOC_PERTURB_": fill},
+                       timeout=60, check=True)
+    videos = [(tmp_path / fill / "pattern_00000.mp4").read_bytes() for fill in ("1", "77", "200")]
+    assert videos[0] == videos[1] == videos[2]
 
 
 def test_moving_pattern_wraps_around_as_it_moves():
