@@ -15,7 +15,7 @@ from torch import nn
 from vjepa_ray.config import ConfigError, load_config
 from vjepa_ray.recipe.optimizer import apply_schedules
 from vjepa_ray.train import engine as eng
-from vjepa_ray.train.checkpoint import SaveSchedule, rng_state, set_rng_state
+from vjepa_ray.train.checkpoint import SaveSchedule, restore_rng, rng_state, set_rng_state
 from vjepa_ray.train.elastic import check_elastic_batch, plan_batch
 from vjepa_ray.train.metrics import IntervalMeter, TensorBoardCallback, collapse_warning
 from vjepa_ray.train.synthetic_stream import SyntheticClipStream
@@ -214,3 +214,22 @@ def test_rng_file_loads_weights_only_and_restores_every_generator_exactly(tmp_pa
     set_rng_state(torch.load(path, map_location="cpu", weights_only=True))
     assert _draws() == first
     assert _draws() != first
+
+
+def test_rng_file_of_the_older_format_is_not_unpickled_and_the_rank_keeps_its_rng(tmp_path, caplog):
+    # Before RNG files held only tensors and plain values, numpy's state went in as an array.
+    (tmp_path / "rng").mkdir()
+    legacy = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    torch.save(legacy, tmp_path / "rng" / "rank_00000.pt")
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    restore_rng(tmp_path, 0)
+    assert torch.equal(torch.rand(3), expected)
+    assert "older checkpoint format" in caplog.text
+    # A file in today's format restores; a rank with no file keeps its RNG.
+    torch.save(rng_state(), tmp_path / "rng" / "rank_00000.pt")
+    drawn = torch.rand(3)
+    restore_rng(tmp_path, 0)
+    assert torch.equal(torch.rand(3), drawn)
+    restore_rng(tmp_path, 1)

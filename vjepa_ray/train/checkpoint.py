@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import pickle
 import random
 import shutil
 import tempfile
@@ -187,10 +188,25 @@ def _load(folder: str | Path, engine, target: TargetEncoder, rank: int, deepspee
     if load_path is None:
         raise FileNotFoundError(f"DeepSpeed found no checkpoint in {deepspeed_dir}")
     target.load(folder)
-    rng_file = folder / "rng" / f"rank_{rank:05d}.pt"
-    if rng_file.exists():
-        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
+    restore_rng(folder, rank)
     return read_train_state(folder)
+
+
+def restore_rng(folder: str | Path, rank: int) -> None:
+    """This rank's saved RNG state, if the checkpoint has one (a rank new to the run keeps its fresh RNG)."""
+    rng_file = Path(folder) / "rng" / f"rank_{rank:05d}.pt"
+    if not rng_file.exists():
+        return
+    try:
+        saved = torch.load(rng_file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # Checkpoints from before RNG files held only tensors and plain values (numpy's state was an array).
+        # The step draws its masks and clips from explicit seeds, not from these generators, so the run goes
+        # on with fresh ones rather than unpickling in full.
+        log.warning("%s needs the full unpickler (an older checkpoint format): this rank keeps a fresh RNG",
+                    rng_file)
+        return
+    set_rng_state(saved)
 
 
 def state_digest(engine) -> str:
