@@ -1,7 +1,7 @@
 """The demo's generated data, made once from the config where it points: videos to pretrain on
 (``data.synthetic_videos``) and a labelled set for the probe (``tune.synthetic_probe_videos``).
 
-Each prints one line when it generates (the demo's output shows where its data went)."""
+The generators log where the data went."""
 
 from __future__ import annotations
 
@@ -23,7 +23,6 @@ def prepare_demo_videos(cfg: Config) -> None:
     frames = max(32, 2 * cfg.data.frames_per_clip * cfg.data.frame_step)
     size = max(cfg.data.crop_size + cfg.data.crop_size // 2, 64)
     make_moving_pattern_videos(folder, cfg.data.synthetic_videos, frames=frames, size=size, seed=cfg.meta.seed)
-    print(f"generated {cfg.data.synthetic_videos} demo videos in {folder}", flush=True)
 
 
 def prepare_probe_videos(cfg: Config) -> None:
@@ -38,6 +37,5 @@ def prepare_probe_videos(cfg: Config) -> None:
     from vjepa_ray.video.labelled_synthetic import make_labelled_motion_videos
 
     frames = cfg.data.frames_per_clip * cfg.data.frame_step
-    made = make_labelled_motion_videos(train.parent, count, max(2, count // 4), frames=frames,
-                                       size=cfg.data.crop_size, seed=cfg.meta.seed)
-    print(f"generated {made.train_videos} + {made.val_videos} labelled demo videos in {train.parent}", flush=True)
+    make_labelled_motion_videos(train.parent, count, max(2, count // 4), frames=frames, size=cfg.data.crop_size,
+                                seed=cfg.meta.seed)

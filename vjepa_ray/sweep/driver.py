@@ -8,6 +8,7 @@ the same sweep again after its driver died resumes the experiment there.
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import PurePosixPath
 from typing import Any
@@ -23,6 +24,8 @@ from vjepa_ray.sweep.space import check_axes, sweep_axes, token_grid, trial_conf
 from vjepa_ray.sweep.trial import run_trial, trial_run_config
 from vjepa_ray.train import driver as pretraining
 
+log = logging.getLogger(__name__)
+
 
 class ProgressLines(Callback):
     """One line per trial result, so the sweep's progress reads in the job logs."""
@@ -32,19 +35,19 @@ class ProgressLines(Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if "probe_top1" in result:
-            print(f"[tune] {trial.trial_id} probe top-1 {result['probe_top1']:.1f}% "
-                  f"(probe lr {result['probe_lr']:g}, wd {result['probe_weight_decay']:g})", flush=True)
+            log.info("[tune] %s probe top-1 %.1f%% (probe lr %g, wd %g)", trial.trial_id, result["probe_top1"],
+                     result["probe_lr"], result["probe_weight_decay"])
         elif "step" in result and "loss" in result:
-            print(f"[tune] {trial.trial_id} step {result['step']} loss {result['loss']:.4f}", flush=True)
+            log.info("[tune] %s step %s loss %.4f", trial.trial_id, result["step"], result["loss"])
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.done += 1
         top1 = trial.last_result.get("probe_top1")
         outcome = f"probe top-1 {top1:.1f}%" if top1 is not None else "stopped early (ASHA)"
-        print(f"[tune] {trial.trial_id} done: {outcome}; {self.done} trial(s) done", flush=True)
+        log.info("[tune] %s done: %s; %d trial(s) done", trial.trial_id, outcome, self.done)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        print(f"[tune] {trial.trial_id} failed: {trial.error_file}", flush=True)
+        log.warning("[tune] %s failed: %s", trial.trial_id, trial.error_file)
 
 
 def max_concurrent_trials(cfg: Config, resources: dict[str, float]) -> int:
@@ -94,12 +97,12 @@ def _tuner(cfg: Config, axes: dict[str, list[Any]]):
                                     {"CPU": cfg.tune.driver_cpus})
     path = runs.run_dir(cfg)
     if tune.Tuner.can_restore(path):
-        print(f"resuming the sweep in {path}", flush=True)
+        log.info("resuming the sweep in %s", path)
         # Finished trials keep their results; unfinished and errored ones run again.
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
     concurrency = max_concurrent_trials(cfg, ray.cluster_resources())
-    print(f"sweep {cfg.meta.name}: {math.prod(len(v) for v in axes.values())} trials over "
-          f"{', '.join(axes) or 'no axes'}; up to {concurrency} at a time; results in {path}", flush=True)
+    log.info("sweep %s: %d trials over %s; up to %d at a time; results in %s", cfg.meta.name,
+             math.prod(len(v) for v in axes.values()), ", ".join(axes) or "no axes", concurrency, path)
     return tune.Tuner(
         trainable,
         param_space={"settings": {key: tune.grid_search(values) for key, values in axes.items()}},
