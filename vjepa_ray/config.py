@@ -141,8 +141,14 @@ class DataConfig:
         check.require(self.decode_timeout_s > 0, "decode_timeout_s", "must be > 0")
 
 
+MODEL_FAMILIES = ("vjepa1", "vjepa2", "vjepa2_1")
+
+
 @dataclass
 class ModelConfig:
+    # vjepa1: fixed sin-cos position tables (V-JEPA 1); vjepa2: 3D rotary embeddings in every attention
+    # block (V-JEPA 2.0); vjepa2_1: V-JEPA 2.1's encoder (hierarchical norms, modality embeddings).
+    family: str = "vjepa1"
     name: str = "vit_large"
     patch_size: int = 16
     tubelet_size: int = 2
@@ -150,6 +156,9 @@ class ModelConfig:
     pred_embed_dim: int = 384
     # Predictor heads; None = the encoder's (V-JEPA 1).
     pred_num_heads: int | None = None
+    # The predictor's learned mask tokens; None = one per mask config (V-JEPA 2's release files hold 10:
+    # one per mask config and frames-per-clip setting).
+    pred_num_mask_tokens: int | None = None
     uniform_power: bool = True
     activation_checkpointing: bool = False
 
@@ -159,6 +168,8 @@ class ModelConfig:
         from vjepa_ray.models.vit import MODEL_SPECS
 
         check = _SectionChecks(key)
+        check.require(self.family in MODEL_FAMILIES, "family",
+                      f"{self.family!r} is not one of {', '.join(MODEL_FAMILIES)}")
         check.require(self.name in MODEL_SPECS, "name", f"{self.name!r} is not one of {', '.join(MODEL_SPECS)}")
         check.require(self.patch_size >= 1, "patch_size", "must be >= 1")
         check.require(self.tubelet_size >= 1, "tubelet_size", "must be >= 1")
@@ -168,6 +179,8 @@ class ModelConfig:
             check.require(self.pred_num_heads >= 1 and self.pred_embed_dim % self.pred_num_heads == 0,
                           "pred_num_heads",
                           f"{self.pred_num_heads} does not divide {key}.pred_embed_dim {self.pred_embed_dim}")
+        if self.pred_num_mask_tokens is not None:
+            check.require(self.pred_num_mask_tokens >= 1, "pred_num_mask_tokens", "must be >= 1")
 
 
 @dataclass
