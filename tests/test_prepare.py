@@ -160,3 +160,24 @@ def _json_members(dest: Path) -> list[bytes]:
         with tarfile.open(shard) as tar:
             out.extend(tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".json"))
     return out
+
+
+@pytest.mark.slow
+def test_training_reads_the_prepared_shards_end_to_end(ray_local, capsys, tmp_path, one_thread):
+    from vjepa_ray.config import builtin_config_path, load_config
+    from vjepa_ray.train import driver
+    from vjepa_ray.video.synthetic import make_moving_pattern_videos
+
+    make_moving_pattern_videos(tmp_path / "raw", count=8, frames=24, size=(72, 96), seed=1)
+    dest = tmp_path / "prepared"
+    assert main([str(tmp_path / "raw"), "--out", str(dest), "--videos-per-shard", "4", "--json"]) == 0
+    capsys.readouterr()
+    cfg = load_config(builtin_config_path("local_demo"), [
+        "meta.name=from_shards", f"ray.storage_path={tmp_path / 'runs'}", f"data.paths=[{dest}]",
+        "data.synthetic_videos=0", "data.chunk_size=4", "data.batch_size=2", "model.pred_depth=2",
+        "optimization.total_steps=2", "optimization.warmup_steps=1", "checkpoint.every_steps=2",
+        "logging.every_steps=1", "ray.max_failures=0"])
+    assert [r.member for r in list_videos(cfg.data.paths)] == [f"{i:09d}.mp4" for i in range(8)]
+    summary = driver.run(cfg)
+    assert summary["status"] == "finished" and summary["steps"] == 2
+    assert summary["skipped_videos"] == 0 and summary["final_loss"] > 0
