@@ -30,6 +30,7 @@ import io
 import logging
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Iterator, Optional, Union
@@ -200,6 +201,16 @@ def verify_video(source: VideoSource, spec: Optional[ClipSpec] = None) -> VideoI
         if count < video.info.frames:
             raise VideoSkip("corrupt", f"only {count} of {video.info.frames} frames decode")
         return video.info
+
+
+@contextmanager
+def video_frames(source: VideoSource, spec: Optional[ClipSpec] = None
+                 ) -> Iterator[tuple[VideoInfo, Iterator[av.VideoFrame]]]:
+    """The video stream as training reads it (same stream, limits and skip reasons) and all its frames in
+    presentation order, as PyAV frames neither converted nor rotated (``frame.rotation`` says how). Raises
+    VideoSkip; the frames end early when decoding fails, so count them against ``info.frames``."""
+    with _Video(source, spec or ClipSpec()) as video:
+        yield video.info, (frame for _, frame in video.sequential_frames())
 
 
 def check_file_size(source: VideoSource, spec: ClipSpec) -> None:
