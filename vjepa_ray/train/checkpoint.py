@@ -68,8 +68,8 @@ class TrainState:
     world_size: int = 1
     global_batch: int = 0
     zero_stage: int = 0
-    # The data stream's own state (``ClipStream.state_dict()``), e.g. its (epoch, chunk) position.
-    data_position: Any = None
+    # Every rank's data stream state at the save, by rank (``ClipStream.state_dict()``).
+    data_position: list[dict[str, Any]] | None = None
     skipped_videos: int = 0
     last_loss: float | None = None
     world_sizes: list[int] = field(default_factory=list)
@@ -82,6 +82,9 @@ class TrainState:
     @classmethod
     def from_json(cls, text: str) -> "TrainState":
         data = json.loads(text)
+        if isinstance(data.get("data_position"), dict):
+            # Checkpoints from before every rank's position was kept: rank 0's (epoch, chunk) alone.
+            data["data_position"] = [data["data_position"]]
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{key: value for key, value in data.items() if key in known})
 

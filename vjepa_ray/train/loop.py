@@ -15,7 +15,7 @@ import logging
 import shutil
 from contextlib import ExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sequence
 
 import torch
 import torch.distributed as dist
@@ -35,13 +35,15 @@ log = logging.getLogger(__name__)
 
 
 class Stream(Protocol):
-    """An endless stream of micro batches that can say, and be told, where it stands."""
+    """An endless stream of micro batches that can say, and be told, where it stands: ``state_dict`` is this
+    rank's place, ``load_state_dict`` takes every rank's (by rank) as a checkpoint saved them, so that a
+    stream restarted on another number of workers can split what the old ones left."""
 
     def __iter__(self) -> Iterator[ClipBatch]: ...
 
     def state_dict(self) -> dict[str, Any]: ...
 
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def load_state_dict(self, states: Sequence[dict[str, Any]]) -> None: ...
 
 
 # (data config with the micro batch as batch_size, meta.seed, rank, world size) -> a stream at its start
@@ -150,7 +152,6 @@ class Run:
         while state.step < total:
             out = self.step(batches, state.step, meter)
             state.step += 1
-            state.data_position = stream.state_dict()
             step = state.step
             if step % cfg.logging.every_steps and not saves.due(step):
                 continue
@@ -176,14 +177,19 @@ class Run:
             preempted = ray.train.get_preemption_info() is not None
             if preempted and self.rank == 0:
                 log.warning("preemption notice at step %d: checkpointing now", step)
-            self._report(state, metrics, checkpoint=saves.due(step, preempted))
+            self._report(state, metrics, checkpoint=saves.due(step, preempted), stream=stream)
 
-    def _report(self, state: ckpt.TrainState, metrics: dict[str, Any], checkpoint: bool) -> None:
+    def _report(self, state: ckpt.TrainState, metrics: dict[str, Any], checkpoint: bool,
+                stream: Stream | None = None) -> None:
         import ray.train
 
         if not checkpoint:
             ray.train.report(metrics)
             return
+        # Every rank's place in the stream: a restart on another world size splits what is left of the chunk.
+        positions: list[Any] = [None] * self.world_size
+        dist.all_gather_object(positions, stream.state_dict())
+        state.data_position = positions
         folder = ckpt.node_local_tempdir(f"vjepa_ckpt_{state.step}_")
         try:
             if self.verify_restore:
