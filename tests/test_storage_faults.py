@@ -3,6 +3,9 @@ an S3 outage during a checkpoint upload and a damaged latest checkpoint (the las
 
 from __future__ import annotations
 
+import json
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -102,3 +105,96 @@ def test_a_run_folder_of_another_model_is_a_one_line_error_and_stays_untouched(t
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "config error: model.name:" in err[0]
     assert sorted((p.name, p.stat().st_mtime_ns) for p in checkpoint.iterdir()) == before
+
+
+def test_a_store_that_refuses_writes_is_a_one_line_error_before_any_worker_starts(s3_server, s3_bucket, monkeypatch,
+                                                                                   tmp_path, capsys):
+    boto3 = pytest.importorskip("boto3")
+    from moto import settings
+
+    iam = boto3.client("iam", endpoint_url=f"http://{s3_server.endpoint}")
+    iam.create_user(UserName="reader")
+    iam.put_user_policy(UserName="reader", PolicyName="read-only", PolicyDocument=json.dumps({
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Action": ["s3:GetObject", "s3:ListBucket"], "Resource": "*"}]}))
+    key = iam.create_access_key(UserName="reader")["AccessKey"]
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+    monkeypatch.setattr(settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # moto enforces IAM policies from now on
+    started = time.monotonic()
+    with pytest.raises(SystemExit) as exit_:
+        pretrain.main([f"ray.storage_path={s3_bucket}/runs", "meta.name=denied", f"data.paths=[{tmp_path}]",
+                       "data.synthetic_videos=0"])
+    assert exit_.value.code == 2 and time.monotonic() - started < 10
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "config error: ray.storage_path:" in err[0] and "refuses writes" in err[0]
+    assert "ACCESS_DENIED" in err[0]
+
+
+@pytest.mark.slow
+def test_an_s3_outage_during_a_checkpoint_upload_is_ridden_out(ray_s3, s3_server, s3_bucket):
+    boto3 = pytest.importorskip("boto3")
+    from test_train_e2e import tiny_config
+
+    from vjepa_ray.train import driver
+    from vjepa_ray.train.synthetic_stream import SyntheticClipStream
+
+    # 15 s rather than 30: the code path (pyarrow's failed requests, then our retries) is the same.
+    outage_s = 15
+    cfg = tiny_config(s3_bucket, "outage", "checkpoint.every_steps=2", "optimization.total_steps=8")
+    bucket, client = s3_bucket.removeprefix("s3://"), boto3.client("s3")
+    out: list = []
+    thread = threading.Thread(target=lambda: out.append(driver.run(cfg, stream_factory=SyntheticClipStream)))
+    thread.start()
+    deadline = time.time() + 600
+    while "step_00000002" not in _registered(client, bucket, "outage/checkpoint_manager_snapshot.json"):
+        assert thread.is_alive() and time.time() < deadline
+        time.sleep(0.2)
+    s3_server.stop()  # before the upload of step 4 begins
+    time.sleep(outage_s)
+    s3_server.start()
+    back = time.time()
+    thread.join(timeout=600)
+    summary = out[0]
+    assert summary["status"] == "finished" and summary["steps"] == 8 and summary["restarts"] == 0
+    # Step 4's checkpoint reached the store after it came back, whole; so did every later one.
+    uploaded = client.head_object(Bucket=bucket, Key="outage/step_00000004/train_state.json")["LastModified"]
+    assert uploaded.timestamp() >= back - 1
+    for name in ("step_00000004", "step_00000006", "step_00000008"):
+        with runs.local_copy(runs.join(s3_bucket, "outage", name)) as local:
+            assert manifest.problems(local) == [], name
+
+
+def _registered(client, bucket: str, key: str) -> set[str]:
+    try:
+        snapshot = json.loads(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+    except client.exceptions.NoSuchKey:
+        return set()
+    return {c["checkpoint_dir_name"] for c in snapshot["checkpoint_results"]}
+
+
+@pytest.mark.slow
+def test_a_damaged_latest_checkpoint_resumes_from_the_intact_one_before(ray_local, tmp_path, caplog):
+    from test_train_e2e import assert_target_matches_reference, initial_target, reference_weights, tiny_config
+
+    from vjepa_ray.train import driver
+    from vjepa_ray.train.synthetic_stream import SyntheticClipStream
+
+    first = driver.run(tiny_config(tmp_path, "damaged", "checkpoint.every_steps=2", "optimization.total_steps=4"),
+                       stream_factory=SyntheticClipStream)
+    assert first["status"] == "finished"
+    latest = tmp_path / "damaged" / "step_00000004"
+    shard = next((latest / "deepspeed" / "state").glob("*optim_states.pt"))
+    shard.write_bytes(shard.read_bytes()[:1000])  # a truncated shard
+    (latest / runs.CHECKPOINT_MARKER).unlink()  # and no train_state.json
+
+    cfg = tiny_config(tmp_path, "damaged", "checkpoint.every_steps=2", "optimization.total_steps=6")
+    second = driver.run(cfg, stream_factory=SyntheticClipStream)
+    assert second["status"] == "finished" and second["steps"] == 6 and second["restarts"] == 0
+    assert second["starts"] == [{"world_size": 2, "step": 2}]
+    # Step 4 again under a name of its own (Ray Train still holds the damaged one), then step 6; both whole.
+    assert Path(second["checkpoint"]).name == "step_00000006"
+    for name in ("step_00000004_1", "step_00000006"):
+        assert manifest.problems(tmp_path / "damaged" / name) == [], name
+    assert_target_matches_reference(second["checkpoint"], reference_weights(cfg, 2, 6)["target_encoder"],
+                                    initial_target(cfg))
