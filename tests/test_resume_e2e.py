@@ -60,7 +60,7 @@ def test_worker_killed_after_a_mid_chunk_checkpoint_ends_with_the_undisturbed_we
 
     want, got = read_model_weights(undisturbed["checkpoint"]), read_model_weights(killed["checkpoint"])
     initial = read_model_weights(tmp_path / "undisturbed" / "step_00000003")
-    for key in ("encoder", "target_encoder"):
+    for key in ("encoder", "predictor", "target_encoder"):
         assert want[key].keys() == got[key].keys()
         assert all(torch.equal(want[key][name], got[key][name]) for name in want[key]), key
         assert any(not torch.equal(want[key][name], initial[key][name]) for name in want[key])  # it trained on
