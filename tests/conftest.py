@@ -58,19 +58,40 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def s3_endpoint():
-    """``host:port`` of moto's S3 server on loopback (access key and secret ``testing``)."""
-    pytest.importorskip("moto.server")
-    from moto.server import ThreadedMotoServer
+class MotoS3:
+    """moto's S3 server on a loopback port, in this process: ``stop()`` then ``start()`` brings it back on the
+    same port with its buckets (moto keeps them in this process), as an outage of the store would."""
 
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    def __init__(self):
+        self.endpoint = f"127.0.0.1:{_free_port()}"
+        self._server = None
+
+    def start(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        host, port = self.endpoint.split(":")
+        self._server = ThreadedMotoServer(ip_address=host, port=int(port), verbose=False)
+        self._server.start()
+
+    def stop(self) -> None:
+        self._server.stop()
+
+
+@pytest.fixture
+def s3_server() -> MotoS3:
+    pytest.importorskip("moto.server")
+    server = MotoS3()
     server.start()
     try:
-        yield f"127.0.0.1:{port}"
+        yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def s3_endpoint(s3_server):
+    """``host:port`` of moto's S3 server on loopback (access key and secret ``testing``)."""
+    return s3_server.endpoint
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from vjepa_ray.config import ConfigError, DataConfig
-from vjepa_ray.data.pipeline import ClipStream, NoUsableVideosError, build_clip_dataset
+from vjepa_ray.data.pipeline import ClipStream, NoUsableVideosError, build_clip_dataset, resplit_chunk
 from vjepa_ray.video.synthetic import make_moving_pattern_videos
 
 FRAMES, CROP, BATCH = 4, 32, 2
@@ -45,7 +45,8 @@ def test_clips_are_seeded_and_resume_from_a_chunk(ray_local, video_dir):
         assert b.clips.float().std() > 10  # real pictures, not placeholders
         assert sum(b.skipped.values()) == 0
     assert [b.position for b in batches] == [(0, 0), (0, 0), (0, 1), (0, 1), (1, 0), (1, 0)]
-    assert stream.position == (1, 1) and stream.state_dict() == {"epoch": 1, "chunk": 1}
+    assert stream.position == (1, 1)
+    assert {k: stream.state_dict()[k] for k in ("epoch", "chunk", "batch")} == {"epoch": 1, "chunk": 1, "batch": 0}
     first_epoch = [v for b in batches[:4] for v in b.videos]
     assert sorted(first_epoch) == sorted(str(p) for p in video_dir.glob("*.mp4"))  # each video once
 
@@ -57,7 +58,7 @@ def test_clips_are_seeded_and_resume_from_a_chunk(ray_local, video_dir):
 
     # Resume at (epoch 0, chunk 1): exactly the rest of the stream.
     resumed = ClipStream(data, seed=0)
-    resumed.load_state_dict({"epoch": 0, "chunk": 1})
+    resumed.load_state_dict([{"epoch": 0, "chunk": 1}])  # a checkpoint's of the older form
     resumed = _take(resumed, 4)
     assert all(torch.equal(a.clips, b.clips) and a.position == b.position for a, b in zip(batches[2:], resumed))
 
@@ -85,6 +86,73 @@ def test_bad_videos_are_skipped_counted_and_logged_once(ray_local, video_dir, tm
         assert set(v for b in epoch for v in b.videos) == {str(p) for p in good}
     logged = [r.getMessage() for r in caplog.records if "skipping video" in r.getMessage()]
     assert len(logged) == 3 and any("missing.mp4" in m for m in logged)
+
+
+def _same(a, b) -> bool:
+    return torch.equal(a.clips, b.clips) and a.videos == b.videos and a.position == b.position \
+        and a.skipped == b.skipped
+
+
+def test_a_restart_mid_chunk_yields_the_rest_bit_for_bit(ray_local, video_dir, tmp_path):
+    good = sorted(video_dir.glob("*.mp4"))[:5]
+    manifest = tmp_path / "list.txt"
+    manifest.write_text("".join(f"{p}\n" for p in good + _bad_files(tmp_path)))
+    # Chunks of 4 files among 8 (3 bad): 2 batches of 2 per chunk, with skips and refills in some.
+    stream = ClipStream(_data([manifest], chunk_size=4), seed=0)
+    batches, states = [], []
+    for batch in itertools.islice(iter(stream), 5):
+        batches.append(batch)
+        states.append(stream.state_dict())
+    assert states[0]["batch"] == 1 and states[1]["batch"] == 0  # mid-chunk, then at the next chunk's start
+    assert sum(sum(b.skipped.values()) for b in batches) >= 2
+    for k in (0, 2):  # interrupted after batch k: mid-chunk, in both chunks
+        resumed = ClipStream(_data([manifest], chunk_size=4), seed=0)
+        resumed.load_state_dict([json.loads(json.dumps(states[k]))])  # as train_state.json keeps it
+        rest = _take(resumed, 4 - k)
+        assert all(_same(a, b) for a, b in zip(batches[k + 1:], rest)), k
+
+
+def test_resplit_keeps_every_untrained_clip_once_in_whole_micro_batches():
+    # Two old ranks with 4 clips each; rank 0 trained 2, rank 1 trained 3; 2 clips no rank had.
+    shares = [[(0, 0), (2, 0), (4, 0), (6, 0)], [(1, 0), (3, 0), (5, 0), (7, 0)]]
+    states = [{"done": [2, 0]}, {"done": [5, 0]}]
+    split = resplit_chunk(states, shares, [(8, 0), (9, 0)], world_size=2, batch_size=2)
+    assert split == [[(4, 0), (6, 0)], [(7, 0), (8, 0)]]  # 5 untrained, 4 kept, 1 (< 2 x 2) dropped
+    assert resplit_chunk([{"done": None}] * 2, shares, [], world_size=3, batch_size=1) == [
+        [(0, 0), (1, 0)], [(2, 0), (3, 0)], [(4, 0), (5, 0)]]  # nothing trained yet: 8 -> 3 x 2
+
+
+def _run(data: DataConfig, world: int, states: list | None, batches: int) -> tuple[list, list]:
+    """``batches`` batches of every rank of a ``world``-rank run resumed from ``states``; their videos
+    and the ranks' states after."""
+    streams = [ClipStream(data, seed=0, rank=r, world_size=world) for r in range(world)]
+    videos = []
+    for stream in streams:
+        if states is not None:
+            stream.load_state_dict(states)
+        videos += [v for b in _take(stream, batches) for v in b.videos]
+    return videos, [s.state_dict() for s in streams]
+
+
+def test_an_elastic_restart_mid_chunk_trains_no_clip_twice(ray_local, video_dir):
+    # One chunk of 8 videos, 1 clip each. Two ranks with micro batches of 2 train 1 batch each ...
+    data = _data([video_dir], chunk_size=8)
+    trained, states = _run(data, 2, None, 1)
+    # ... then one rank with micro batches of 4 takes the 4 clips they left: one batch, the chunk is done.
+    after, states = _run(dataclasses.replace(data, batch_size=4), 1, states, 1)
+    chunk = trained + after
+    assert len(chunk) == len(set(chunk)) == 8
+    assert states[0]["epoch"] == 1 and states[0]["batch"] == 0
+    # Two ranks of 2 train 4 clips; two ranks of 1 split the 4 left and train one each; then either the same
+    # layout or one rank goes on: every clip of the chunk once.
+    first, states = _run(data, 2, None, 1)
+    second, split = _run(dataclasses.replace(data, batch_size=1), 2, states, 1)
+    assert [len(s["share"]) for s in split] == [2, 2] and [s["batch"] for s in split] == [1, 1]
+    for world, batches in ((2, 1), (1, 2)):
+        rest, after = _run(dataclasses.replace(data, batch_size=1), world, split, batches)
+        chunk = first + second + rest
+        assert len(chunk) == len(set(chunk)) == 8, world
+        assert after[0]["epoch"] == 1 and after[0]["share"] is None
 
 
 def test_a_source_of_only_bad_videos_is_a_clear_error(ray_local, tmp_path):

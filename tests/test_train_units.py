@@ -15,7 +15,7 @@ from torch import nn
 from vjepa_ray.config import ConfigError, load_config
 from vjepa_ray.recipe.optimizer import apply_schedules
 from vjepa_ray.train import engine as eng
-from vjepa_ray.train.checkpoint import SaveSchedule, restore_rng, rng_state, set_rng_state
+from vjepa_ray.train.checkpoint import SaveSchedule, TrainState, restore_rng, rng_state, set_rng_state
 from vjepa_ray.train.elastic import check_elastic_batch, plan_batch
 from vjepa_ray.train.metrics import IntervalMeter, TensorBoardCallback, collapse_warning
 from vjepa_ray.train.synthetic_stream import SyntheticClipStream
@@ -172,9 +172,16 @@ def test_synthetic_stream_resumes_from_its_state_dict():
     assert stream.state_dict() == {"epoch": 0, "chunk": 5}
 
     resumed = SyntheticClipStream(data, seed=3, rank=1, world_size=2)
-    resumed.load_state_dict({"epoch": 0, "chunk": 2})
+    resumed.load_state_dict([{"epoch": 0, "chunk": 2}] * 2)
     assert all(torch.equal(a.clips, b.clips) for a, b in zip(batches[2:], itertools.islice(resumed, 3)))
     assert not torch.equal(batches[0].clips, batches[1].clips)
+
+
+def test_train_state_keeps_every_ranks_position_and_reads_the_older_single_one():
+    state = TrainState(step=6, data_position=[{"epoch": 0, "chunk": 1, "batch": 1}] * 2)
+    assert TrainState.from_json(state.to_json()) == state
+    older = TrainState.from_json('{"step": 4, "data_position": {"epoch": 0, "chunk": 2}}')
+    assert older.data_position == [{"epoch": 0, "chunk": 2}]
 
 
 def test_interval_meter_means_and_collapse_warning():

@@ -262,12 +262,16 @@ class DeepSpeedConfig:
 @dataclass
 class CheckpointConfig:
     every_steps: int = 1000
+    # Two or more: a restart that finds the latest checkpoint damaged resumes from the one before.
     num_to_keep: int = 2
+    # How long a checkpoint upload keeps retrying while the store is unreachable (bounded backoff).
+    upload_retry_s: float = 300.0
 
     def validate(self, key: str) -> None:
         check = _SectionChecks(key)
         check.require(self.every_steps >= 1, "every_steps", "must be >= 1")
         check.require(self.num_to_keep >= 1, "num_to_keep", "must be >= 1")
+        check.require(self.upload_retry_s >= 0, "upload_retry_s", "must be >= 0")
 
 
 @dataclass

@@ -26,7 +26,8 @@ from __future__ import annotations
 import json
 import posixpath
 import tempfile
-from collections.abc import Iterator
+import uuid
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -49,9 +50,16 @@ CHECKPOINT_MARKER = "train_state.json"
 LOCAL_ROOT = "~/vjepa_runs"
 
 
-def checkpoint_dir_name(step: int) -> str:
-    """The folder of the checkpoint taken after ``step`` steps: ``step_00000100``."""
-    return f"{CHECKPOINT_PREFIX}{step:08d}"
+def checkpoint_dir_name(step: int, taken: Collection[str] = ()) -> str:
+    """The folder of the checkpoint taken after ``step`` steps: ``step_00000100``, or ``step_00000100_1``, ...
+    when ``taken`` has that name (a damaged checkpoint a restart skipped: Ray Train still holds it and will
+    delete it by its path, which must then not be the new one's)."""
+    name = base = f"{CHECKPOINT_PREFIX}{step:08d}"
+    redo = 0
+    while name in taken:
+        redo += 1
+        name = f"{base}_{redo}"
+    return name
 
 
 def is_uri(path: str) -> bool:
@@ -103,6 +111,43 @@ def list_names(folder: str) -> list[str]:
     return sorted(info.base_name for info in fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True)))
 
 
+def delete_file(path: str) -> None:
+    fs, inner = filesystem(path)
+    fs.delete_file(inner)
+
+
+def is_refused(err: BaseException) -> bool:
+    """Whether a storage error is a refusal (HTTP 403, bad credentials, a read-only folder): retrying cannot
+    help, unlike an unreachable store."""
+    if isinstance(err, PermissionError):
+        return True
+    text = str(err)
+    return any(token in text for token in ("ACCESS_DENIED", "AccessDenied", "PERMISSION_DENIED",
+                                           "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH"))
+
+
+def is_unreachable(err: BaseException) -> bool:
+    """Whether a storage error says the store could not be reached or asked to slow down: worth retrying."""
+    if isinstance(err, (ConnectionError, TimeoutError)):
+        return True
+    text = str(err)
+    return any(token in text for token in ("NETWORK_CONNECTION", "SERVICE_UNAVAILABLE", "SLOW_DOWN",
+                                           "INTERNAL_FAILURE", "REQUEST_TIMEOUT", "Could not connect"))
+
+
+def check_writable(folder: str) -> None:
+    """Writes and removes a small file in ``folder`` (creating it); raises PermissionError, naming the folder,
+    when the store refuses the write."""
+    probe = join(folder, f".write_check_{uuid.uuid4().hex}")
+    try:
+        write_bytes(probe, b"")
+    except OSError as err:
+        if is_refused(err):
+            raise PermissionError(f"{folder} refuses writes ({str(err).splitlines()[0]})") from None
+        raise
+    delete_file(probe)
+
+
 def read_bytes(path: str) -> bytes:
     fs, inner = filesystem(path)
     with fs.open_input_stream(inner) as stream:
@@ -148,6 +193,12 @@ def is_checkpoint(path: str) -> bool:
     return is_file(join(path, CHECKPOINT_MARKER))
 
 
+def list_checkpoints(folder: str) -> list[str]:
+    """The names of the run folder's checkpoint folders, oldest first (whole or not: see
+    ``vjepa_ray.train.manifest``)."""
+    return [name for name in list_names(folder) if name.startswith(CHECKPOINT_PREFIX)]
+
+
 def find_checkpoint(path: str) -> str:
     """The training checkpoint at ``path``: a checkpoint folder itself, or the one a run folder's summary.json
     names (the run folder's own copy of it when the run folder moved), or else its latest ``step_*`` folder.
@@ -164,8 +215,7 @@ def find_checkpoint(path: str) -> str:
             if is_checkpoint(candidate):
                 return candidate
         raise FileNotFoundError(f"{join(path, SUMMARY_FILE)} names no checkpoint folder that exists ({named!r})")
-    steps = [join(path, name) for name in list_names(path) if name.startswith(CHECKPOINT_PREFIX)]
-    steps = [step for step in steps if is_checkpoint(step)]
+    steps = [step for step in (join(path, name) for name in list_checkpoints(path)) if is_checkpoint(step)]
     if not steps:
         raise FileNotFoundError(f"{path} is neither a training checkpoint nor a run folder with one")
     return steps[-1]

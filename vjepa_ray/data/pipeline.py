@@ -16,8 +16,27 @@ position itself:
   themselves (local path, or a pyarrow stream for URIs and tar members), decode with PyAV, crop and
   flip. Every random draw for a file comes from ``(meta.seed, epoch, chunk, slot)``, so a chunk
   decodes to the same clips whichever rank, process or restart decodes it;
-- ``stream.position`` / ``state_dict()`` is the (epoch, chunk) to resume from: a checkpoint stores it
-  and a restart replays at most the chunk that was in progress.
+- ``state_dict()`` is where the stream stands: the (epoch, chunk) of its next batch, how many batches of
+  that chunk it has yielded, and the last clip it yielded. A checkpoint stores every rank's; a restart
+  decodes the chunk in progress again and skips the batches already trained (see *Resuming* below).
+
+Resuming. On the same number of workers with the same micro batch, every rank re-decodes its share of the
+chunk and skips the batches it had yielded: the batches that follow are bit for bit those of an
+uninterrupted run, bad videos and refills included. With another world size or micro batch (an elastic
+restart), the clips of the chunk that no rank had yielded yet (known from each rank's last clip) are
+split afresh into equal contiguous shares, one per new rank, in whole micro batches; the fewer than
+``world_size * batch_size`` clips left over are dropped, and no clip is trained twice. The chunks after it
+are split as usual. Two things void the bitwise promise for a chunk: a video skipped for
+``data.decode_timeout_s`` (it depends on the machine's speed, so the re-decode may keep a clip the first
+decode dropped, or the reverse), and a changed video list or ``data.chunk_size`` (the positions then name
+other files).
+
+Ray Data's own answer to resuming training ingest, ``ray.train.DatasetCheckpointConfig`` (alpha, after
+Ray 2.60), records the ids of the rows consumed and filters them out of the re-read dataset; it works for
+any dataset with a unique id column but stores every consumed id. This stream keeps no ids: its decoding
+is a pure function of (``meta.seed``, epoch, chunk, slot), so a position per rank identifies the consumed
+clips. The two agree on what a resume means (each row trained once per epoch, the input re-read); the
+``slot`` column would be the id column should the stream move to Ray's mechanism.
 
 Bad videos become skip rows (a placeholder clip and the reason) so that their counts reach the trainer
 with the next batch (`ClipBatch.skipped`); each bad path is logged once per stream. When no video of
@@ -47,6 +66,8 @@ from vjepa_ray.worker_env import MALLOC_ENV
 logger = logging.getLogger(__name__)
 
 Position = tuple[int, int]
+# A clip of an epoch: (slot of its video in the epoch's order, index among that video's clips).
+ClipId = tuple[int, int]
 # Videos per decode task: Ray Data's per-task cost (tens of ms of CPU: scheduling, block building,
 # stats) is then spread over several decodes of 100+ ms each.
 FILES_PER_TASK = 4
@@ -139,6 +160,10 @@ def decode_rows(batch: dict[str, np.ndarray], job: DecodeJob) -> dict[str, np.nd
             "decode_node": np.asarray([node] * len(clips), dtype=object)}
 
 
+def _clip_ids(clips: Iterable[Sequence[int]]) -> tuple[ClipId, ...]:
+    return tuple((int(slot), int(k)) for slot, k in clips)
+
+
 def _drop_skip_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     keep = batch["skip_reason"] == ""
     return {k: v[keep] for k, v in batch.items() if k not in ("skip_reason", "skip_detail")}
@@ -185,6 +210,35 @@ class _Item:
     reason: str
     detail: str
     uri: str
+    clip_id: ClipId
+
+
+@dataclass(frozen=True)
+class _ChunkPlan:
+    """What a rank yields of the chunk it resumes in: its clips (``share``; None: its usual share of the
+    chunk's files), the batches already yielded (``start``) and the chunk's batches in all (``wanted``)."""
+
+    share: Optional[tuple[ClipId, ...]]
+    start: int
+    wanted: int
+
+
+def resplit_chunk(states: Sequence[dict[str, Any]], shares: Sequence[Sequence[ClipId]], unassigned: Sequence[ClipId],
+                  world_size: int, batch_size: int) -> list[list[ClipId]]:
+    """Each new rank's clips of a chunk interrupted under another layout (world size or micro batch).
+
+    ``states``: every old rank's ``ClipStream.state_dict()``; ``shares``: every old rank's clips of the chunk
+    in the order it yields them; ``unassigned``: the chunk's clips that no old rank had (files left over by the
+    split). The clips not yet yielded are cut into ``world_size`` equal contiguous shares of whole micro
+    batches; the rest (fewer than ``world_size * batch_size``) is dropped.
+    """
+    pending = list(unassigned)
+    for state, share in zip(states, shares, strict=True):
+        done = state.get("done")
+        pending += share if done is None else [clip for clip in share if clip > tuple(done)]
+    pending.sort()
+    per_rank = len(pending) // (world_size * batch_size) * batch_size
+    return [pending[r * per_rank:(r + 1) * per_rank] for r in range(world_size)]
 
 
 class ClipStream:
@@ -215,78 +269,152 @@ class ClipStream:
             raise ConfigError("data.chunk_size", f"{data.chunk_size} files per chunk give each of {world_size} "
                               f"workers fewer than data.batch_size={data.batch_size} clips; use >= {need}")
         self.num_chunks = math.ceil(len(self.refs) / data.chunk_size)
-        # Where to start: the beginning, until ``load_state_dict`` restores a checkpoint's position.
+        # Where the next batch comes from: a chunk, the batches of it already yielded, the last clip yielded, and
+        # the chunk's clips this rank yields when an elastic restart split it afresh (None: the usual share).
+        # The beginning, until ``load_state_dict`` restores a checkpoint's.
         self._position: Position = (0, 0)
+        self._batches_done = 0
+        self._done: Optional[ClipId] = None
+        self._share: Optional[tuple[ClipId, ...]] = None
         self._unreported: Counter = Counter()
         self._logged: set[str] = set()
 
     @property
     def position(self) -> Position:
-        """The (epoch, chunk) a restart resumes from: the chunk of the next batch this stream yields."""
+        """The (epoch, chunk) of the next batch this stream yields."""
         return self._position
 
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's place in the stream (JSON-able); ``load_state_dict`` takes every rank's."""
         epoch, chunk = self._position
-        return {"epoch": epoch, "chunk": chunk}
+        return {"epoch": epoch, "chunk": chunk, "batch": self._batches_done,
+                "done": list(self._done) if self._done is not None else None,
+                "share": [list(clip) for clip in self._share] if self._share is not None else None,
+                "world_size": self.world_size, "batch_size": self.data.batch_size}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        epoch, chunk = int(state["epoch"]), int(state["chunk"])
+    def load_state_dict(self, states: Sequence[dict[str, Any]]) -> None:
+        """Resumes where a checkpoint's ranks stood: ``states`` holds every rank's ``state_dict()`` (by rank).
+
+        States of the older (epoch, chunk)-only form resume at the start of their chunk.
+        """
+        epoch, chunk = int(states[0]["epoch"]), int(states[0]["chunk"])
         if epoch < 0 or chunk < 0:
             raise ValueError(f"position: expected non-negative (epoch, chunk), got ({epoch}, {chunk})")
+        self._batches_done, self._done, self._share = 0, None, None
         if chunk >= self.num_chunks:
             # The list shrank since the checkpoint: its epoch is over.
             logger.warning("position (%d, %d) is past the %d chunks of an epoch; starting epoch %d",
                            epoch, chunk, self.num_chunks, epoch + 1)
-            epoch, chunk = epoch + 1, 0
+            self._position = (epoch + 1, 0)
+            return
         self._position = (epoch, chunk)
+        if all(not state.get("batch") and state.get("share") is None for state in states):
+            return  # at the start of a chunk: the usual split of it
+        if len(states) == self.world_size and all(
+                (state.get("world_size"), state.get("batch_size")) == (self.world_size, self.data.batch_size)
+                for state in states):
+            mine = states[self.rank]
+            self._batches_done = int(mine["batch"])
+            self._done = tuple(mine["done"]) if mine.get("done") is not None else None
+            self._share = _clip_ids(mine["share"]) if mine.get("share") is not None else None
+            return
+        shares = [_clip_ids(state["share"]) if state.get("share") is not None
+                  else self._usual_clips(chunk, rank, len(states)) for rank, state in enumerate(states)]
+        # Files the old split left over count as untrained unless an earlier restart already split the chunk.
+        unassigned = [] if any(state.get("share") is not None for state in states) else sorted(
+            set(self._chunk_clips(chunk)).difference(*shares))
+        split = resplit_chunk(states, shares, unassigned, self.world_size, self.data.batch_size)
+        self._share = tuple(split[self.rank])
+        if self.rank == 0:
+            logger.info("chunk (%d, %d) was interrupted on %d worker(s); its %d untrained clips are split over %d: "
+                        "%d each", epoch, chunk, len(states), len(split[0]) * self.world_size, self.world_size,
+                        len(split[0]))
 
     def _next(self, position: Position) -> Position:
         epoch, chunk = position
         return (epoch, chunk + 1) if chunk + 1 < self.num_chunks else (epoch + 1, 0)
 
+    def _chunk_clips(self, chunk: int) -> list[ClipId]:
+        slots = range(chunk * self.data.chunk_size, (chunk + 1) * self.data.chunk_size)
+        return [(slot, k) for slot in slots for k in range(self.data.clips_per_video)]
+
+    def _usual_slots(self, chunk: int, rank: int, world_size: int) -> list[int]:
+        slots = range(chunk * self.data.chunk_size, (chunk + 1) * self.data.chunk_size)
+        return list(slots)[rank::world_size][:self.data.chunk_size // world_size]
+
+    def _usual_clips(self, chunk: int, rank: int, world_size: int) -> list[ClipId]:
+        return [(slot, k) for slot in self._usual_slots(chunk, rank, world_size)
+                for k in range(self.data.clips_per_video)]
+
     def share(self, epoch: int, chunk: int, order: Optional[np.ndarray] = None) -> list[tuple[int, VideoRef]]:
         """(slot, video) pairs this rank decodes in a chunk; slots index the epoch's (wrapped) order."""
         if order is None:
             order = epoch_order(self.refs, self.data.weights, self.seed, epoch)
-        slots = range(chunk * self.data.chunk_size, (chunk + 1) * self.data.chunk_size)
-        mine = list(slots)[self.rank::self.world_size][:self.files_per_rank]
-        return [(slot, self.refs[order[slot % len(order)]]) for slot in mine]
+        return [(slot, self.refs[order[slot % len(order)]])
+                for slot in self._usual_slots(chunk, self.rank, self.world_size)]
+
+    def _plan(self, chunk: int) -> _ChunkPlan:
+        """How this rank yields ``chunk``: as restored by ``load_state_dict`` for the chunk it resumes in."""
+        if chunk != self._position[1] or (self._share is None and not self._batches_done):
+            return _ChunkPlan(None, 0, self.batches_per_chunk)
+        wanted = self.batches_per_chunk if self._share is None else len(self._share) // self.data.batch_size
+        return _ChunkPlan(self._share, self._batches_done, wanted)
+
+    def _rows(self, epoch: int, chunk: int, order: np.ndarray, plan: _ChunkPlan) -> list[dict[str, Any]]:
+        if plan.share is None:
+            return [_row(ref, chunk, slot) for slot, ref in self.share(epoch, chunk, order)]
+        slots = sorted({slot for slot, _ in plan.share})
+        return [_row(self.refs[order[slot % len(order)]], chunk, slot) for slot in slots]
 
     def __iter__(self) -> Iterator[ClipBatch]:
         while True:
             epoch, first_chunk = self._position
             order = epoch_order(self.refs, self.data.weights, self.seed, epoch)
-            rows = [_row(ref, chunk, slot) for chunk in range(first_chunk, self.num_chunks)
-                    for slot, ref in self.share(epoch, chunk, order)]
+            plans = {chunk: self._plan(chunk) for chunk in range(first_chunk, self.num_chunks)}
+            rows = [row for chunk, plan in plans.items() for row in self._rows(epoch, chunk, order, plan)]
+            if not rows:  # a resumed chunk with nothing left for any rank, the last of its epoch
+                self._position, self._batches_done, self._share = self._next((epoch, first_chunk)), 0, None
+                continue
             job = DecodeJob.from_config(self.data, self.seed, epoch, self.filesystem)
             items = self._items(decode_dataset(rows, job, self.data, self.label_selector))
             for chunk, chunk_items in itertools.groupby(items, key=lambda pair: pair[0]):
-                yield from self._chunk_batches(epoch, chunk, (item for _, item in chunk_items), order, job)
+                yield from self._chunk_batches(epoch, chunk, (item for _, item in chunk_items), order, job,
+                                               plans[chunk])
 
     def _items(self, ds: "ray.data.Dataset") -> Iterable[tuple[int, _Item]]:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for i in range(len(batch["slot"])):
                 yield int(batch["chunk"][i]), _Item(batch["clip"][i], str(batch["skip_reason"][i]),
-                                                    str(batch["skip_detail"][i]), str(batch["uri"][i]))
+                                                    str(batch["skip_detail"][i]), str(batch["uri"][i]),
+                                                    (int(batch["slot"][i]), int(batch["clip_index"][i])))
 
     def _chunk_batches(self, epoch: int, chunk: int, items: Iterable[_Item], order: np.ndarray,
-                       job: DecodeJob) -> Iterator[ClipBatch]:
-        size, wanted = self.data.batch_size, self.batches_per_chunk
+                       job: DecodeJob, plan: _ChunkPlan) -> Iterator[ClipBatch]:
+        """The chunk's ``plan.wanted`` batches from its decoded items, less the ``plan.start`` already yielded
+        before a restart (made again, so that the rest are the same, and dropped)."""
+        size = self.data.batch_size
+        share = set(plan.share) if plan.share is not None else None
         clips: list[_Item] = []
         emitted = 0
         for item in items:
+            if share is not None and not item.reason and item.clip_id not in share:
+                continue  # another rank's clip of a video split between ranks
             if not self._accept(item):
                 continue
             clips.append(item)
-            if emitted < wanted and len(clips) >= (emitted + 1) * size:
-                yield self._batch(clips[emitted * size:(emitted + 1) * size], epoch, chunk, emitted)
+            if emitted < plan.wanted and len(clips) >= (emitted + 1) * size:
+                batch = self._batch(clips[emitted * size:(emitted + 1) * size], epoch, chunk, emitted, plan)
+                if emitted >= plan.start:
+                    yield batch
                 emitted += 1
-        if emitted < wanted and not clips:
+        if emitted < plan.wanted and not clips:
             clips = self._fallback_clips(epoch, chunk, order, job)
         # Bad videos left this rank short: repeat the chunk's clips so every rank yields `wanted` batches.
-        while emitted < wanted:
+        while emitted < plan.wanted:
             picks = [(emitted * size + i) % len(clips) for i in range(size)]
-            yield self._batch([clips[p] for p in picks], epoch, chunk, emitted)
+            batch = self._batch([clips[p] for p in picks], epoch, chunk, emitted, plan, last=clips[-1])
+            if emitted >= plan.start:
+                yield batch
             emitted += 1
 
     def _accept(self, item: _Item) -> bool:
@@ -298,9 +426,16 @@ class ClipStream:
             logger.warning("skipping video %s (%s): %s", item.uri, item.reason, item.detail)
         return False
 
-    def _batch(self, items: list[_Item], epoch: int, chunk: int, index: int) -> ClipBatch:
-        # The position a checkpoint taken after this batch should resume from.
-        self._position = (epoch, chunk) if index + 1 < self.batches_per_chunk else self._next((epoch, chunk))
+    def _batch(self, items: list[_Item], epoch: int, chunk: int, index: int, plan: _ChunkPlan,
+               last: Optional[_Item] = None) -> ClipBatch:
+        """Batch ``index`` of a chunk; the stream's state moves past it. ``last``: the last clip of the chunk
+        yielded so far when that is not the batch's last (a refill repeats earlier clips)."""
+        if index + 1 < plan.wanted:
+            self._position, self._batches_done, self._share = (epoch, chunk), index + 1, plan.share
+            self._done = (last or items[-1]).clip_id
+        else:
+            self._position, self._batches_done, self._done, self._share = self._next((epoch, chunk)), 0, None, None
+        # Skips counted before a batch travel with it (and are dropped with a batch skipped on resuming).
         skipped, self._unreported = self._unreported, Counter()
         clips = torch.from_numpy(np.stack([item.clip for item in items]))
         return ClipBatch(clips, tuple(item.uri for item in items), (epoch, chunk), skipped)

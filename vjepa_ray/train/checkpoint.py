@@ -8,6 +8,7 @@ copies all ranks' files into ``<storage>/<name>/<checkpoint_dir_name>``)::
     rng/rank_*.pt                each rank's torch / numpy / python RNG state
     train_state.json             step, data position, world size, counters (rank 0)
     config.yaml                  the run's config (rank 0)
+    manifest/rank_*.json         every rank's files with their sizes and SHA-256 (vjepa_ray.train.manifest)
 
 A run that restarts with a different world size under ZeRO 1-3 cannot load DeepSpeed's partitioned files
 directly: the checkpoint is converted once per node to a universal checkpoint (``ds_to_universal``) in a
@@ -37,6 +38,7 @@ import torch.distributed as dist
 
 from vjepa_ray import runs
 from vjepa_ray.config import Config
+from vjepa_ray.train import manifest
 from vjepa_ray.train.target_encoder import TargetEncoder
 
 log = logging.getLogger(__name__)
@@ -68,8 +70,8 @@ class TrainState:
     world_size: int = 1
     global_batch: int = 0
     zero_stage: int = 0
-    # The data stream's own state (``ClipStream.state_dict()``), e.g. its (epoch, chunk) position.
-    data_position: Any = None
+    # Every rank's data stream state at the save, by rank (``ClipStream.state_dict()``).
+    data_position: list[dict[str, Any]] | None = None
     skipped_videos: int = 0
     last_loss: float | None = None
     world_sizes: list[int] = field(default_factory=list)
@@ -82,6 +84,9 @@ class TrainState:
     @classmethod
     def from_json(cls, text: str) -> "TrainState":
         data = json.loads(text)
+        if isinstance(data.get("data_position"), dict):
+            # Checkpoints from before every rank's position was kept: rank 0's (epoch, chunk) alone.
+            data["data_position"] = [data["data_position"]]
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{key: value for key, value in data.items() if key in known})
 
@@ -124,6 +129,7 @@ def save(folder: str | Path, engine, target: TargetEncoder, state: TrainState, r
     if rank == 0:
         (folder / TRAIN_STATE).write_text(state.to_json())
         (folder / CONFIG_FILE).write_text(config_yaml)
+    manifest.write(folder, rank, state.world_size)
 
 
 def needs_universal(saved: TrainState, world_size: int, cfg: Config) -> bool:

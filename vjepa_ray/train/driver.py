@@ -18,6 +18,7 @@ from vjepa_ray.config import Config, ConfigError, to_dict
 from vjepa_ray.data.demo import prepare_demo_videos
 from vjepa_ray.train.elastic import check_elastic_batch, global_batch_size
 from vjepa_ray.train.loop import StreamFactory, train_func
+from vjepa_ray.train.recovery import check_run_folder
 from vjepa_ray.train.trainer import build_trainer
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ def run(cfg: Config, *, stream_factory: StreamFactory | None = None, verify_rest
     from vjepa_ray.train.metrics import TensorBoardCallback
 
     check_runnable(cfg)
+    check_run_folder(cfg)
     cfg = _resolved_data_paths(cfg)
     prepare_demo_videos(cfg)
     cluster.connect(cfg)

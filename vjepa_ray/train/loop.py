@@ -11,11 +11,11 @@ need (both are barriers).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import shutil
 from contextlib import ExitStack
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sequence
 
 import torch
 import torch.distributed as dist
@@ -23,9 +23,11 @@ import torch.distributed as dist
 from vjepa_ray import runs
 from vjepa_ray.config import Config, DataConfig, from_dict, to_yaml
 from vjepa_ray.train import checkpoint as ckpt
+from vjepa_ray.train import recovery
 from vjepa_ray.train.elastic import BatchPlan, global_batch_size, plan_batch
 from vjepa_ray.train.engine import TrainStep, state_bytes
 from vjepa_ray.train.metrics import IntervalMeter, collapse_warning, format_progress
+from vjepa_ray.train.upload import persist_checkpoint
 from vjepa_ray.worker_env import configure_worker_logging
 
 if TYPE_CHECKING:
@@ -35,13 +37,15 @@ log = logging.getLogger(__name__)
 
 
 class Stream(Protocol):
-    """An endless stream of micro batches that can say, and be told, where it stands."""
+    """An endless stream of micro batches that can say, and be told, where it stands: ``state_dict`` is this
+    rank's place, ``load_state_dict`` takes every rank's (by rank) as a checkpoint saved them, so that a
+    stream restarted on another number of workers can split what the old ones left."""
 
     def __iter__(self) -> Iterator[ClipBatch]: ...
 
     def state_dict(self) -> dict[str, Any]: ...
 
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def load_state_dict(self, states: Sequence[dict[str, Any]]) -> None: ...
 
 
 # (data config with the micro batch as batch_size, meta.seed, rank, world size) -> a stream at its start
@@ -78,6 +82,8 @@ class Run:
         self.tracker = tracker
         self.verify_restore = verify_restore
         self.restored_digest: str | None = None
+        # Damaged checkpoints this start skipped: a new save must not take one's name (runs.checkpoint_dir_name).
+        self.damaged: list[str] = []
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
         self.local_rank = context.get_local_rank()
@@ -97,11 +103,12 @@ class Run:
         """Builds the step and restores the latest checkpoint, if any; returns the state to go on from."""
         import ray.train
 
-        checkpoint = ray.train.get_checkpoint()
+        latest = ray.train.get_checkpoint()
         with ExitStack() as stack:
             saved = folder = None
-            if checkpoint is not None:
-                folder = Path(stack.enter_context(checkpoint.as_directory()))
+            if latest is not None:
+                # Ray's latest, or the newest intact one before it when that one is damaged.
+                folder, name, self.damaged = recovery.open_intact(stack, latest, runs.run_dir(self.cfg), self.rank)
                 saved = ckpt.read_train_state(folder)
             universal = saved is not None and ckpt.needs_universal(saved, self.world_size, self.cfg)
             self.step = TrainStep(self.cfg, self.plan, self.rank, self.device, load_universal=universal)
@@ -116,9 +123,9 @@ class Run:
         if self.verify_restore:
             self.restored_digest = ckpt.state_digest(self.step.engine)
             if state.state_digest is not None and state.state_digest != self.restored_digest:
-                raise RuntimeError(f"the state restored from {checkpoint.path} differs from the one saved there")
+                raise RuntimeError(f"the state restored from {name} differs from the one saved there")
         if self.rank == 0:
-            log.info("resumed from %s at step %d (saved on %d worker(s), now %d%s)", checkpoint.path, state.step,
+            log.info("resumed from %s at step %d (saved on %d worker(s), now %d%s)", name, state.step,
                      saved.world_size, self.world_size, ", resharded via a universal checkpoint" if universal else "")
         state.world_size, state.global_batch = self.world_size, self.plan.global_batch
         state.zero_stage = self.cfg.deepspeed.zero_stage
@@ -150,7 +157,6 @@ class Run:
         while state.step < total:
             out = self.step(batches, state.step, meter)
             state.step += 1
-            state.data_position = stream.state_dict()
             step = state.step
             if step % cfg.logging.every_steps and not saves.due(step):
                 continue
@@ -176,21 +182,28 @@ class Run:
             preempted = ray.train.get_preemption_info() is not None
             if preempted and self.rank == 0:
                 log.warning("preemption notice at step %d: checkpointing now", step)
-            self._report(state, metrics, checkpoint=saves.due(step, preempted))
+            self._report(state, metrics, checkpoint=saves.due(step, preempted), stream=stream)
 
-    def _report(self, state: ckpt.TrainState, metrics: dict[str, Any], checkpoint: bool) -> None:
+    def _report(self, state: ckpt.TrainState, metrics: dict[str, Any], checkpoint: bool,
+                stream: Stream | None = None) -> None:
         import ray.train
 
         if not checkpoint:
             ray.train.report(metrics)
             return
+        # Every rank's place in the stream: a restart on another world size splits what is left of the chunk.
+        positions: list[Any] = [None] * self.world_size
+        dist.all_gather_object(positions, stream.state_dict())
+        state.data_position = positions
         folder = ckpt.node_local_tempdir(f"vjepa_ckpt_{state.step}_")
         try:
             if self.verify_restore:
                 state.state_digest = metrics["saved_state_digest"] = ckpt.state_digest(self.step.engine)
             ckpt.save(folder, self.step.engine, self.step.target, state, self.rank, to_yaml(self.cfg))
             dist.barrier()
+            upload = functools.partial(persist_checkpoint, retry_s=self.cfg.checkpoint.upload_retry_s)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
-                             checkpoint_dir_name=runs.checkpoint_dir_name(state.step))
+                             checkpoint_dir_name=runs.checkpoint_dir_name(state.step, self.damaged),
+                             checkpoint_upload_fn=upload)
         finally:
             shutil.rmtree(folder, ignore_errors=True)

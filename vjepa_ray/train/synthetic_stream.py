@@ -8,7 +8,7 @@ one-process reference, and benchmarking the training step apart from video decod
 from __future__ import annotations
 
 from collections import Counter
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -40,8 +40,9 @@ class SyntheticClipStream:
     def state_dict(self) -> dict[str, int]:
         return {"epoch": 0, "chunk": self._index}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self._index = int(state["chunk"])
+    def load_state_dict(self, states: Sequence[dict[str, int]]) -> None:
+        # Every rank stands at the same index.
+        self._index = int(states[0]["chunk"])
 
     def __iter__(self) -> Iterator[ClipBatch]:
         while True:
