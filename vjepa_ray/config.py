@@ -209,8 +209,19 @@ def _default_masks() -> list[MaskConfig]:
     ]
 
 
+# How the LR, weight decay and EMA momentum move over a run (vjepa_ray.recipe.schedules).
+SCHEDULES = ("cosine", "constant", "cooldown")
+
+
 @dataclass
 class OptimizationConfig:
+    # cosine: V-JEPA 1. LR warmup start_lr -> lr, then a cosine to final_lr; weight decay a cosine
+    #   weight_decay -> final_weight_decay; EMA momentum linear ema[0] -> ema[1].
+    # constant: V-JEPA 2 pretraining. LR warmup start_lr -> lr, then lr held; weight decay and EMA momentum
+    #   held at weight_decay and ema[0] (final_lr, final_weight_decay and ema[1] are not used).
+    # cooldown: V-JEPA 2's anneal. No warmup (warmup_steps 0); LR linear lr -> final_lr; weight decay and EMA
+    #   momentum held as in constant. Usually started from a pretraining run (checkpoint.start_from).
+    schedule: str = "cosine"
     total_steps: int = 90_000
     warmup_steps: int = 12_000
     # Schedules run over schedule_scale * total_steps (the reference's ipe_scale), so training stops
@@ -231,6 +242,10 @@ class OptimizationConfig:
 
     def validate(self, key: str) -> None:
         check = _SectionChecks(key)
+        check.require(self.schedule in SCHEDULES, "schedule",
+                      f"{self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        check.require(self.schedule != "cooldown" or self.warmup_steps == 0, "warmup_steps",
+                      f"the cooldown schedule has no warmup: set 0 (got {self.warmup_steps})")
         check.require(self.total_steps >= 1, "total_steps", "must be >= 1")
         check.require(0 <= self.warmup_steps <= self.total_steps, "warmup_steps",
                       f"{self.warmup_steps} is outside [0, {key}.total_steps]")
