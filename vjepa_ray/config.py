@@ -161,6 +161,10 @@ class ModelConfig:
     pred_num_mask_tokens: int | None = None
     uniform_power: bool = True
     activation_checkpointing: bool = False
+    # Weights a new run starts from instead of a random init: a file in Meta's release layout or our export
+    # (encoder, predictor, target encoder; a file without a target encoder starts the target as a copy of
+    # the encoder), or a run folder. Only the run's first start reads it; a restart resumes its own checkpoint.
+    init_from: str = ""
 
     def validate(self, key: str) -> None:
         # The model registry, imported on use: the schema module itself stays free of torch for the
@@ -278,6 +282,11 @@ class DeepSpeedConfig:
 class CheckpointConfig:
     every_steps: int = 1000
     num_to_keep: int = 2
+    # A training checkpoint, or a run folder (its latest), that a new run starts from: weights, EMA target
+    # and optimizer state, as V-JEPA 2's cooldown starts from pretraining. Step, schedules, data stream and
+    # RNG start afresh; world size, clip size and batch split may differ. Only the run's first start reads
+    # it; a restart resumes the run's own checkpoint.
+    start_from: str = ""
 
     def validate(self, key: str) -> None:
         check = _SectionChecks(key)
@@ -419,6 +428,8 @@ class Config:
         self.probe.validate("probe")
         self.tune.validate("tune")
 
+        _require(not (self.model.init_from and self.checkpoint.start_from), "model.init_from",
+                 "cannot be combined with checkpoint.start_from, whose checkpoint holds the weights already")
         # The clip must tile into whole patches and tubelets.
         d, m = self.data, self.model
         _require(d.crop_size > 0 and d.crop_size % m.patch_size == 0, "data.crop_size",
