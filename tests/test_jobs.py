@@ -124,3 +124,34 @@ def test_v2_recipes_match_the_release(name, release_file, model, crop, frames, b
         pretrain = load_config(JOBS / name.replace("_cooldown", "_pretrain"))
         assert cfg.checkpoint.start_from.rstrip("/").endswith(pretrain.meta.name)
         assert cfg.model == pretrain.model and cfg.data.frames_per_clip == 4 * pretrain.data.frames_per_clip
+
+
+# The 2.0 release's probe evaluations, typed from facebookresearch/vjepa2 configs/eval/vitl/<task>.yaml:
+# job, release file, frames_per_clip, frame_step, num_segments, num_views_per_segment, num_classes, batch_size,
+# num_epochs, the multihead_kwargs grid (lrs x weight decays).
+V2_PROBES = [
+    ("vitl16_v2_ssv2_probe.yaml", "ssv2.yaml", 16, 4, 2, 3, 174, 4, 20,
+     [0.005, 0.003, 0.001, 0.0003, 0.0001], [0.01, 0.1, 0.4, 0.8]),
+    ("vitl16_v2_k400_probe.yaml", "k400.yaml", 16, 4, 8, 3, 400, 4, 20,
+     [0.005, 0.003, 0.001, 0.0003, 0.0001], [0.01, 0.1, 0.4, 0.8]),
+    # The release's Diving-48 probe reads layers [17, 19, 21, 23] (out_layers); this job probes the last one.
+    ("vitl16_v2_diving48_probe.yaml", "diving48.yaml", 32, 2, 4, 3, 48, 2, 100, [0.001, 0.0003, 0.0001], [0.8]),
+]
+
+
+@pytest.mark.parametrize("name, release_file, frames, frame_step, segments, views, classes, batch, epochs, lrs, wds",
+                         V2_PROBES, ids=[f"{row[0]}<-{row[1]}" for row in V2_PROBES])
+def test_v2_probe_recipes_match_the_release(name, release_file, frames, frame_step, segments, views, classes, batch,
+                                            epochs, lrs, wds):
+    cfg = load_config(JOBS / name)
+    p = cfg.probe
+    assert (cfg.model.family, cfg.model.name, p.checkpoint_key) == ("vjepa2", "vit_large", "target_encoder")
+    assert (cfg.data.frames_per_clip, cfg.data.frame_step, cfg.data.crop_size) == (frames, frame_step, 256), \
+        release_file
+    assert (p.num_segments, p.num_views, p.num_classes, p.batch_size, p.epochs) == \
+        (segments, views, classes, batch, epochs), release_file
+    assert (p.num_blocks, p.num_heads) == (4, 16)  # classifier: num_probe_blocks, num_heads
+    # Every head of the release's grid: lr = start_lr, no warmup, cosine to final_lr 0 (our probe schedule),
+    # final_weight_decay = weight_decay.
+    assert (p.lr, p.weight_decay) == (lrs, wds), release_file
+    assert cfg.ray.num_workers == 64  # 8 nodes x 8 tasks
