@@ -74,13 +74,13 @@ def test_init_from_that_does_not_fit_is_one_config_error_line(tmp_path):
     small = tiny(tmp_path, "model.name=vit_small")
     write_training_weights(tmp_path / "small.pt", weights_of(small, seed=1))
     with pytest.raises(ConfigError) as err:
-        driver.check_runnable(tiny(tmp_path, f"model.init_from={tmp_path / 'small.pt'}"))
+        driver.check_start_sources(tiny(tmp_path, f"model.init_from={tmp_path / 'small.pt'}"))
     message = str(err.value)
     assert message.startswith("model.init_from: ") and "\n" not in message
     assert "shape mismatch" in message and "patch_embed.proj.weight (checkpoint [384, 3, 2, 16, 16], model " \
         "[192, 3, 2, 16, 16])" in message
     with pytest.raises(ConfigError, match=r"^model.init_from: .*missing.pt"):
-        driver.check_runnable(tiny(tmp_path, f"model.init_from={tmp_path / 'missing.pt'}"))
+        driver.check_start_sources(tiny(tmp_path, f"model.init_from={tmp_path / 'missing.pt'}"))
 
 
 def fake_checkpoint(folder: Path, cfg: Config) -> Path:
@@ -94,25 +94,24 @@ def fake_checkpoint(folder: Path, cfg: Config) -> Path:
 def test_start_from_a_missing_folder_or_another_model_is_one_config_error_line(tmp_path):
     with pytest.raises(ConfigError, match=r"^checkpoint.start_from: cannot start from .*nowhere: .*neither a "
                                           r"training checkpoint nor a run folder"):
-        driver.check_runnable(tiny(tmp_path, f"checkpoint.start_from={tmp_path / 'nowhere'}"))
+        driver.check_start_sources(tiny(tmp_path, f"checkpoint.start_from={tmp_path / 'nowhere'}"))
     source = fake_checkpoint(tmp_path / "pretrain" / "step_00000004", tiny(tmp_path, "model.name=vit_small"))
     with pytest.raises(ConfigError) as err:
-        driver.check_runnable(tiny(tmp_path, f"checkpoint.start_from={source.parent}"))
+        driver.check_start_sources(tiny(tmp_path, f"checkpoint.start_from={source.parent}"))
     assert str(err.value) == (f"checkpoint.start_from: {source} holds another model than this run's (its model.name "
                               "vit_small, here vit_tiny): encoder.patch_embed.proj.weight is [384, 3, 2, 16, 16] "
                               "there and [192, 3, 2, 16, 16] here")
     # Another clip size and another predictor head count hold the same parameters: fine.
     same = fake_checkpoint(tmp_path / "same" / "step_00000004", tiny(tmp_path, "data.crop_size=32"))
-    driver.check_runnable(tiny(tmp_path, f"checkpoint.start_from={same.parent}", "data.frames_per_clip=16"))
+    driver.check_start_sources(tiny(tmp_path, f"checkpoint.start_from={same.parent}", "data.frames_per_clip=16"))
 
 
-def test_a_run_with_its_own_checkpoint_resumes_without_reading_its_start_sources(tmp_path):
+def test_only_a_first_start_reads_its_sources_and_a_dry_run_reads_none(tmp_path):
     cfg = tiny(tmp_path, f"checkpoint.start_from={tmp_path / 'gone'}")
+    driver.check_runnable(cfg)  # what --dry-run checks: the config, no files
     assert driver.is_first_start(cfg)
     fake_checkpoint(tmp_path / "runs" / "run" / "step_00000004", cfg)
-    assert not driver.is_first_start(cfg)
-    driver.check_runnable(cfg)
-    driver.check_runnable(tiny(tmp_path, f"model.init_from={tmp_path / 'gone.pt'}"))
+    assert not driver.is_first_start(cfg)  # the run resumes its own checkpoint; the driver skips its sources
 
 
 def test_cooldown_needs_a_start_and_init_from_excludes_start_from(tmp_path):

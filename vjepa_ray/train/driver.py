@@ -8,6 +8,7 @@ resumes the run from its latest checkpoint.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -39,8 +40,6 @@ def check_runnable(cfg: Config) -> None:
         raise ConfigError("optimization.schedule", "the cooldown continues a pretraining run: set "
                           "checkpoint.start_from (or model.init_from) to it")
     check_elastic_batch(cfg)
-    if (cfg.checkpoint.start_from or cfg.model.init_from) and is_first_start(cfg):
-        _check_start_sources(cfg)
 
 
 def is_first_start(cfg: Config) -> bool:
@@ -53,11 +52,16 @@ def is_first_start(cfg: Config) -> bool:
     return False
 
 
-def _check_start_sources(cfg: Config) -> None:
-    """What a first start reads, checked before any worker starts: the checkpoint ``checkpoint.start_from``
-    names holds this run's model; ``model.init_from``'s weights fit it."""
+def check_start_sources(cfg: Config) -> Config:
+    """What a first start reads, checked on the driver before any worker starts: the checkpoint
+    ``checkpoint.start_from`` names holds this run's model, and ``model.init_from``'s weights fit it.
+
+    Returns ``cfg`` with ``checkpoint.start_from`` resolved to that checkpoint's folder (the workers and the
+    run's ``config.yaml`` then name the exact checkpoint). Raises ConfigError.
+    """
     if cfg.checkpoint.start_from:
-        check_start_from(cfg)
+        cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint,
+                                                                      start_from=check_start_from(cfg)))
     if cfg.model.init_from:
         try:
             read_initial_weights(cfg)
@@ -65,17 +69,15 @@ def _check_start_sources(cfg: Config) -> None:
             # The loaders list every key that does not fit, one per line: one line here.
             raise ConfigError("model.init_from", "; ".join(line.strip() for line in str(err).splitlines()
                                                            if line.strip())) from None
+    return cfg
 
 
 def _resolved_paths(cfg: Config) -> Config:
-    """The config the workers get: absolute local paths (workers may run under another working directory,
-    e.g. ray job submit), and ``checkpoint.start_from`` resolved to the checkpoint folder it names."""
+    """Absolute local paths: workers may run under another working directory (ray job submit)."""
     cfg = copy.deepcopy(cfg)
     cfg.data.paths = [_absolute(p) for p in cfg.data.paths]
     if cfg.model.init_from:
         cfg.model.init_from = _absolute(cfg.model.init_from)
-    if cfg.checkpoint.start_from and is_first_start(cfg):
-        cfg.checkpoint.start_from = check_start_from(cfg)
     return cfg
 
 
@@ -131,6 +133,8 @@ def run(cfg: Config, *, stream_factory: StreamFactory | None = None, verify_rest
 
     check_runnable(cfg)
     cfg = _resolved_paths(cfg)
+    if (cfg.checkpoint.start_from or cfg.model.init_from) and is_first_start(cfg):
+        cfg = check_start_sources(cfg)
     prepare_demo_videos(cfg)
     cluster.connect(cfg)
     tracker = _tracker()
