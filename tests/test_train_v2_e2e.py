@@ -53,7 +53,7 @@ def test_pretrain_from_exported_weights_then_cooldown_from_its_folder(ray_local,
                                                    "target_encoder": target})
     pretrain = tiny_config(tmp_path, "pretrain", f"model.family={family}", "optimization.schedule=constant",
                            f"model.init_from={tmp_path / 'init.pt'}", "optimization.ema=[0.9,0.9]",
-                           "logging.every_steps=1")
+                           "checkpoint.every_steps=8", "logging.every_steps=1")
     first = driver.run(pretrain, stream_factory=SyntheticClipStream)
     assert first["status"] == "finished" and first["steps"] == 8 and first["world_sizes"] == [2]
     series = read_scalars(Path(first["tensorboard"]))
@@ -71,7 +71,7 @@ def test_pretrain_from_exported_weights_then_cooldown_from_its_folder(ray_local,
         "optimization.total_steps=6", "optimization.schedule_scale=1.0", "optimization.lr=1e-3",
         "optimization.final_lr=1e-5", "optimization.ema=[0.9,0.9]", "ray.num_workers=1",
         "optimization.global_batch_size=8", "data.frames_per_clip=16", "data.crop_size=80",
-        f"checkpoint.start_from={tmp_path / 'pretrain'}", "checkpoint.every_steps=3", "logging.every_steps=1"]
+        f"checkpoint.start_from={tmp_path / 'pretrain'}", "checkpoint.every_steps=6", "logging.every_steps=1"]
     cooldown = tiny_config(tmp_path, "cooldown", *cooldown_overrides)
     second = driver.run(cooldown, stream_factory=SyntheticClipStream)
     assert second["status"] == "finished" and second["steps"] == 6
