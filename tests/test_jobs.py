@@ -22,11 +22,11 @@ def test_every_job_file_is_a_config_or_a_benchmark_settings_file():
 
 @pytest.mark.parametrize("path", CONFIG_JOBS, ids=lambda p: p.name)
 def test_job_config_validates(path):
-    load_config(path)
+    cfg = load_config(path)
     if path.name.endswith("_pretrain.yaml"):
-        # What the schema cannot see, e.g. an elastic range that cannot hold the global batch; the recipes
-        # leave data.paths to the command line.
-        driver.check_runnable(load_config(path, ["data.paths=[s3://bucket/k710.csv]"]))
+        # What the schema cannot see, e.g. an elastic range that cannot hold the global batch; the V-JEPA 1
+        # recipes leave data.paths to the command line.
+        driver.check_runnable(cfg if cfg.data.paths else load_config(path, ["data.paths=[s3://bucket/k710.csv]"]))
 
 
 def test_benchmark_settings_file_parses():
@@ -76,3 +76,82 @@ def test_probe_recipes_match_the_paper(name, segments, classes):
     assert (p.num_segments, p.num_views, p.num_classes) == (segments, 3, classes)
     assert (p.epochs, p.batch_size, p.lr, p.weight_decay, p.num_blocks) == (20, 4, [1e-3], [0.01], 1)
     assert p.batch_size * cfg.ray.num_workers == 256
+
+
+# The V-JEPA 2.0 release's recipes, typed from facebookresearch/vjepa2 (configs/train/...): job, release file,
+# model_name, crop_size, dataset_fpcs, batch_size per GPU, nodes x tasks_per_node, epochs x ipe, warmup epochs,
+# start_lr, lr, final_lr, schedule (is_anneal: cooldown; final_lr == lr: constant).
+V2_TRAIN = [
+    # The ViT-L file says `epochs: 10`, which ends inside its own `warmup: 40`: the job takes the ViT-g file's 800.
+    ("vitl16_v2_pretrain.yaml", "vitl16/pretrain-256px-16f.yaml", "vit_large", 256, 16, 24, 16 * 8, 800 * 300, 40,
+     1e-4, 5.25e-4, 5.25e-4, "constant"),
+    ("vitg16_v2_pretrain.yaml", "vitg16/pretrain-256px-16f.yaml", "vit_giant_xformers", 256, 16, 24, 16 * 8,
+     800 * 300, 40, 1e-4, 5.25e-4, 5.25e-4, "constant"),
+    ("vitl16_v2_cooldown.yaml", "vitl16/cooldown-256px-64f.yaml", "vit_large", 256, 64, 12, 32 * 8, 40 * 300, 0,
+     1e-4, 5.25e-4, 1e-6, "cooldown"),
+    ("vitg16_v2_cooldown.yaml", "vitg16/cooldown-384px-64f.yaml", "vit_giant_xformers", 384, 64, 6, 64 * 8,
+     40 * 300, 0, 1e-4, 5.25e-4, 1e-6, "cooldown"),
+]
+
+
+@pytest.mark.parametrize("name, release_file, model, crop, frames, batch, gpus, steps, warmup_epochs, start_lr, lr, "
+                         "final_lr, schedule", V2_TRAIN, ids=[f"{row[0]}<-{row[1]}" for row in V2_TRAIN])
+def test_v2_recipes_match_the_release(name, release_file, model, crop, frames, batch, gpus, steps, warmup_epochs,
+                                      start_lr, lr, final_lr, schedule):
+    cfg = load_config(JOBS / name)
+    m, d, o = cfg.model, cfg.data, cfg.optimization
+    assert (m.family, m.name, m.patch_size, m.tubelet_size) == ("vjepa2", model, 16, 2)
+    assert (m.pred_depth, m.pred_embed_dim, m.pred_num_heads, m.uniform_power, m.activation_checkpointing) == \
+        (12, 384, 12, True, True)
+    assert (d.crop_size, d.frames_per_clip, d.fps, d.batch_size) == (crop, frames, 4, batch)
+    assert o.global_batch_size == batch * gpus == 3072  # the cooldown holds pretraining's global batch
+    assert cfg.ray.num_workers[1] == gpus
+    assert d.weights == [0.335, 0.100, 0.565] and len(d.paths) == 3  # K710, SSv2, HowTo100M
+    assert d.random_resize_scale == [0.3, 1.0] and d.random_resize_aspect_ratio == [0.75, 1.35]
+    assert [(k.num_blocks, k.spatial_scale, k.temporal_scale, k.aspect_ratio, k.max_temporal_keep, k.max_keep)
+            for k in cfg.mask] == [(8, [0.15, 0.15], [1.0, 1.0], [0.75, 1.5], 1.0, None),
+                                   (2, [0.7, 0.7], [1.0, 1.0], [0.75, 1.5], 1.0, None)]
+    assert (o.schedule, o.total_steps, o.warmup_steps, o.schedule_scale) == \
+        (schedule, steps, warmup_epochs * 300, 1.25), release_file
+    assert (o.lr, o.final_lr) == (lr, final_lr), release_file
+    assert o.start_lr == start_lr or schedule == "cooldown"  # the cooldown has no warmup to start from
+    assert (o.weight_decay, o.final_weight_decay, o.ema, o.betas, o.eps) == \
+        (0.04, 0.04, [0.99925, 0.99925], [0.9, 0.999], 1e-8)
+    assert o.clip_grad == 0  # app/vjepa/train.py clips no gradient
+    assert (cfg.meta.seed, cfg.deepspeed.precision, cfg.checkpoint.every_steps) == (239, "bf16", 300)
+    # A cooldown starts from its pretraining run, at more frames (and, for ViT-g, a larger crop).
+    if schedule == "cooldown":
+        pretrain = load_config(JOBS / name.replace("_cooldown", "_pretrain"))
+        assert cfg.checkpoint.start_from.rstrip("/").endswith(pretrain.meta.name)
+        assert cfg.model == pretrain.model and cfg.data.frames_per_clip == 4 * pretrain.data.frames_per_clip
+
+
+# The 2.0 release's probe evaluations, typed from facebookresearch/vjepa2 configs/eval/vitl/<task>.yaml:
+# job, release file, frames_per_clip, frame_step, num_segments, num_views_per_segment, num_classes, batch_size,
+# num_epochs, the multihead_kwargs grid (lrs x weight decays).
+V2_PROBES = [
+    ("vitl16_v2_ssv2_probe.yaml", "ssv2.yaml", 16, 4, 2, 3, 174, 4, 20,
+     [0.005, 0.003, 0.001, 0.0003, 0.0001], [0.01, 0.1, 0.4, 0.8]),
+    ("vitl16_v2_k400_probe.yaml", "k400.yaml", 16, 4, 8, 3, 400, 4, 20,
+     [0.005, 0.003, 0.001, 0.0003, 0.0001], [0.01, 0.1, 0.4, 0.8]),
+    # The release's Diving-48 probe reads layers [17, 19, 21, 23] (out_layers); this job probes the last one.
+    ("vitl16_v2_diving48_probe.yaml", "diving48.yaml", 32, 2, 4, 3, 48, 2, 100, [0.001, 0.0003, 0.0001], [0.8]),
+]
+
+
+@pytest.mark.parametrize("name, release_file, frames, frame_step, segments, views, classes, batch, epochs, lrs, wds",
+                         V2_PROBES, ids=[f"{row[0]}<-{row[1]}" for row in V2_PROBES])
+def test_v2_probe_recipes_match_the_release(name, release_file, frames, frame_step, segments, views, classes, batch,
+                                            epochs, lrs, wds):
+    cfg = load_config(JOBS / name)
+    p = cfg.probe
+    assert (cfg.model.family, cfg.model.name, p.checkpoint_key) == ("vjepa2", "vit_large", "target_encoder")
+    assert (cfg.data.frames_per_clip, cfg.data.frame_step, cfg.data.crop_size) == (frames, frame_step, 256), \
+        release_file
+    assert (p.num_segments, p.num_views, p.num_classes, p.batch_size, p.epochs) == \
+        (segments, views, classes, batch, epochs), release_file
+    assert (p.num_blocks, p.num_heads) == (4, 16)  # classifier: num_probe_blocks, num_heads
+    # Every head of the release's grid: lr = start_lr, no warmup, cosine to final_lr 0 (our probe schedule),
+    # final_weight_decay = weight_decay.
+    assert (p.lr, p.weight_decay) == (lrs, wds), release_file
+    assert cfg.ray.num_workers == 64  # 8 nodes x 8 tasks

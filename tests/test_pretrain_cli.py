@@ -35,6 +35,17 @@ def test_config_that_cannot_run_exits_2_naming_the_key():
     assert out.returncode == 2 and "optimization.global_batch_size" in out.stderr
 
 
+def test_start_source_that_cannot_be_read_exits_2_before_ray_starts(tmp_path):
+    out = _cli(f"ray.storage_path={tmp_path}", "optimization.schedule=cooldown", "optimization.warmup_steps=0",
+               f"checkpoint.start_from={tmp_path / 'pretrain'}")
+    assert out.returncode == 2
+    source = tmp_path / "pretrain"
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"python -m vjepa_ray.pretrain: config error: checkpoint.start_from: cannot start from {source}: {source} "
+        "is neither a training checkpoint nor a run folder with one")
+    assert not (tmp_path / "vjepa_local_demo").exists()
+
+
 def test_dry_run_checks_a_cluster_recipe_without_starting_anything():
     # The README's example: an elastic ViT-L run whose global batch splits unevenly over most world sizes.
     out = _cli("--config", "jobs/vitl16_pretrain.yaml", "data.paths=[s3://bucket/k710.csv]",

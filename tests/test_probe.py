@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 import numpy as np
@@ -78,6 +79,80 @@ def test_meta_probe_layout_mismatch_names_the_keys():
         "module.pooler.cross_attention_block.xattn.q.weight")
     with pytest.raises(ValueError, match=r"xattn\.q\.weight"):
         load_official_probe(make_probe(torch.Generator().manual_seed(0)), official)
+
+
+def v2_release_probe_state(rng: torch.Generator, num_blocks: int = 4) -> dict[str, torch.Tensor]:
+    """A V-JEPA 2 release probe's state dict (evals/video_classification_frozen: DDP around
+    AttentiveClassifier with ``depth=num_probe_blocks``): self-attention blocks, then the cross-attention
+    block (no ``xattn.proj`` in 2.0), then the linear head. Norms near 1, the rest at a probe's scale."""
+    shapes = {"pooler.query_tokens": (1, 1, D)}
+    layers = {f"pooler.blocks.{i}.{name}": shape for i in range(num_blocks - 1) for name, shape in
+              {"attn.qkv": (3 * D, D), "attn.proj": (D, D), "mlp.fc1": (4 * D, D), "mlp.fc2": (D, 4 * D)}.items()}
+    layers.update({f"pooler.cross_attention_block.{name}": shape for name, shape in
+                   {"xattn.q": (D, D), "xattn.kv": (2 * D, D), "mlp.fc1": (4 * D, D), "mlp.fc2": (D, 4 * D)}.items()})
+    layers["linear"] = (CLASSES, D)
+    for name, (out, inp) in layers.items():
+        shapes.update({f"{name}.weight": (out, inp), f"{name}.bias": (out,)})
+    norms = [f"pooler.blocks.{i}.{n}" for i in range(num_blocks - 1) for n in ("norm1", "norm2")]
+    norms += ["pooler.cross_attention_block.norm1", "pooler.cross_attention_block.norm2"]
+    state = {k: 0.2 * torch.randn(shape, generator=rng) for k, shape in shapes.items()}
+    for norm in norms:
+        state[f"{norm}.weight"] = 1 + 0.1 * torch.randn(D, generator=rng)
+        state[f"{norm}.bias"] = 0.1 * torch.randn(D, generator=rng)
+    return {f"module.{k}": v for k, v in state.items()}
+
+
+def reference_v2_logits(state: dict[str, torch.Tensor], x: torch.Tensor, num_blocks: int = 4) -> torch.Tensor:
+    """The release's probe written out with plain tensor ops from its state dict (nn.LayerNorm's eps 1e-5)."""
+    w = {k.removeprefix("module."): v for k, v in state.items()}
+
+    def linear(t, name):
+        return t @ w[f"{name}.weight"].T + w[f"{name}.bias"]
+
+    def norm(t, name):
+        mean, var = t.mean(-1, keepdim=True), t.var(-1, unbiased=False, keepdim=True)
+        return (t - mean) / torch.sqrt(var + 1e-5) * w[f"{name}.weight"] + w[f"{name}.bias"]
+
+    def heads(t):  # [B, N, D] -> [B, H, N, D / H]
+        return t.view(t.shape[0], t.shape[1], HEADS, D // HEADS).transpose(1, 2)
+
+    def attend(q, k, v):
+        weights = (heads(q) @ heads(k).transpose(-1, -2) / math.sqrt(D // HEADS)).softmax(-1)
+        return (weights @ heads(v)).transpose(1, 2).reshape(q.shape[0], q.shape[1], D)
+
+    def mlp(t, name):
+        return linear(F.gelu(linear(t, f"{name}.fc1")), f"{name}.fc2")
+
+    for i in range(num_blocks - 1):
+        block = f"pooler.blocks.{i}"
+        q, k, v = linear(norm(x, f"{block}.norm1"), f"{block}.attn.qkv").chunk(3, dim=-1)
+        x = x + linear(attend(q, k, v), f"{block}.attn.proj")
+        x = x + mlp(norm(x, f"{block}.norm2"), f"{block}.mlp")
+    cross = "pooler.cross_attention_block"
+    query = w["pooler.query_tokens"].expand(x.shape[0], -1, -1)
+    k, v = linear(norm(x, f"{cross}.norm1"), f"{cross}.xattn.kv").chunk(2, dim=-1)
+    query = query + attend(linear(query, f"{cross}.xattn.q"), k, v)
+    query = query + mlp(norm(query, f"{cross}.norm2"), f"{cross}.mlp")
+    return linear(query.squeeze(1), "linear")
+
+
+def test_v2_release_probe_with_4_blocks_loads_and_gives_the_reference_logits(tmp_path):
+    rng = torch.Generator().manual_seed(5)
+    heads = [v2_release_probe_state(rng) for _ in range(3)]  # one per (lr, wd) of the evaluation's grid
+    torch.save({"classifiers": heads, "opt": [{"state": {}, "param_groups": []}] * 3, "epoch": 20,
+                "batch_size": 4, "world_size": 64}, tmp_path / "probe.pt")
+    probe = make_probe(torch.Generator().manual_seed(0), num_blocks=4).eval()
+    load_official_probe(probe, tmp_path / "probe.pt", index=1)
+    x = 3 * torch.randn(2, 9, D, generator=rng) + 1
+    with torch.no_grad():
+        got = probe(x)
+        torch.testing.assert_close(got, reference_v2_logits(heads[1], x), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(got, reference_v2_logits(heads[0], x), atol=1e-3)  # index picks the head
+    assert got.abs().max() > 0.1  # logits of real size, not a degenerate agreement near zero
+    with pytest.raises(ValueError, match="probe index 3: the checkpoint holds 3 classifiers"):
+        load_official_probe(probe, tmp_path / "probe.pt", index=3)
+    with pytest.raises(ValueError, match=r"unexpected \['pooler\.blocks\.0\.attn\.qkv\.weight"):
+        load_official_probe(make_probe(torch.Generator().manual_seed(0), num_blocks=1), tmp_path / "probe.pt")
 
 
 def test_prediction_is_the_mean_of_per_view_softmaxes():

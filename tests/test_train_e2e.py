@@ -43,10 +43,12 @@ def tiny_config(storage: Path, name: str, *overrides: str) -> Config:
         *overrides])
 
 
-def reference_weights(cfg: Config, world_size: int, steps: int) -> dict[str, dict[str, torch.Tensor]]:
-    """The run's ``encoder`` and EMA ``target_encoder``, recomputed in this process by the recipe's step over
-    every rank's micro batches of the same synthetic stream."""
-    train_step = JepaStep.from_config(cfg)
+def reference_weights(cfg: Config, world_size: int, steps: int,
+                      train_step: JepaStep | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """The run's ``encoder`` and EMA ``target_encoder``, recomputed in this process by the recipe's step
+    (``train_step``, default the config's from its seed) over every rank's micro batches of the same synthetic
+    stream."""
+    train_step = train_step or JepaStep.from_config(cfg)
     plan = plan_batch(global_batch_size(cfg), cfg.data.batch_size, world_size)
     data = dataclasses.replace(cfg.data, batch_size=plan.micro_batch)
     for step in range(steps):

@@ -161,6 +161,10 @@ class ModelConfig:
     pred_num_mask_tokens: int | None = None
     uniform_power: bool = True
     activation_checkpointing: bool = False
+    # Weights a new run starts from instead of a random init: a file in Meta's release layout or our export
+    # (encoder, predictor, target encoder; a file without a target encoder starts the target as a copy of
+    # the encoder), or a run folder. Only the run's first start reads it; a restart resumes its own checkpoint.
+    init_from: str = ""
 
     def validate(self, key: str) -> None:
         # The model registry, imported on use: the schema module itself stays free of torch for the
@@ -209,8 +213,19 @@ def _default_masks() -> list[MaskConfig]:
     ]
 
 
+# How the LR, weight decay and EMA momentum move over a run (vjepa_ray.recipe.schedules).
+SCHEDULES = ("cosine", "constant", "cooldown")
+
+
 @dataclass
 class OptimizationConfig:
+    # cosine: V-JEPA 1. LR warmup start_lr -> lr, then a cosine to final_lr; weight decay a cosine
+    #   weight_decay -> final_weight_decay; EMA momentum linear ema[0] -> ema[1].
+    # constant: V-JEPA 2 pretraining. LR warmup start_lr -> lr, then lr held; weight decay and EMA momentum
+    #   held at weight_decay and ema[0] (final_lr, final_weight_decay and ema[1] are not used).
+    # cooldown: V-JEPA 2's anneal. No warmup (warmup_steps 0); LR linear lr -> final_lr; weight decay and EMA
+    #   momentum held as in constant. Usually started from a pretraining run (checkpoint.start_from).
+    schedule: str = "cosine"
     total_steps: int = 90_000
     warmup_steps: int = 12_000
     # Schedules run over schedule_scale * total_steps (the reference's ipe_scale), so training stops
@@ -231,6 +246,10 @@ class OptimizationConfig:
 
     def validate(self, key: str) -> None:
         check = _SectionChecks(key)
+        check.require(self.schedule in SCHEDULES, "schedule",
+                      f"{self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        check.require(self.schedule != "cooldown" or self.warmup_steps == 0, "warmup_steps",
+                      f"the cooldown schedule has no warmup: set 0 (got {self.warmup_steps})")
         check.require(self.total_steps >= 1, "total_steps", "must be >= 1")
         check.require(0 <= self.warmup_steps <= self.total_steps, "warmup_steps",
                       f"{self.warmup_steps} is outside [0, {key}.total_steps]")
@@ -266,6 +285,11 @@ class CheckpointConfig:
     num_to_keep: int = 2
     # How long a checkpoint upload keeps retrying while the store is unreachable (bounded backoff).
     upload_retry_s: float = 300.0
+    # A training checkpoint, or a run folder (its latest), that a new run starts from: weights, EMA target
+    # and optimizer state, as V-JEPA 2's cooldown starts from pretraining. Step, schedules, data stream and
+    # RNG start afresh; world size, clip size and batch split may differ. Only the run's first start reads
+    # it; a restart resumes the run's own checkpoint.
+    start_from: str = ""
 
     def validate(self, key: str) -> None:
         check = _SectionChecks(key)
@@ -408,6 +432,8 @@ class Config:
         self.probe.validate("probe")
         self.tune.validate("tune")
 
+        _require(not (self.model.init_from and self.checkpoint.start_from), "model.init_from",
+                 "cannot be combined with checkpoint.start_from, whose checkpoint holds the weights already")
         # The clip must tile into whole patches and tubelets.
         d, m = self.data, self.model
         _require(d.crop_size > 0 and d.crop_size % m.patch_size == 0, "data.crop_size",

@@ -9,7 +9,10 @@ projection (the official module defines ``xattn.proj`` but never applies it, and
 were trained that way).
 
 Extra blocks (``num_blocks > 1``) are self-attention blocks over the encoder tokens that run before
-the cross-attention, as in V-JEPA 2's 4-block probes.
+the cross-attention, as in V-JEPA 2's 4-block probes (``pooler.blocks.{i}.{norm1, attn.qkv, attn.proj, norm2,
+mlp.fc1, mlp.fc2}``). V-JEPA 2 saves the heads one evaluation trains side by side (its lr x weight-decay
+grid) as a list under ``classifiers``; V-JEPA 1 saves one under ``classifier``. Every LayerNorm of the
+probe has torch's default eps (1e-5), as the released probes (the encoder's are 1e-6).
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from vjepa_ray.models.pretrained import read_checkpoint
-from vjepa_ray.models.vit import LAYER_NORM_EPS, MLP, Block
+from vjepa_ray.models.vit import MLP, Block
 
 _INIT_STD = 0.02
+# nn.LayerNorm's default, which both releases' probes are built with.
+PROBE_NORM_EPS = 1e-5
 
 
 class CrossAttention(nn.Module):
@@ -53,9 +58,9 @@ class CrossAttentionBlock(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.norm1 = nn.LayerNorm(dim, eps=PROBE_NORM_EPS)
         self.xattn = CrossAttention(dim, num_heads, qkv_bias)
-        self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.norm2 = nn.LayerNorm(dim, eps=PROBE_NORM_EPS)
         self.mlp = MLP(dim, int(dim * mlp_ratio))
 
     def forward(self, q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -74,6 +79,8 @@ class AttentivePooler(nn.Module):
         self.query_tokens = nn.Parameter(torch.zeros(1, num_queries, embed_dim))
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias) for _ in range(num_blocks - 1))
+        for block in self.blocks:
+            block.norm1.eps = block.norm2.eps = PROBE_NORM_EPS  # the encoder's Block, with the probe's norms
         self.cross_attention_block = CrossAttentionBlock(embed_dim, num_heads, mlp_ratio, qkv_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -137,19 +144,24 @@ def official_probe_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, to
     return out
 
 
-def load_official_probe(model: AttentiveClassifier, checkpoint: Mapping | str | os.PathLike,
-                        key: str = "classifier") -> None:
-    """Loads Meta's released probe weights (a checkpoint file or dict holding `key`, or a bare state dict).
+def load_official_probe(model: AttentiveClassifier, checkpoint: Mapping | str | os.PathLike, index: int = 0) -> None:
+    """Loads Meta's released probe weights into ``model``, strictly.
 
-    A file is read with :func:`~vjepa_ray.models.pretrained.read_checkpoint`, which refuses (ValueError) a
-    file holding anything but weights-file contents without running any of it. Raises ValueError naming the
-    missing/unexpected keys when the layouts disagree.
+    ``checkpoint`` is a file or a dict: V-JEPA 2's (``classifiers``: a list of heads, of which ``index`` is
+    loaded), V-JEPA 1's (``classifier``), or a bare state dict. A file is read with
+    :func:`~vjepa_ray.models.pretrained.read_checkpoint`, which refuses (ValueError) a file holding anything
+    but weights-file contents without running any of it. Raises ValueError naming the missing/unexpected
+    keys when the layouts disagree (e.g. a 4-block probe into a 1-block model).
     """
     if not isinstance(checkpoint, Mapping):
         checkpoint = read_checkpoint(checkpoint)
-    state = checkpoint.get(key, checkpoint)
-    if isinstance(state, list):  # V-JEPA 2 saves a list of classifiers; the first is the one to load
-        state = state[0]
+    if "classifiers" in checkpoint:
+        heads = checkpoint["classifiers"]
+        if not 0 <= index < len(heads):
+            raise ValueError(f"probe index {index}: the checkpoint holds {len(heads)} classifiers")
+        state = heads[index]
+    else:
+        state = checkpoint.get("classifier", checkpoint)
     result = model.load_state_dict(official_probe_state_dict(state), strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(f"probe checkpoint does not match: missing {result.missing_keys}, "

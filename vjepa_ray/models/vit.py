@@ -28,6 +28,8 @@ MODEL_SPECS: dict[str, tuple[int, int, int, float]] = {
     "vit_large": (1024, 24, 16, 4.0),
     "vit_huge": (1280, 32, 16, 4.0),
     "vit_giant": (1408, 40, 16, 48 / 11),
+    # V-JEPA 2's released ViT-g (the 2.0 release's vit_giant_xformers): V-JEPA 1's giant with 22 heads.
+    "vit_giant_xformers": (1408, 40, 22, 48 / 11),
 }
 
 

@@ -1,9 +1,18 @@
 """Per-step schedules of the learning rate, the weight decay and the EMA momentum.
 
-Pure functions of the optimizer step (0-based: the step about to run) and ``cfg.optimization``. As in
-V-JEPA 1, the schedules are laid out over ``schedule_scale * total_steps`` steps (the reference's
-``ipe_scale``), so a run of ``total_steps`` ends before they reach their final values: with the
-ViT-L recipe, training stops at LR ~7.5e-5, WD ~0.366 and EMA momentum ~0.9996.
+Pure functions of the optimizer step (0-based: the step about to run) and ``cfg.optimization``, whose
+``schedule`` picks one of three shapes:
+
+- ``cosine`` (V-JEPA 1): warmup then a cosine LR, a cosine weight decay, a linear EMA momentum.
+- ``constant`` (V-JEPA 2 pretraining): warmup then a constant LR; constant weight decay and momentum.
+  The 2.0 release runs its cosine code with final values equal to the initial ones, which is this.
+- ``cooldown`` (V-JEPA 2's anneal, the release's ``LinearDecaySchedule``): no warmup, the LR falls
+  linearly from ``lr`` to ``final_lr``; weight decay and momentum stay constant.
+
+As in both releases, the cosine and the cooldown are laid out over ``schedule_scale * total_steps`` steps
+(the reference's ``ipe_scale``), so a run of ``total_steps`` ends before they reach their final values:
+with the V-JEPA 1 ViT-L recipe, training stops at LR ~7.5e-5, WD ~0.366 and EMA momentum ~0.9996; the
+V-JEPA 2 cooldown (12k steps, scale 1.25) stops at 80% of its decay, LR ~1.06e-4.
 
 The reference advances its schedulers before the first step, so its step i uses our ``step = i + 1``;
 the difference is one step in 90,000.
@@ -26,27 +35,41 @@ def _check_step(step: int) -> None:
         raise ValueError(f"step: expected an int >= 0, got {step}")
 
 
+def _progress(step: int, cfg: OptimizationConfig) -> float:
+    """How far into the schedule's length ``step`` is, in [0, 1]."""
+    return min(1.0, step / schedule_length(cfg))
+
+
 def lr_at(step: int, cfg: OptimizationConfig) -> float:
-    """Linear warmup start_lr -> lr over warmup_steps, then a cosine from lr toward final_lr."""
+    """Linear warmup start_lr -> lr over warmup_steps, then a cosine from lr toward final_lr (cosine) or lr
+    held (constant); the cooldown falls linearly from lr toward final_lr from step 0."""
     _check_step(step)
+    if cfg.schedule == "cooldown":
+        return cfg.lr + (cfg.final_lr - cfg.lr) * _progress(step, cfg)
     if step < cfg.warmup_steps:
         return cfg.start_lr + (cfg.lr - cfg.start_lr) * step / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
     decay_steps = max(1, schedule_length(cfg) - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
     return cfg.final_lr + (cfg.lr - cfg.final_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def weight_decay_at(step: int, cfg: OptimizationConfig) -> float:
-    """A cosine from weight_decay to final_weight_decay (the recipe's WD grows, 0.04 -> 0.4)."""
+    """A cosine from weight_decay to final_weight_decay (V-JEPA 1's WD grows, 0.04 -> 0.4); weight_decay
+    held by the constant and cooldown schedules."""
     _check_step(step)
-    progress = min(1.0, step / schedule_length(cfg))
+    if cfg.schedule != "cosine":
+        return cfg.weight_decay
+    progress = _progress(step, cfg)
     return cfg.final_weight_decay + (cfg.weight_decay - cfg.final_weight_decay) * 0.5 * (
         1.0 + math.cos(math.pi * progress))
 
 
 def ema_momentum_at(step: int, cfg: OptimizationConfig) -> float:
-    """Linear from ema[0] to ema[1]."""
+    """Linear from ema[0] to ema[1]; ema[0] held by the constant and cooldown schedules."""
     _check_step(step)
     start, end = cfg.ema
-    progress = min(1.0, step / schedule_length(cfg))
-    return start + (end - start) * progress
+    if cfg.schedule != "cosine":
+        return start
+    return start + (end - start) * _progress(step, cfg)

@@ -17,7 +17,7 @@ import contextlib
 import copy
 import statistics
 from dataclasses import dataclass
-from typing import ContextManager, Protocol, Sequence
+from typing import ContextManager, Mapping, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -74,12 +74,21 @@ class _Untimed:
         return contextlib.nullcontext()
 
 
-def init_networks(cfg: Config) -> tuple[JepaModule, nn.Module]:
+def init_networks(cfg: Config, weights: Mapping[str, Mapping[str, torch.Tensor]] | None = None
+                  ) -> tuple[JepaModule, nn.Module]:
     """The trained module and the target encoder (a frozen copy of the encoder), initialised from
-    ``cfg.meta.seed``: every rank of a run, and any one-process replay of it, starts from these weights."""
+    ``cfg.meta.seed``: every rank of a run, and any one-process replay of it, starts from these weights.
+
+    ``weights`` (state dicts under ``encoder``, ``predictor`` and ``target_encoder`` that fit the config's
+    models, e.g. ``model.init_from``'s) replace the random initialisation, strictly.
+    """
     torch.manual_seed(cfg.meta.seed)
     encoder, predictor = build_models(cfg)
-    return JepaModule(encoder, predictor), copy.deepcopy(encoder).requires_grad_(False)
+    target = copy.deepcopy(encoder)
+    if weights is not None:
+        for key, model in (("encoder", encoder), ("predictor", predictor), ("target_encoder", target)):
+            model.load_state_dict(weights[key], strict=True)
+    return JepaModule(encoder, predictor), target.requires_grad_(False)
 
 
 class JepaStep:

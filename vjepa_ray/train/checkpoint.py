@@ -28,16 +28,21 @@ import random
 import shutil
 import tempfile
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
+from omegaconf.errors import OmegaConfBaseException
 
 from vjepa_ray import runs
-from vjepa_ray.config import Config
+from vjepa_ray.config import Config, ConfigError, from_dict
+from vjepa_ray.models import build_models
+from vjepa_ray.models.pretrained import FIXED_TABLES
 from vjepa_ray.train import manifest
 from vjepa_ray.train.target_encoder import TargetEncoder
 
@@ -167,12 +172,48 @@ def restore(folder: str | Path, engine, target: TargetEncoder, rank: int, local_
             resharded: bool = False) -> TrainState:
     """Loads engine, EMA target and this rank's RNG (a new rank keeps its fresh RNG) from ``folder``.
 
-    Every rank calls it. ``resharded`` (``needs_universal``): local rank 0 of each node converts the
-    DeepSpeed state to a universal checkpoint in a folder named by a token rank 0 draws, every rank loads
-    from it (an engine built with ``load_universal``), and the conversion is removed after.
+    Every rank calls it. ``resharded`` (``needs_universal``): see ``_deepspeed_state``.
     """
+    with _deepspeed_state(folder, rank, local_rank, resharded) as deepspeed_dir:
+        _load_engine(engine, deepspeed_dir)
+    target.load(folder)
+    restore_rng(folder, rank)
+    return read_train_state(folder)
+
+
+def start_from(folder: str | Path, engine, target: TargetEncoder, rank: int, local_rank: int,
+               resharded: bool = False) -> None:
+    """Loads another run's weights, optimizer state and EMA target from its checkpoint ``folder`` into this
+    run's first start (``checkpoint.start_from``), as the V-JEPA 2 release's anneal loads the pretraining
+    checkpoint: Adam's moments and step counts carry over, while this run keeps its own step (0), schedules,
+    data stream and RNG.
+
+    The clip size may differ from the source run's: the fixed sin-cos tables (buffers, a function of the
+    clip size alone) stay this run's, every other tensor loads strictly. Every rank calls it; ``resharded``
+    as in ``restore``.
+    """
+    with _deepspeed_state(folder, rank, local_rank, resharded) as deepspeed_dir:
+        _load_engine(engine, deepspeed_dir, custom_load_fn=_load_keeping_position_tables)
+    target.load(folder)
+
+
+def _load_keeping_position_tables(src: dict[str, torch.Tensor], dst: torch.nn.Module) -> None:
+    """DeepSpeed's module load (``custom_load_fn``) for ``start_from``: a position table of another clip size
+    is replaced by the module's own, everything else loads with ``strict=True``."""
+    own = dst.state_dict()
+    state = {key: own[key] if key.rsplit(".", 1)[-1] in FIXED_TABLES and key in own
+             and value.shape != own[key].shape else value for key, value in src.items()}
+    dst.load_state_dict(state, strict=True)
+
+
+@contextmanager
+def _deepspeed_state(folder: str | Path, rank: int, local_rank: int, resharded: bool) -> Iterator[Path]:
+    """The folder DeepSpeed loads the state of checkpoint ``folder`` from: its own, or, ``resharded``, a
+    universal checkpoint: local rank 0 of each node converts the state in a folder named by a token rank 0
+    draws, every rank loads from it (an engine built with ``load_universal``), and it is removed after."""
     if not resharded:
-        return _load(folder, engine, target, rank, Path(folder) / DEEPSPEED_DIR)
+        yield Path(folder) / DEEPSPEED_DIR
+        return
     token = [uuid.uuid4().hex if rank == 0 else None]
     dist.broadcast_object_list(token, src=0)
     universal_dir = _universal_folder(token[0])
@@ -180,7 +221,7 @@ def restore(folder: str | Path, engine, target: TargetEncoder, rank: int, local_
         _convert_to_universal(folder, universal_dir)
     dist.barrier()
     try:
-        return _load(folder, engine, target, rank, universal_dir)
+        yield universal_dir
     finally:
         # No rank may still read the conversion when it goes.
         dist.barrier()
@@ -188,14 +229,45 @@ def restore(folder: str | Path, engine, target: TargetEncoder, rank: int, local_
             shutil.rmtree(universal_dir, ignore_errors=True)
 
 
-def _load(folder: str | Path, engine, target: TargetEncoder, rank: int, deepspeed_dir: Path) -> TrainState:
-    folder = Path(folder)
-    load_path, _ = engine.load_checkpoint(str(deepspeed_dir), tag=DEEPSPEED_TAG, load_lr_scheduler_states=False)
+def _load_engine(engine, deepspeed_dir: Path, custom_load_fn=None) -> None:
+    load_path, _ = engine.load_checkpoint(str(deepspeed_dir), tag=DEEPSPEED_TAG, load_lr_scheduler_states=False,
+                                          custom_load_fn=custom_load_fn)
     if load_path is None:
         raise FileNotFoundError(f"DeepSpeed found no checkpoint in {deepspeed_dir}")
-    target.load(folder)
-    restore_rng(folder, rank)
-    return read_train_state(folder)
+
+
+def check_start_from(cfg: Config) -> str:
+    """The training checkpoint ``checkpoint.start_from`` names (itself, or a run folder's), checked on the
+    driver to hold the parameters this run's config builds; raises ConfigError."""
+    source = cfg.checkpoint.start_from
+    try:
+        found = runs.find_checkpoint(source)
+        saved = from_dict(yaml.safe_load(runs.read_bytes(runs.join(found, CONFIG_FILE))))
+    except (OSError, ValueError, yaml.YAMLError, OmegaConfBaseException) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError("checkpoint.start_from", f"cannot start from {source}: {first}") from None
+    difference = _parameter_difference(saved, cfg)
+    if difference:
+        raise ConfigError("checkpoint.start_from", f"{found} holds another model than this run's "
+                          f"(its model.name {saved.model.name}, here {cfg.model.name}): {difference}")
+    return found if runs.is_uri(found) else str(Path(found).expanduser().resolve())
+
+
+def _parameter_difference(saved: Config, cfg: Config) -> str | None:
+    """The first parameter whose name or shape differs between the two configs' models, or None."""
+    def shapes(c: Config) -> dict[str, tuple[int, ...]]:
+        with torch.device("meta"):
+            encoder, predictor = build_models(c)
+        return {**{f"encoder.{n}": tuple(p.shape) for n, p in encoder.named_parameters()},
+                **{f"predictor.{n}": tuple(p.shape) for n, p in predictor.named_parameters()}}
+
+    theirs, ours = shapes(saved), shapes(cfg)
+    for name in dict.fromkeys([*ours, *theirs]):
+        if theirs.get(name) != ours.get(name):
+            there = list(theirs[name]) if name in theirs else "absent"
+            here = list(ours[name]) if name in ours else "absent"
+            return f"{name} is {there} there and {here} here"
+    return None
 
 
 def restore_rng(folder: str | Path, rank: int) -> None:
@@ -255,7 +327,6 @@ def read_model_weights(folder: str | Path) -> dict[str, dict[str, torch.Tensor]]
     target comes from its own shards. The models are built from the checkpoint's ``config.yaml``.
     """
     from vjepa_ray.config import load_config
-    from vjepa_ray.models import build_models
 
     folder = Path(folder)
     cfg = load_config(folder / CONFIG_FILE)

@@ -8,6 +8,7 @@ resumes the run from its latest checkpoint.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -16,10 +17,12 @@ from typing import Any
 from vjepa_ray import cluster, runs
 from vjepa_ray.config import Config, ConfigError, to_dict
 from vjepa_ray.data.demo import prepare_demo_videos
+from vjepa_ray.train.checkpoint import check_start_from
 from vjepa_ray.train.elastic import check_elastic_batch, global_batch_size
 from vjepa_ray.train.loop import StreamFactory, train_func
 from vjepa_ray.train.recovery import check_run_folder
 from vjepa_ray.train.trainer import build_trainer
+from vjepa_ray.train.weights import read_initial_weights
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +37,53 @@ def check_runnable(cfg: Config) -> None:
         raise ConfigError("deepspeed.offload_optimizer", "optimizer offload needs deepspeed.zero_stage >= 1")
     if not cfg.data.paths:
         raise ConfigError("data.paths", "no video source given")
+    if cfg.optimization.schedule == "cooldown" and not (cfg.checkpoint.start_from or cfg.model.init_from):
+        raise ConfigError("optimization.schedule", "the cooldown continues a pretraining run: set "
+                          "checkpoint.start_from (or model.init_from) to it")
     check_elastic_batch(cfg)
 
 
-def _resolved_data_paths(cfg: Config) -> Config:
-    # Workers may run under another working directory (ray job submit): pass absolute local paths.
-    cfg = copy.deepcopy(cfg)
-    cfg.data.paths = [p if runs.is_uri(p) else str(Path(p).expanduser().resolve()) for p in cfg.data.paths]
+def is_first_start(cfg: Config) -> bool:
+    """Whether the run has no checkpoint of its own yet: ``checkpoint.start_from`` and ``model.init_from``
+    apply only then (a restart resumes the run's own checkpoint, even when they are gone)."""
+    try:
+        runs.find_checkpoint(runs.run_dir(cfg))
+    except FileNotFoundError:
+        return True
+    return False
+
+
+def check_start_sources(cfg: Config) -> Config:
+    """What a first start reads, checked on the driver before any worker starts: the checkpoint
+    ``checkpoint.start_from`` names holds this run's model, and ``model.init_from``'s weights fit it.
+
+    Returns ``cfg`` with ``checkpoint.start_from`` resolved to that checkpoint's folder (the workers and the
+    run's ``config.yaml`` then name the exact checkpoint). Raises ConfigError.
+    """
+    if cfg.checkpoint.start_from:
+        cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint,
+                                                                      start_from=check_start_from(cfg)))
+    if cfg.model.init_from:
+        try:
+            read_initial_weights(cfg)
+        except (OSError, ValueError) as err:
+            # The loaders list every key that does not fit, one per line: one line here.
+            raise ConfigError("model.init_from", "; ".join(line.strip() for line in str(err).splitlines()
+                                                           if line.strip())) from None
     return cfg
+
+
+def _resolved_paths(cfg: Config) -> Config:
+    """Absolute local paths: workers may run under another working directory (ray job submit)."""
+    cfg = copy.deepcopy(cfg)
+    cfg.data.paths = [_absolute(p) for p in cfg.data.paths]
+    if cfg.model.init_from:
+        cfg.model.init_from = _absolute(cfg.model.init_from)
+    return cfg
+
+
+def _absolute(path: str) -> str:
+    return path if runs.is_uri(path) else str(Path(path).expanduser().resolve())
 
 
 def _tracker():
@@ -92,7 +134,9 @@ def run(cfg: Config, *, stream_factory: StreamFactory | None = None, verify_rest
 
     check_runnable(cfg)
     check_run_folder(cfg)
-    cfg = _resolved_data_paths(cfg)
+    cfg = _resolved_paths(cfg)
+    if (cfg.checkpoint.start_from or cfg.model.init_from) and is_first_start(cfg):
+        cfg = check_start_sources(cfg)
     prepare_demo_videos(cfg)
     cluster.connect(cfg)
     tracker = _tracker()

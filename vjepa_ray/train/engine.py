@@ -12,12 +12,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import torch
 from torch import nn
 
 from vjepa_ray.config import Config
+from vjepa_ray.models.pretrained import StateDict
 from vjepa_ray.recipe.masks import MaskCollator, MaskPair
 from vjepa_ray.recipe.objective import JepaModule, JepaOutput
 from vjepa_ray.recipe.optimizer import adamw, param_groups
@@ -176,12 +177,13 @@ class TrainStep:
     """One rank's engine, EMA target and step, and ``__call__``: the step over this rank's micro batches."""
 
     def __init__(self, cfg: Config, plan: BatchPlan, rank: int, device: torch.device,
-                 load_universal: bool = False):
+                 load_universal: bool = False, initial_weights: Mapping[str, StateDict] | None = None):
         self.plan, self.rank = plan, rank
         dtype = PRECISION_DTYPES[cfg.deepspeed.precision]
         ds_config = deepspeed_config(cfg, plan, load_universal=load_universal)
-        # Same seed on every rank: identical initial weights (ZeRO-3 partitions them as they are).
-        module, target = init_networks(cfg)
+        # Same seed (or the same initial weights, ``init_networks``) on every rank: identical initial
+        # weights, which ZeRO-3 partitions as they are.
+        module, target = init_networks(cfg, initial_weights)
         self.engine = build_engine(module, cfg, ds_config)
         online = self.engine.module.encoder
         if cfg.deepspeed.zero_stage == 3:

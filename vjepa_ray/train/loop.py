@@ -15,6 +15,7 @@ import functools
 import logging
 import shutil
 from contextlib import ExitStack
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sequence
 
 import torch
@@ -28,6 +29,7 @@ from vjepa_ray.train.elastic import BatchPlan, global_batch_size, plan_batch
 from vjepa_ray.train.engine import TrainStep, state_bytes
 from vjepa_ray.train.metrics import IntervalMeter, collapse_warning, format_progress
 from vjepa_ray.train.upload import persist_checkpoint
+from vjepa_ray.train.weights import read_initial_weights
 from vjepa_ray.worker_env import configure_worker_logging
 
 if TYPE_CHECKING:
@@ -100,23 +102,36 @@ class Run:
         return torch.device("cpu")
 
     def _start(self) -> ckpt.TrainState:
-        """Builds the step and restores the latest checkpoint, if any; returns the state to go on from."""
+        """Builds the step and restores the latest checkpoint, if any; returns the state to go on from.
+
+        A first start (Ray hands over no checkpoint) begins from ``checkpoint.start_from``'s state or
+        ``model.init_from``'s weights when they are set, else from the seed's random initialisation.
+        """
         import ray.train
 
         latest = ray.train.get_checkpoint()
         with ExitStack() as stack:
-            saved = folder = None
             if latest is not None:
                 # Ray's latest, or the newest intact one before it when that one is damaged.
                 folder, name, self.damaged = recovery.open_intact(stack, latest, runs.run_dir(self.cfg), self.rank)
-                saved = ckpt.read_train_state(folder)
-            universal = saved is not None and ckpt.needs_universal(saved, self.world_size, self.cfg)
-            self.step = TrainStep(self.cfg, self.plan, self.rank, self.device, load_universal=universal)
-            if saved is None:
-                return ckpt.TrainState(world_size=self.world_size, global_batch=self.plan.global_batch,
-                                       zero_stage=self.cfg.deepspeed.zero_stage)
-            state = ckpt.restore(folder, self.step.engine, self.step.target, self.rank, self.local_rank,
-                                 resharded=universal)
+                return self._resume(folder, name)
+            if self.cfg.checkpoint.start_from:
+                self._start_from(stack.enter_context(runs.local_copy(self.cfg.checkpoint.start_from)))
+            else:
+                weights = read_initial_weights(self.cfg) if self.cfg.model.init_from else None
+                if weights is not None and self.rank == 0:
+                    log.info("starting from the weights in %s", self.cfg.model.init_from)
+                self.step = TrainStep(self.cfg, self.plan, self.rank, self.device, initial_weights=weights)
+        return ckpt.TrainState(world_size=self.world_size, global_batch=self.plan.global_batch,
+                               zero_stage=self.cfg.deepspeed.zero_stage)
+
+    def _resume(self, folder: Path, name: str) -> ckpt.TrainState:
+        """The run's own checkpoint: everything, the step and the data position included."""
+        saved = ckpt.read_train_state(folder)
+        universal = ckpt.needs_universal(saved, self.world_size, self.cfg)
+        self.step = TrainStep(self.cfg, self.plan, self.rank, self.device, load_universal=universal)
+        state = ckpt.restore(folder, self.step.engine, self.step.target, self.rank, self.local_rank,
+                             resharded=universal)
         if state.global_batch != self.plan.global_batch:
             log.warning("global batch changed from %d (checkpoint) to %d (config)", state.global_batch,
                         self.plan.global_batch)
@@ -130,6 +145,20 @@ class Run:
         state.world_size, state.global_batch = self.world_size, self.plan.global_batch
         state.zero_stage = self.cfg.deepspeed.zero_stage
         return state
+
+    def _start_from(self, folder: Path) -> None:
+        """Another run's checkpoint (``checkpoint.start_from``): its weights, EMA and optimizer state."""
+        saved = ckpt.read_train_state(folder)
+        universal = ckpt.needs_universal(saved, self.world_size, self.cfg)
+        self.step = TrainStep(self.cfg, self.plan, self.rank, self.device, load_universal=universal)
+        ckpt.start_from(folder, self.step.engine, self.step.target, self.rank, self.local_rank, resharded=universal)
+        if saved.global_batch != self.plan.global_batch:
+            log.warning("global batch %d differs from the %d of the run started from", self.plan.global_batch,
+                        saved.global_batch)
+        if self.rank == 0:
+            log.info("started from %s (its step %d, saved on %d worker(s), now %d%s)", self.cfg.checkpoint.start_from,
+                     saved.step, saved.world_size, self.world_size,
+                     ", resharded via a universal checkpoint" if universal else "")
 
     def train(self) -> None:
         import ray.train

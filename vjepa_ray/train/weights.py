@@ -38,6 +38,24 @@ def read_training_weights(path: str | os.PathLike) -> dict[str, dict[str, torch.
     return {key: state_from_checkpoint(checkpoint, key, str(path)) for key in MODEL_KEYS}
 
 
+def read_initial_weights(cfg: Config) -> dict[str, dict[str, torch.Tensor]]:
+    """``model.init_from``'s encoder, predictor and target encoder, verified against the run's models.
+
+    ``model.init_from`` is a file in Meta's release layout or ours, or a run folder. A file without a
+    ``target_encoder`` starts the target as a copy of its encoder, as a fresh run's target starts. Raises
+    FileNotFoundError, or ValueError naming the keys and shapes that do not fit.
+    """
+    path = cfg.model.init_from
+    if Path(path).is_dir():
+        weights = read_training_weights(path)
+    else:
+        checkpoint = read_checkpoint(path)
+        weights = {key: state_from_checkpoint(checkpoint, key, path) for key in ("encoder", "predictor")}
+        weights["target_encoder"] = (state_from_checkpoint(checkpoint, "target_encoder", path)
+                                     if "target_encoder" in checkpoint else weights["encoder"])
+    return verified_weights(cfg, weights, path)
+
+
 def write_training_weights(path: str | os.PathLike, weights: Mapping[str, StateDict]) -> None:
     """The inverse of ``read_training_weights``."""
     torch.save({key: dict(weights[key]) for key in MODEL_KEYS}, path)
