@@ -77,7 +77,7 @@ def load_encoder(cfg: Config) -> VisionTransformer:
     try:
         return encoder_from_state(state, source, m.name, cfg.data.frames_per_clip, cfg.data.crop_size,
                                   patch_size=m.patch_size, tubelet_size=m.tubelet_size,
-                                  uniform_power=m.uniform_power)
+                                  uniform_power=m.uniform_power, family=m.family)
     except ValueError as err:
         raise ConfigError("probe.checkpoint", str(err).splitlines()[0]) from None
 

@@ -22,9 +22,11 @@ def build_models(cfg: "Config") -> tuple[VisionTransformer, Predictor]:
     """
     m = cfg.model
     encoder = build_encoder(m.name, cfg.data.frames_per_clip, cfg.data.crop_size, m.patch_size, m.tubelet_size,
-                            uniform_power=m.uniform_power, activation_checkpointing=m.activation_checkpointing)
+                            uniform_power=m.uniform_power, activation_checkpointing=m.activation_checkpointing,
+                            family=m.family)
     predictor = Predictor(encoder.grid, encoder.embed_dim, m.pred_embed_dim, m.pred_depth,
                           num_heads=m.pred_num_heads or encoder.num_heads,
                           num_mask_tokens=m.pred_num_mask_tokens or len(cfg.mask),
-                          uniform_power=m.uniform_power, activation_checkpointing=m.activation_checkpointing)
+                          uniform_power=m.uniform_power, activation_checkpointing=m.activation_checkpointing,
+                          family=m.family)
     return encoder, predictor
