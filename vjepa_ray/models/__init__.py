@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from vjepa_ray.models.predictor import Predictor
+from vjepa_ray.models.predictor import TRAINABLE_FAMILIES, Predictor
 from vjepa_ray.models.pretrained import load_pretrained, load_pretrained_predictor, official_checkpoint
 from vjepa_ray.models.vit import MODEL_SPECS, VisionTransformer, build_encoder
 
 if TYPE_CHECKING:
     from vjepa_ray.config import Config
 
-__all__ = ["MODEL_SPECS", "Predictor", "VisionTransformer", "build_encoder", "build_models", "load_pretrained",
-           "load_pretrained_predictor", "official_checkpoint"]
+__all__ = ["MODEL_SPECS", "TRAINABLE_FAMILIES", "Predictor", "VisionTransformer", "build_encoder", "build_models",
+           "load_pretrained", "load_pretrained_predictor", "official_checkpoint"]
 
 
 def build_models(cfg: "Config") -> tuple[VisionTransformer, Predictor]:

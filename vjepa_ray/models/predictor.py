@@ -17,6 +17,10 @@ from vjepa_ray.models.pos_embed import Grid, sincos_3d
 from vjepa_ray.models.rope import Rotary3D
 from vjepa_ray.models.vit import LAYER_NORM_EPS, Block, check_index, init_weights_, run_blocks
 
+# The families whose predictor is built here, so that build_models can pretrain them (2.1's encoder loads
+# and runs, but its multi-level predictor is not built).
+TRAINABLE_FAMILIES = ("vjepa1", "vjepa2")
+
 
 class Predictor(nn.Module):
     """Narrow transformer over [context tokens, mask tokens at the target positions].
@@ -30,9 +34,9 @@ class Predictor(nn.Module):
                  num_heads: int, num_mask_tokens: int = 2, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  uniform_power: bool = True, activation_checkpointing: bool = False, family: str = "vjepa1"):
         super().__init__()
-        if family not in ("vjepa1", "vjepa2"):
-            raise ValueError(f"family: the predictor is built for vjepa1 and vjepa2, got {family!r} (2.1's "
-                             "multi-level predictor is not supported)")
+        if family not in TRAINABLE_FAMILIES:
+            raise ValueError(f"family: the predictor is built for {' and '.join(TRAINABLE_FAMILIES)}, got "
+                             f"{family!r} (2.1's multi-level predictor is not supported)")
         if num_mask_tokens < 1:
             raise ValueError(f"num_mask_tokens: expected >= 1, got {num_mask_tokens}")
         self.grid: Grid = tuple(grid)
