@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vjepa_ray.config import load_config
+from vjepa_ray.config import ConfigError, load_config
+from vjepa_ray.eval import loop
 from vjepa_ray.models import build_encoder, build_models, load_pretrained, load_pretrained_predictor
 from vjepa_ray.models.pos_embed import sincos_3d
 from vjepa_ray.models.predictor import Predictor
@@ -246,3 +247,21 @@ def test_files_of_another_family_or_with_stray_keys_fail_naming_what_came(tmp_pa
     torch.save(checkpoint, path_2_0)
     with pytest.raises(ValueError, match=r"unexpected \(1\): pos_embed_extra"):
         load_pretrained(path_2_0, model_name="vit_tiny", num_frames=4, crop_size=32, family="vjepa2")
+
+
+@pytest.mark.parametrize("family", ["vjepa2", "vjepa2_1"])
+def test_the_probe_loads_the_encoder_of_model_family(tmp_path, family):
+    path, encoder, _ = release_file(tmp_path, family)
+    key = "target_encoder" if family == "vjepa2" else "ema_encoder"
+    cfg = load_config(None, [f"model.family={family}", "model.name=vit_tiny", "data.frames_per_clip=4",
+                             "data.crop_size=32", f"probe.checkpoint={path}", f"probe.checkpoint_key={key}"])
+    loaded = loop.load_encoder(cfg)
+    assert loaded.family == family
+    assert all(torch.equal(v, encoder.state_dict()[k]) for k, v in loaded.state_dict().items())
+    groups = loop.layer_decay_groups(loaded, 1e-4, 0.05, layer_decay=0.5)
+    assert sum(len(g["params"]) for g in groups) == len(list(loaded.parameters()))
+    other = "vjepa2_1" if family == "vjepa2" else "vjepa2"
+    with pytest.raises(ConfigError, match="probe.checkpoint"):
+        loop.load_encoder(load_config(None, [f"model.family={other}", "model.name=vit_tiny", "data.frames_per_clip=4",
+                                             "data.crop_size=32", f"probe.checkpoint={path}",
+                                             f"probe.checkpoint_key={key}"]))
