@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from vjepa_ray.config import ConfigError, load_config
 from vjepa_ray.eval import loop
+from vjepa_ray.export import main as export_main
 from vjepa_ray.models import build_encoder, build_models, load_pretrained, load_pretrained_predictor
 from vjepa_ray.models.pos_embed import sincos_3d
 from vjepa_ray.models.predictor import Predictor
@@ -265,3 +266,22 @@ def test_the_probe_loads_the_encoder_of_model_family(tmp_path, family):
         loop.load_encoder(load_config(None, [f"model.family={other}", "model.name=vit_tiny", "data.frames_per_clip=4",
                                              "data.crop_size=32", f"probe.checkpoint={path}",
                                              f"probe.checkpoint_key={key}"]))
+
+
+def test_the_2_0_release_layout_round_trips_through_the_export_commands(tmp_path, capsys):
+    path, _, release = release_file(tmp_path, "vjepa2")
+    config = ["model.family=vjepa2", "model.name=vit_tiny", "model.pred_embed_dim=48", "model.pred_depth=2",
+              "model.pred_num_heads=12", "model.pred_num_mask_tokens=10", "data.frames_per_clip=4",
+              "data.crop_size=32"]
+    ours, back = tmp_path / "ours.pt", tmp_path / "back.pt"
+    assert export_main(["from-official", "--input", str(path), "--output", str(ours), *config]) == 0
+    assert export_main(["to-official", "--input", str(ours), "--output", str(back), *config]) == 0
+    written = torch.load(back, weights_only=True)
+    for key in ("encoder", "predictor", "target_encoder"):
+        # Everything but the unused sin-cos tables, bit for bit.
+        kept = {k: v for k, v in release[key].items() if not k.endswith("pos_embed")}
+        assert written[key].keys() == kept.keys()
+        assert all(torch.equal(written[key][k], v) for k, v in kept.items())
+    default_tokens = [item for item in config if not item.startswith("model.pred_num_mask_tokens")]
+    assert export_main(["from-official", "--input", str(path), "--output", str(ours), *default_tokens]) == 1
+    assert "set model.pred_num_mask_tokens=10" in capsys.readouterr().err

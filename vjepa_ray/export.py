@@ -6,7 +6,9 @@
 ``--input`` of ``to-official`` is a run folder (its checkpoint) or one ``step_*`` checkpoint folder, local
 or a URI such as ``s3://bucket/runs/demo``, or a file ``from-official`` wrote. The config (model.*,
 data.frames_per_clip, data.crop_size, the mask list; for a run folder by default the run's own) says which
-models the weights belong to (``vjepa_ray.train.weights`` checks them against those models).
+models the weights belong to (``vjepa_ray.train.weights`` checks them against those models); ``model.family``
+says whose layout: ``vjepa2`` reads the 2.0 release's files (``model.pred_num_mask_tokens=10``,
+``model.pred_num_heads=12`` for its predictors) and writes without the unused sin-cos tables.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, RuntimeError, OSError) as err:  # a file that does not fit the config's models
             print(f"{prog}: error: {err}", file=sys.stderr)
             return 1
-    print(f"{prog}: wrote {args.output} ({cfg.model.name}, {cfg.data.frames_per_clip} frames, "
+    print(f"{prog}: wrote {args.output} ({cfg.model.family} {cfg.model.name}, {cfg.data.frames_per_clip} frames, "
           f"crop {cfg.data.crop_size})")
     return 0
 
