@@ -22,11 +22,13 @@ from vjepa_ray.models.rope import Rotary3D, rotate
 PREFIX = "module.backbone."
 
 
-def randomised(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+def random_weights_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random values in every parameter, LayerNorm scales around 1 (also for modules built empty)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+        for name, p in module.named_parameters():
+            is_norm_scale = "norm" in name and p.dim() == 1 and name.endswith("weight")
+            p.copy_(0.05 * torch.randn(p.shape, generator=gen) + (1.0 if is_norm_scale else 0.0))
     return module
 
 
@@ -131,13 +133,8 @@ def reference_encoder(encoder, x: torch.Tensor, keep: torch.Tensor) -> torch.Ten
 
 
 def tiny(family: str, frames: int = 4, crop: int = 32, seed: int = 0, depth: int | None = None):
-    """vit_tiny with random weights everywhere (LayerNorm scales around 1), built without the slower init."""
-    encoder = build_empty(build_encoder, "vit_tiny", frames, crop, family=family).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in encoder.named_parameters():
-            p.copy_(0.05 * torch.randn(p.shape, generator=gen) + (1.0 if "norm" in name and p.dim() == 1 and
-                                                                    name.endswith("weight") else 0.0))
+    """vit_tiny with random weights, built without the slower init."""
+    encoder = random_weights_(build_empty(build_encoder, "vit_tiny", frames, crop, family=family), seed).eval()
     if depth is not None:
         del encoder.blocks[depth:]
     return encoder
@@ -182,7 +179,7 @@ def test_vjepa2_1_encoder_levels_images_and_modalities():
 
 def test_vjepa2_predictor_rotates_instead_of_adding_a_table():
     encoder = tiny("vjepa2")
-    predictor = randomised(Predictor(encoder.grid, 192, 48, 2, num_heads=4, num_mask_tokens=10, family="vjepa2"))
+    predictor = random_weights_(Predictor(encoder.grid, 192, 48, 2, num_heads=4, num_mask_tokens=10, family="vjepa2"))
     assert "predictor_pos_embed" not in predictor.state_dict()
     context, ctx_idx = torch.randn(1, 3, 192), torch.tensor([[0, 2, 5]])
     with torch.no_grad():
@@ -198,7 +195,7 @@ def release_file(tmp_path, family: str, name: str = "2.0.pt"):
     encoder = tiny(family)
     state = {PREFIX + k: v for k, v in encoder.state_dict().items()}
     if family == "vjepa2":
-        predictor = randomised(Predictor(encoder.grid, 192, 48, 2, num_heads=12, num_mask_tokens=10,
+        predictor = random_weights_(Predictor(encoder.grid, 192, 48, 2, num_heads=12, num_mask_tokens=10,
                                          family=family), 1)
         tables = {PREFIX + "predictor_pos_embed": sincos_3d(48, *encoder.grid).unsqueeze(0)}
         checkpoint = {"encoder": {**state, PREFIX + "pos_embed": sincos_3d(192, *encoder.grid).unsqueeze(0)},
