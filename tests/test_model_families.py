@@ -282,3 +282,52 @@ def test_the_2_0_release_layout_round_trips_through_the_export_commands(tmp_path
     default_tokens = [item for item in config if not item.startswith("model.pred_num_mask_tokens")]
     assert export_main(["from-official", "--input", str(path), "--output", str(ours), *default_tokens]) == 1
     assert "set model.pred_num_mask_tokens=10" in capsys.readouterr().err
+
+
+def hf_model(tmp_path):
+    """A small random ``transformers.VJEPA2Model`` (vit_tiny's sizes, a 2-block predictor), saved as HF does."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.VJEPA2Config(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, patch_size=16,
+                                       tubelet_size=2, crop_size=32, frames_per_clip=4, pred_hidden_size=48,
+                                       pred_num_hidden_layers=2, pred_num_attention_heads=4, pred_num_mask_tokens=10)
+    with torch.device("meta"):  # every weight is set next: skip the (slow) init
+        model = transformers.VJEPA2Model(config)
+    model = random_weights_(model.to_empty(device="cpu")).eval()
+    model.save_pretrained(tmp_path / "hf")
+    return model, tmp_path / "hf"
+
+
+def hf_features(model, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():  # Hugging Face takes [B, T, C, H, W]
+        return model(pixel_values_videos=x.transpose(1, 2), skip_predictor=True).last_hidden_state
+
+
+def test_a_hugging_face_folder_loads_alone_with_the_same_features(tmp_path):
+    model, folder = hf_model(tmp_path)
+    encoder = load_pretrained(folder).eval()
+    assert (encoder.family, encoder.grid, len(encoder.blocks)) == ("vjepa2", (2, 2, 2), 12)
+    x = torch.randn(2, 3, 4, 32, 32)
+    with torch.no_grad():
+        assert (encoder(x) - hf_features(model, x)).abs().max() <= 1e-4
+    with pytest.raises(ValueError, match="the folder holds 'vjepa2', got 'vjepa2_1'"):
+        load_pretrained(folder, family="vjepa2_1")
+    (folder / "config.json").write_text('{"model_type": "vit"}')
+    with pytest.raises(ValueError, match="expected model_type 'vjepa2', got 'vit'"):
+        load_pretrained(folder)
+
+
+def test_our_weights_round_trip_through_a_hugging_face_folder_that_transformers_reads(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model, folder = hf_model(tmp_path)
+    ours, back, hf_again = tmp_path / "ours.pt", tmp_path / "back.pt", tmp_path / "hf_again"
+    assert export_main(["from-hf", "--input", str(folder), "--output", str(ours)]) == 0
+    config = ["model.family=vjepa2", "model.name=vit_tiny", "model.pred_embed_dim=48", "model.pred_depth=2",
+              "model.pred_num_heads=4", "model.pred_num_mask_tokens=10", "data.frames_per_clip=4", "data.crop_size=32"]
+    assert export_main(["to-hf", "--input", str(ours), "--output", str(hf_again), *config]) == 0
+    reread = transformers.VJEPA2Model.from_pretrained(hf_again).eval()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in reread.state_dict().items())
+    encoder = load_pretrained(ours, model_name="vit_tiny", num_frames=4, crop_size=32, family="vjepa2").eval()
+    x = torch.randn(1, 3, 4, 32, 32)
+    with torch.no_grad():
+        assert (encoder(x) - hf_features(reread, x)).abs().max() <= 1e-4
+    assert export_main(["to-hf", "--input", str(ours), "--output", str(back), *config[1:]]) == 1  # vjepa1: refused

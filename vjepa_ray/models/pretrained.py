@@ -32,6 +32,7 @@ from typing import Any, Callable, TypeVar
 import torch
 import torch.nn as nn
 
+from vjepa_ray.models.hf import is_hf_folder, model_name_of, read_hf_folder
 from vjepa_ray.models.pos_embed import infer_sincos_grid, sincos_3d
 from vjepa_ray.models.predictor import Predictor
 from vjepa_ray.models.vit import MODEL_SPECS, VisionTransformer, build_encoder
@@ -188,21 +189,34 @@ def _mismatch_hints(module: nn.Module, state: StateDict) -> list[str]:
     return hints
 
 
-def load_pretrained(path: str | os.PathLike, model_name: str = "vit_large", num_frames: int = 16,
-                    crop_size: int = 224, key: str | None = None, patch_size: int = 16,
-                    tubelet_size: int = 2, family: str = "vjepa1", **encoder_kwargs: Any) -> VisionTransformer:
+def load_pretrained(path: str | os.PathLike, model_name: str | None = None, num_frames: int | None = None,
+                    crop_size: int | None = None, key: str | None = None, patch_size: int = 16,
+                    tubelet_size: int = 2, family: str | None = None, **encoder_kwargs: Any) -> VisionTransformer:
     """An encoder of ``family`` built for ``num_frames`` x ``crop_size`` clips, with the weights under ``key``.
 
-    The default key is the EMA encoder, which the reference evaluates: ``target_encoder``, or for
+    ``path`` is a checkpoint file (defaults: ``vit_large``, V-JEPA 1, 16 frames of 224 px) or a Hugging Face
+    V-JEPA 2 folder, whose ``config.json`` gives the model (family ``vjepa2``, size, patch, tubelet, and the
+    default clip size); a ``model_name`` or ``family`` given for a folder must agree with it. For a file, the
+    default key is the EMA encoder, which the reference evaluates: ``target_encoder``, or for
     ``family="vjepa2_1"`` 2.1's ``ema_encoder`` where the file has one (its distilled models; their
     ``target_encoder`` may be the teacher).
     """
+    if is_hf_folder(path):
+        config, state, _ = read_hf_folder(path)
+        folder_name = model_name_of(config, str(path))
+        for arg, given, expected in (("model_name", model_name, folder_name), ("family", family, "vjepa2")):
+            if given is not None and given != expected:
+                raise ValueError(f"{path}: {arg}: the folder holds {expected!r}, got {given!r}")
+        return encoder_from_state(state, str(path), folder_name, num_frames or config["frames_per_clip"],
+                                  crop_size or config["crop_size"], config["patch_size"], config["tubelet_size"],
+                                  family="vjepa2", **encoder_kwargs)
+    family = family or "vjepa1"
     checkpoint = read_checkpoint(path)
     if key is None:
         key = "ema_encoder" if family == "vjepa2_1" and "ema_encoder" in checkpoint else "target_encoder"
     state = state_from_checkpoint(checkpoint, key, str(path))
-    return encoder_from_state(state, f"{path}[{key}]", model_name, num_frames, crop_size, patch_size,
-                              tubelet_size, family=family, **encoder_kwargs)
+    return encoder_from_state(state, f"{path}[{key}]", model_name or "vit_large", num_frames or 16,
+                              crop_size or 224, patch_size, tubelet_size, family=family, **encoder_kwargs)
 
 
 def encoder_from_state(state: StateDict, source: str, model_name: str = "vit_large", num_frames: int = 16,
