@@ -46,7 +46,7 @@ def test_profiled_matmul_flops_equal_the_flop_counters_for_the_same_step():
     assert breakdown["gemm"]["gflop_per_step"] == pytest.approx(expected / 1e9, rel=1e-9)
 
 
-def test_family_vjepa2_trains_a_rotary_model_and_says_so():
+def test_family_vjepa2_trains_a_rotary_model():
     trainer = step.Trainer(_args(TOY + ["--family", "vjepa2"]))
     encoder = trainer.train_step.target_encoder
     assert encoder.family == "vjepa2" and "pos_embed" not in encoder.state_dict()
