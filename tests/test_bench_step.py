@@ -44,3 +44,11 @@ def test_profiled_matmul_flops_equal_the_flop_counters_for_the_same_step():
     expected = sum(n for op, n in counter.get_flop_counts()["Global"].items() if str(op) in names)
 
     assert breakdown["gemm"]["gflop_per_step"] == pytest.approx(expected / 1e9, rel=1e-9)
+
+
+def test_family_vjepa2_trains_a_rotary_model():
+    trainer = step.Trainer(_args(TOY + ["--family", "vjepa2"]))
+    encoder = trainer.train_step.target_encoder
+    assert encoder.family == "vjepa2" and "pos_embed" not in encoder.state_dict()
+    losses = [trainer.step(step.StepTimer(trainer.device)) for _ in range(2)]
+    assert all(math.isfinite(loss) and loss > 0 for loss in losses)

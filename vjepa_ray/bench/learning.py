@@ -28,7 +28,7 @@ import yaml
 from vjepa_ray.config import MaskConfig, OptimizationConfig
 from vjepa_ray.data.sources import list_videos
 from vjepa_ray.eval.probes import ProbeBank, grid_specs
-from vjepa_ray.models.predictor import Predictor
+from vjepa_ray.models.predictor import TRAINABLE_FAMILIES, Predictor
 from vjepa_ray.models.probe import AttentiveClassifier
 from vjepa_ray.models.vit import VisionTransformer
 from vjepa_ray.recipe.masks import MaskCollator
@@ -80,6 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--heads", type=int, default=3)
     a("--pred-dim", type=int, default=48)
     a("--pred-depth", type=int, default=2)
+    a("--family", default="vjepa1", choices=TRAINABLE_FAMILIES,
+      help="model.family: vjepa1 (sin-cos tables) or vjepa2 (rotary embeddings); the schedule is the same")
     # Pretraining.
     a("--steps", type=int, default=600)
     a("--batch", type=int, default=32)
@@ -114,7 +116,7 @@ def _decode_manifest(manifest: Path, spec: ClipSpec) -> tuple[torch.Tensor, torc
 
 def _build_encoder(args: argparse.Namespace) -> VisionTransformer:
     return VisionTransformer(args.size, args.frames, args.patch, args.tubelet, embed_dim=args.embed_dim,
-                             depth=args.depth, num_heads=args.heads)
+                             depth=args.depth, num_heads=args.heads, family=args.family)
 
 
 def _pretrain(args: argparse.Namespace, clips: torch.Tensor, encoder: VisionTransformer) -> tuple[
@@ -123,7 +125,7 @@ def _pretrain(args: argparse.Namespace, clips: torch.Tensor, encoder: VisionTran
     masks = [MaskConfig(num_blocks=8, spatial_scale=[0.15, 0.15]),  # the recipe's short- and long-range masks
              MaskConfig(num_blocks=2, spatial_scale=[0.7, 0.7])]
     predictor = Predictor(encoder.grid, args.embed_dim, args.pred_dim, args.pred_depth, num_heads=args.heads,
-                          num_mask_tokens=len(masks)).to(args.device)
+                          num_mask_tokens=len(masks), family=args.family).to(args.device)
     target = copy.deepcopy(encoder).requires_grad_(False)
     # A short run: schedules end with training (no 1.25x stretch) and weight decay stays at the start value.
     opt_cfg = OptimizationConfig(total_steps=args.steps, warmup_steps=max(1, args.steps // 10), schedule_scale=1.0,

@@ -31,7 +31,7 @@ from typing import Iterator
 import torch
 
 from vjepa_ray.config import load_config
-from vjepa_ray.models import MODEL_SPECS
+from vjepa_ray.models import MODEL_SPECS, TRAINABLE_FAMILIES
 from vjepa_ray.recipe.masks import MaskPair
 from vjepa_ray.recipe.objective import JepaOutput, normalize_clips, target_features
 from vjepa_ray.recipe.step import JepaStep, MicroBatch
@@ -45,6 +45,8 @@ REFERENCE_GEMM_SIZE = 2048
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="vit_small", choices=MODEL_SPECS)
+    parser.add_argument("--family", default="vjepa1", choices=TRAINABLE_FAMILIES,
+                        help="model.family: vjepa1 (sin-cos table) or vjepa2 (rotary embeddings)")
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--crop", type=int, default=128)
     parser.add_argument("--batch", type=int, default=2)
@@ -94,7 +96,8 @@ class Trainer:
 
     def __init__(self, args: argparse.Namespace):
         self.device = torch.device(args.device)
-        self.cfg = load_config(None, [f"model.name={args.model}", f"data.frames_per_clip={args.frames}",
+        self.cfg = load_config(None, [f"model.name={args.model}", f"model.family={args.family}",
+                                      f"data.frames_per_clip={args.frames}",
                                       f"data.crop_size={args.crop}", f"data.batch_size={args.batch}",
                                       f"meta.seed={args.seed}"])
         self.bf16 = args.precision == "bf16"
@@ -196,8 +199,8 @@ def run(args: argparse.Namespace) -> dict:
         "step_over_forward": mean_step / mean_forward,
         "loss_first_last": [losses[0], losses[-1]],
         **breakdown,
-        "settings": {"model": args.model, "frames": args.frames, "crop": args.crop, "batch": args.batch,
-                     "precision": args.precision, "device": args.device, "steps": args.steps,
+        "settings": {"model": args.model, "family": args.family, "frames": args.frames, "crop": args.crop,
+                     "batch": args.batch, "precision": args.precision, "device": args.device, "steps": args.steps,
                      "warmup": args.warmup, "threads": torch.get_num_threads(), "torch": torch.__version__},
     }
 

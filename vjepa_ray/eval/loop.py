@@ -77,7 +77,7 @@ def load_encoder(cfg: Config) -> VisionTransformer:
     try:
         return encoder_from_state(state, source, m.name, cfg.data.frames_per_clip, cfg.data.crop_size,
                                   patch_size=m.patch_size, tubelet_size=m.tubelet_size,
-                                  uniform_power=m.uniform_power)
+                                  uniform_power=m.uniform_power, family=m.family)
     except ValueError as err:
         raise ConfigError("probe.checkpoint", str(err).splitlines()[0]) from None
 
@@ -98,8 +98,8 @@ def layer_decay_groups(encoder: VisionTransformer, base_lr: float, weight_decay:
                        layer_decay: float) -> list[dict[str, Any]]:
     """AdamW groups for fine-tuning: block i's LR is ``base_lr * layer_decay ** (depth - i)``.
 
-    The patch embedding sits below block 0 and the final norm above the last block; no weight decay on
-    biases and 1-D parameters. Each group records ``lr_scale`` for the schedule.
+    The patch embeddings sit below block 0 and the final norm (2.1: its level norms) above the last block;
+    no weight decay on biases and 1-D parameters. Each group records ``lr_scale`` for the schedule.
     """
     depth = len(encoder.blocks)
     groups: dict[tuple[int, bool], dict[str, Any]] = {}
@@ -108,7 +108,7 @@ def layer_decay_groups(encoder: VisionTransformer, base_lr: float, weight_decay:
             continue
         if name.startswith("blocks."):
             layer = int(name.split(".")[1]) + 1
-        elif name.startswith("patch_embed."):
+        elif name.startswith(("patch_embed", "img_mod_embed", "video_mod_embed")):  # 2.1's input side too
             layer = 0
         else:
             layer = depth + 1

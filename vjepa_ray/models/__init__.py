@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from vjepa_ray.models.predictor import Predictor
+from vjepa_ray.models.predictor import TRAINABLE_FAMILIES, Predictor
 from vjepa_ray.models.pretrained import load_pretrained, load_pretrained_predictor, official_checkpoint
 from vjepa_ray.models.vit import MODEL_SPECS, VisionTransformer, build_encoder
 
 if TYPE_CHECKING:
     from vjepa_ray.config import Config
 
-__all__ = ["MODEL_SPECS", "Predictor", "VisionTransformer", "build_encoder", "build_models", "load_pretrained",
-           "load_pretrained_predictor", "official_checkpoint"]
+__all__ = ["MODEL_SPECS", "TRAINABLE_FAMILIES", "Predictor", "VisionTransformer", "build_encoder", "build_models",
+           "load_pretrained", "load_pretrained_predictor", "official_checkpoint"]
 
 
 def build_models(cfg: "Config") -> tuple[VisionTransformer, Predictor]:
@@ -22,9 +22,11 @@ def build_models(cfg: "Config") -> tuple[VisionTransformer, Predictor]:
     """
     m = cfg.model
     encoder = build_encoder(m.name, cfg.data.frames_per_clip, cfg.data.crop_size, m.patch_size, m.tubelet_size,
-                            uniform_power=m.uniform_power, activation_checkpointing=m.activation_checkpointing)
+                            uniform_power=m.uniform_power, activation_checkpointing=m.activation_checkpointing,
+                            family=m.family)
     predictor = Predictor(encoder.grid, encoder.embed_dim, m.pred_embed_dim, m.pred_depth,
                           num_heads=m.pred_num_heads or encoder.num_heads,
                           num_mask_tokens=m.pred_num_mask_tokens or len(cfg.mask),
-                          uniform_power=m.uniform_power, activation_checkpointing=m.activation_checkpointing)
+                          uniform_power=m.uniform_power, activation_checkpointing=m.activation_checkpointing,
+                          family=m.family)
     return encoder, predictor

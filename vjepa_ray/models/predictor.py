@@ -1,7 +1,9 @@
 """The V-JEPA predictor: from the context tokens' features, predict the features at the target positions.
 
 Names follow the reference (predictor_embed, mask_tokens.{i}, predictor_pos_embed, predictor_blocks,
-predictor_norm, predictor_proj) so state dicts map 1:1 to Meta's checkpoints.
+predictor_norm, predictor_proj) so state dicts map 1:1 to Meta's checkpoints. V-JEPA 2.0's predictor is
+V-JEPA 1's with rotary embeddings (2.0's layout) in place of the table; 2.1's predictor (several output
+levels, distillation) is not built here.
 """
 
 from __future__ import annotations
@@ -12,20 +14,29 @@ import torch
 import torch.nn as nn
 
 from vjepa_ray.models.pos_embed import Grid, sincos_3d
+from vjepa_ray.models.rope import Rotary3D
 from vjepa_ray.models.vit import LAYER_NORM_EPS, Block, check_index, init_weights_, run_blocks
+
+# The families whose predictor is built here, so that build_models can pretrain them (2.1's encoder loads
+# and runs, but its multi-level predictor is not built).
+TRAINABLE_FAMILIES = ("vjepa1", "vjepa2")
 
 
 class Predictor(nn.Module):
     """Narrow transformer over [context tokens, mask tokens at the target positions].
 
     There is one learnable mask token per mask config (``mask_index`` picks it), zero-initialised as in
-    V-JEPA 1, and a fixed sin-cos table of the predictor's own width over the encoder's token ``grid``.
+    V-JEPA 1. Positions on the encoder's token ``grid``: ``family="vjepa1"`` adds a fixed sin-cos table of
+    the predictor's own width; ``"vjepa2"`` rotates queries and keys in every block instead.
     """
 
     def __init__(self, grid: Grid, embed_dim: int, predictor_embed_dim: int = 384, depth: int = 12, *,
                  num_heads: int, num_mask_tokens: int = 2, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 uniform_power: bool = True, activation_checkpointing: bool = False):
+                 uniform_power: bool = True, activation_checkpointing: bool = False, family: str = "vjepa1"):
         super().__init__()
+        if family not in TRAINABLE_FAMILIES:
+            raise ValueError(f"family: the predictor is built for {' and '.join(TRAINABLE_FAMILIES)}, got "
+                             f"{family!r} (2.1's multi-level predictor is not supported)")
         if num_mask_tokens < 1:
             raise ValueError(f"num_mask_tokens: expected >= 1, got {num_mask_tokens}")
         self.grid: Grid = tuple(grid)
@@ -37,9 +48,13 @@ class Predictor(nn.Module):
         self.predictor_embed = nn.Linear(embed_dim, predictor_embed_dim)
         self.mask_tokens = nn.ParameterList(
             nn.Parameter(torch.zeros(1, 1, predictor_embed_dim)) for _ in range(num_mask_tokens))
-        # A buffer, not a frozen Parameter, for the reasons given on VisionTransformer.
-        self.register_buffer("predictor_pos_embed",
-                             sincos_3d(predictor_embed_dim, *self.grid, uniform_power).unsqueeze(0))
+        self.rope: Rotary3D | None = None
+        if family == "vjepa1":
+            # A buffer, not a frozen Parameter, for the reasons given on VisionTransformer.
+            self.register_buffer("predictor_pos_embed",
+                                 sincos_3d(predictor_embed_dim, *self.grid, uniform_power).unsqueeze(0))
+        else:
+            self.rope = Rotary3D(predictor_embed_dim // num_heads)
         self.predictor_blocks = nn.ModuleList(
             Block(predictor_embed_dim, num_heads, mlp_ratio, qkv_bias) for _ in range(depth))
         self.predictor_norm = nn.LayerNorm(predictor_embed_dim, eps=LAYER_NORM_EPS)
@@ -67,11 +82,17 @@ class Predictor(nn.Module):
         if not 0 <= mask_index < self.num_mask_tokens:
             raise ValueError(f"mask_index: expected an int in [0, {self.num_mask_tokens}), got {mask_index}")
 
-        pos = self.predictor_pos_embed[0]
         x = self.predictor_embed(context)
-        x = x + pos[context_idx].to(x.dtype)
-        queries = (self.mask_tokens[mask_index] + pos[target_idx]).to(x.dtype)
+        mask_token = self.mask_tokens[mask_index]
+        rope = None
+        if self.rope is None:
+            pos = self.predictor_pos_embed[0]
+            x = x + pos[context_idx].to(x.dtype)
+            queries = mask_token + pos[target_idx]
+        else:
+            queries = mask_token.expand(batch, target_idx.shape[1], -1)
+            rope = self.rope.tables(torch.cat([context_idx, target_idx], dim=1), self.grid)
         # Only the query rows are output, so the last block computes only those.
-        x = run_blocks(self.predictor_blocks, torch.cat([x, queries], dim=1),
-                       self.activation_checkpointing and self.training, rows_from=num_context)
+        x = run_blocks(self.predictor_blocks, torch.cat([x, queries.to(x.dtype)], dim=1),
+                       self.activation_checkpointing and self.training, rows_from=num_context, rope=rope)
         return self.predictor_proj(self.predictor_norm(x))

@@ -1,8 +1,16 @@
-"""The V-JEPA video encoder: a pre-norm ViT over 3D patches (tubelets) with a fixed sin-cos table.
+"""The V-JEPA video encoder: a pre-norm ViT over 3D patches (tubelets), in three families.
+
+- ``vjepa1``: a fixed sin-cos position table added to the patch embeddings.
+- ``vjepa2``: no table; 3D rotary embeddings in every attention block (2.0's frequency layout).
+- ``vjepa2_1``: 2.1's encoder: 2.1's rotary layout with positions interpolated to the 256 px grid,
+  a modality embedding added to the tokens, a second patch embedding (tubelet 1) for single-frame
+  inputs (images), and a LayerNorm at each of four depths (``norms_block``) whose last one takes the
+  place of the final ``norm``.
 
 Module and parameter names follow the reference code (patch_embed.proj, pos_embed, blocks.i.{norm1,
-attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}, norm), so state dicts map 1:1 to Meta's checkpoints
-once their ``module.backbone.`` prefix is stripped.
+attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}, norm, and 2.1's patch_embed_img, img_mod_embed,
+video_mod_embed, norms_block.i), so state dicts map 1:1 to Meta's checkpoints once their
+``module.backbone.`` prefix is stripped.
 """
 
 from __future__ import annotations
@@ -15,12 +23,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from vjepa_ray.config import MODEL_FAMILIES
 from vjepa_ray.models.pos_embed import Grid, resize_table, sincos_3d
+from vjepa_ray.models.rope import INTERPOLATED_PIXELS, RopeTables, Rotary3D, rotate
 
 LAYER_NORM_EPS = 1e-6
 INIT_STD = 0.02
 
-# name -> (embed_dim, depth, num_heads, mlp_ratio), as in the reference's vit_* constructors.
+# name -> (embed_dim, depth, num_heads, mlp_ratio), as in the reference's vit_* constructors. V-JEPA 1
+# ships vit_large/huge; 2.0 vit_large/huge/giant_xformers; 2.1 vit_base/large/giant_xformers/gigantic_xformers.
 MODEL_SPECS: dict[str, tuple[int, int, int, float]] = {
     "vit_tiny": (192, 12, 3, 4.0),
     "vit_small": (384, 12, 6, 4.0),
@@ -28,8 +39,17 @@ MODEL_SPECS: dict[str, tuple[int, int, int, float]] = {
     "vit_large": (1024, 24, 16, 4.0),
     "vit_huge": (1280, 32, 16, 4.0),
     "vit_giant": (1408, 40, 16, 48 / 11),
-    # V-JEPA 2's released ViT-g (the 2.0 release's vit_giant_xformers): V-JEPA 1's giant with 22 heads.
+    # V-JEPA 2's released ViT-g: V-JEPA 1's giant with 22 heads.
     "vit_giant_xformers": (1408, 40, 22, 48 / 11),
+    "vit_gigantic_xformers": (1664, 48, 26, 64 / 13),
+}
+
+# 2.1's depths at which a LayerNorm taps the residual stream (``norms_block``), by encoder depth.
+HIERARCHICAL_LAYERS: dict[int, tuple[int, ...]] = {
+    12: (2, 5, 8, 11),
+    24: (5, 11, 17, 23),
+    40: (9, 19, 29, 39),
+    48: (11, 23, 37, 47),
 }
 
 
@@ -42,11 +62,19 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, rows_from: int = 0) -> torch.Tensor:
-        """Attention of rows ``rows_from:`` of x over all rows of x -> [B, N - rows_from, C]."""
+    def forward(self, x: torch.Tensor, rows_from: int = 0, rope: RopeTables | None = None) -> torch.Tensor:
+        """Attention of rows ``rows_from:`` of x over all rows of x -> [B, N - rows_from, C].
+
+        ``rope``: rotary tables of the N rows, applied to queries and keys.
+        """
         b, n, c = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q[:, :, rows_from:], k, v)
+        q = q[:, :, rows_from:]
+        if rope is not None:
+            cos, sin = rope
+            q = rotate(q, (cos[..., rows_from:, :], sin[..., rows_from:, :]))
+            k = rotate(k, rope)
+        out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, n - rows_from, c))
 
 
@@ -71,18 +99,18 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.mlp = MLP(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: torch.Tensor, rows_from: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rows_from: int = 0, rope: RopeTables | None = None) -> torch.Tensor:
         """x [B, N, C] -> rows ``rows_from:`` of the output; earlier rows only serve as keys and values.
 
         Every output row depends on the other rows through attention alone, so leaving rows out
         changes nothing in the rows that are kept.
         """
-        x = x[:, rows_from:] + self.attn(self.norm1(x), rows_from)
+        x = x[:, rows_from:] + self.attn(self.norm1(x), rows_from, rope)
         return x + self.mlp(self.norm2(x))
 
 
 def run_blocks(blocks: Sequence[nn.Module], x: torch.Tensor, activation_checkpointing: bool,
-               rows_from: int = 0) -> torch.Tensor:
+               rows_from: int = 0, rope: RopeTables | None = None) -> torch.Tensor:
     """Runs the blocks in order; with checkpointing, each block's activations are recomputed in backward.
 
     Only rows ``rows_from:`` of the last block's output are computed (and returned): callers that
@@ -92,7 +120,7 @@ def run_blocks(blocks: Sequence[nn.Module], x: torch.Tensor, activation_checkpoi
     recompute = activation_checkpointing and torch.is_grad_enabled()
     for i, block in enumerate(blocks):
         start = rows_from if i == len(blocks) - 1 else 0
-        x = checkpoint(block, x, start, use_reentrant=False) if recompute else block(x, start)
+        x = checkpoint(block, x, start, rope, use_reentrant=False) if recompute else block(x, start, rope)
     return x
 
 
@@ -155,20 +183,29 @@ class PatchEmbed3D(nn.Module):
 class VisionTransformer(nn.Module):
     """The encoder. ``forward(x [B, 3, T, H, W], keep [B, K] | None) -> [B, K or N, D]``.
 
-    The position table is a buffer (the reference uses a frozen Parameter):
-    it is fixed, so keeping it out of ``parameters()`` keeps it out of the optimizer, weight decay,
-    the EMA and ZeRO partitioning, while ``state_dict()`` still carries it under ``pos_embed``.
+    ``family`` picks how tokens learn their position (see the module docstring). V-JEPA 1's position
+    table is a buffer (the reference uses a frozen Parameter): it is fixed, so keeping it out of
+    ``parameters()`` keeps it out of the optimizer, weight decay, the EMA and ZeRO partitioning, while
+    ``state_dict()`` still carries it under ``pos_embed``. The rotary families need no table, so their
+    clips may have any number of frames and any crop.
     """
 
     def __init__(self, img_size: int, num_frames: int, patch_size: int = 16, tubelet_size: int = 2, *,
                  embed_dim: int, depth: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 in_chans: int = 3, uniform_power: bool = True, activation_checkpointing: bool = False):
+                 in_chans: int = 3, uniform_power: bool = True, activation_checkpointing: bool = False,
+                 family: str = "vjepa1"):
         super().__init__()
+        if family not in MODEL_FAMILIES:
+            raise ValueError(f"family: expected one of {', '.join(MODEL_FAMILIES)}, got {family!r}")
         if img_size <= 0 or img_size % patch_size:
             raise ValueError(f"img_size: expected a positive multiple of patch_size {patch_size}, got {img_size}")
         if num_frames <= 0 or num_frames % tubelet_size:
             raise ValueError(
                 f"num_frames: expected a positive multiple of tubelet_size {tubelet_size}, got {num_frames}")
+        if family == "vjepa2_1" and depth not in HIERARCHICAL_LAYERS:
+            raise ValueError(f"depth: V-JEPA 2.1's encoder is defined for depths "
+                             f"{', '.join(map(str, HIERARCHICAL_LAYERS))}, got {depth}")
+        self.family = family
         self.img_size, self.num_frames = img_size, num_frames
         self.patch_size, self.tubelet_size, self.in_chans = patch_size, tubelet_size, in_chans
         self.embed_dim, self.num_heads = embed_dim, num_heads
@@ -178,10 +215,31 @@ class VisionTransformer(nn.Module):
         self.num_patches = math.prod(self.grid)
 
         self.patch_embed = PatchEmbed3D(patch_size, tubelet_size, in_chans, embed_dim)
-        self.register_buffer("pos_embed", sincos_3d(embed_dim, *self.grid, uniform_power).unsqueeze(0))
+        self.rope: Rotary3D | None = None
+        if family == "vjepa1":
+            self.register_buffer("pos_embed", sincos_3d(embed_dim, *self.grid, uniform_power).unsqueeze(0))
+        elif family == "vjepa2":
+            self.rope = Rotary3D(embed_dim // num_heads)
+        else:
+            self.rope = Rotary3D(embed_dim // num_heads, interleaved=True,
+                                 interpolate_to=INTERPOLATED_PIXELS // patch_size)
+            self.patch_embed_img = PatchEmbed3D(patch_size, 1, in_chans, embed_dim)
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias) for _ in range(depth))
-        self.norm = nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS)
+        if family == "vjepa2_1":
+            self.hierarchical_layers = HIERARCHICAL_LAYERS[depth]
+            self.norms_block = nn.ModuleList(
+                nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS) for _ in self.hierarchical_layers)
+        else:
+            self.norm = nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS)
         init_weights_(self)
+        if family == "vjepa2_1":
+            # After init_weights_, which would not touch them anyway: 2.1 starts them near zero.
+            self.img_mod_embed = nn.Parameter(torch.empty(1, 1, embed_dim).normal_(std=1e-6))
+            self.video_mod_embed = nn.Parameter(torch.empty(1, 1, embed_dim).normal_(std=1e-6))
+
+    def is_image(self, x: torch.Tensor) -> bool:
+        """2.1 reads a single-frame clip as an image: its own patch embedding (tubelet 1) and modality."""
+        return self.family == "vjepa2_1" and x.dim() == 5 and x.shape[2] == 1
 
     def input_grid(self, x: torch.Tensor) -> Grid:
         """Token grid of a clip; raises ValueError on a tensor that is not [B, C, T, H, W] as expected."""
@@ -192,25 +250,69 @@ class VisionTransformer(nn.Module):
         if not x.is_floating_point():
             raise ValueError(f"x: expected a floating-point tensor, got {x.dtype}")
         t, h, w = x.shape[2:]
-        if t % self.tubelet_size or h % self.patch_size or w % self.patch_size or 0 in (t, h, w):
+        tubelet = 1 if self.is_image(x) else self.tubelet_size
+        if t % tubelet or h % self.patch_size or w % self.patch_size or 0 in (t, h, w):
             raise ValueError(f"x: expected T a multiple of {self.tubelet_size} and H, W multiples of "
                              f"{self.patch_size}, got T, H, W = {t}, {h}, {w}")
-        return t // self.tubelet_size, h // self.patch_size, w // self.patch_size
+        return t // tubelet, h // self.patch_size, w // self.patch_size
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    def embed(self, x: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, RopeTables | None]:
+        """The tokens that enter the first block (the kept ones, in ``keep``'s order) and their rotary tables."""
         grid = self.input_grid(x)
-        tokens = self.patch_embed(x)
-        tokens = tokens + resize_table(self.pos_embed, self.grid, grid).to(tokens.dtype)
+        if self.is_image(x):
+            tokens = self.patch_embed_img(x) + self.img_mod_embed
+        else:
+            tokens = self.patch_embed(x)
+            if self.family == "vjepa1":
+                tokens = tokens + resize_table(self.pos_embed, self.grid, grid).to(tokens.dtype)
+            elif self.family == "vjepa2_1":
+                tokens = tokens + self.video_mod_embed
         if keep is not None:
             check_index("keep", keep, x.shape[0], tokens.shape[1])
             tokens = gather_tokens(tokens, keep)
-        tokens = run_blocks(self.blocks, tokens, self.activation_checkpointing and self.training)
-        return self.norm(tokens)
+        if self.rope is None:
+            return tokens, None
+        ids = keep if keep is not None else torch.arange(tokens.shape[1], device=tokens.device)
+        return tokens, self.rope.tables(ids, grid)
+
+    def output_norm(self, layer: int) -> nn.LayerNorm:
+        """The LayerNorm applied to block ``layer``'s output: ``norm``, or 2.1's norm at that depth."""
+        if self.family != "vjepa2_1":
+            return self.norm
+        if layer not in self.hierarchical_layers:
+            raise ValueError(f"layer: V-JEPA 2.1 normalises the outputs of blocks {list(self.hierarchical_layers)}, "
+                             f"got {layer}")
+        return self.norms_block[self.hierarchical_layers.index(layer)]
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        tokens, rope = self.embed(x, keep)
+        tokens = run_blocks(self.blocks, tokens, self.activation_checkpointing and self.training, rope=rope)
+        return self.output_norm(len(self.blocks) - 1)(tokens)
+
+    def forward_layers(self, x: torch.Tensor, layers: Sequence[int],
+                       keep: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The normalised outputs of blocks ``layers`` (ascending), each [B, K or N, D].
+
+        As the releases' ``out_layers``: ``norm`` on each (1.0, 2.0), or 2.1's norm of that depth, so 2.1's
+        hierarchical features are ``torch.cat(forward_layers(x, encoder.hierarchical_layers), -1)``.
+        """
+        if not layers or list(layers) != sorted(set(layers)) or not 0 <= layers[0] <= layers[-1] < len(self.blocks):
+            raise ValueError(f"layers: expected ascending block indices in [0, {len(self.blocks)}), got {layers}")
+        norms = {layer: self.output_norm(layer) for layer in layers}
+        tokens, rope = self.embed(x, keep)
+        outputs, start = [], 0
+        for layer in layers:
+            tokens = run_blocks(self.blocks[start:layer + 1], tokens,
+                                self.activation_checkpointing and self.training, rope=rope)
+            outputs.append(norms[layer](tokens))
+            start = layer + 1
+        return outputs
 
 
 def build_encoder(name: str, num_frames: int, crop_size: int, patch_size: int = 16, tubelet_size: int = 2,
                   **kwargs) -> VisionTransformer:
-    """One of ``MODEL_SPECS``, for clips of ``num_frames`` x ``crop_size``^2; kwargs go to the encoder."""
+    """One of ``MODEL_SPECS``, for clips of ``num_frames`` x ``crop_size``^2; kwargs (e.g. ``family``) go to
+    the encoder."""
     if name not in MODEL_SPECS:
         raise ValueError(f"model name: expected one of {', '.join(MODEL_SPECS)}, got {name!r}")
     embed_dim, depth, num_heads, mlp_ratio = MODEL_SPECS[name]

@@ -1,4 +1,5 @@
-"""Our runs' weights in and out of Meta's released V-JEPA layout, checked against the config's models.
+"""Our runs' weights in and out of Meta's released V-JEPA layout and Hugging Face's V-JEPA 2 folders, checked
+against the config's models.
 
 Both directions load every state dict strictly into the models the config describes before writing, so a
 file that does not fit fails here, listing the keys, rather than in whoever reads it next.
@@ -16,6 +17,7 @@ import torch
 from vjepa_ray import runs
 from vjepa_ray.config import Config
 from vjepa_ray.models import build_models
+from vjepa_ray.models.hf import hf_config, read_hf_folder, write_hf_folder
 from vjepa_ray.models.pretrained import (
     MODEL_KEYS,
     StateDict,
@@ -25,6 +27,7 @@ from vjepa_ray.models.pretrained import (
     read_checkpoint,
     state_from_checkpoint,
 )
+from vjepa_ray.models.vit import MODEL_SPECS
 from vjepa_ray.train.checkpoint import read_model_weights
 
 
@@ -81,4 +84,28 @@ def to_official_file(cfg: Config, source: str | os.PathLike, dest: str | os.Path
 def from_official_file(cfg: Config, source: str | os.PathLike, dest: str | os.PathLike) -> None:
     checkpoint = read_checkpoint(source)
     weights = {key: state_from_checkpoint(checkpoint, key, str(source)) for key in MODEL_KEYS}
+    write_training_weights(dest, verified_weights(cfg, weights, str(source)))
+
+
+def to_hf_folder(cfg: Config, source: str | os.PathLike, dest: str | os.PathLike) -> None:
+    """A ``VJEPA2Model`` folder of a run's target (EMA) encoder and its predictor. Hugging Face's model is
+    V-JEPA 2.0's, so the config's family must be ``vjepa2``."""
+    if cfg.model.family != "vjepa2":
+        raise ValueError(f"Hugging Face's VJEPA2Model is V-JEPA 2.0's model: expected model.family vjepa2, got "
+                         f"{cfg.model.family}")
+    weights = verified_weights(cfg, read_training_weights(source), str(source))
+    m, predictor = cfg.model, weights["predictor"]
+    config = hf_config(model_name=m.name, patch_size=m.patch_size, tubelet_size=m.tubelet_size,
+                       frames_per_clip=cfg.data.frames_per_clip, crop_size=cfg.data.crop_size,
+                       pred_embed_dim=m.pred_embed_dim, pred_depth=m.pred_depth,
+                       pred_num_heads=m.pred_num_heads or MODEL_SPECS[m.name][2],
+                       pred_num_mask_tokens=sum(k.startswith("mask_tokens.") for k in predictor))
+    write_hf_folder(dest, config, weights["target_encoder"], predictor)
+
+
+def from_hf_folder(cfg: Config, source: str | os.PathLike, dest: str | os.PathLike) -> None:
+    """Our weights file from a ``VJEPA2Model`` folder (``cfg`` as ``hf.config_overrides`` makes it). The
+    folder has no target encoder: it starts as a copy of the encoder, as the EMA would."""
+    _, encoder, predictor = read_hf_folder(source)
+    weights = {"encoder": encoder, "predictor": predictor, "target_encoder": encoder}
     write_training_weights(dest, verified_weights(cfg, weights, str(source)))
