@@ -9,8 +9,10 @@ check matters because training draws its window at random: a file whose second h
 (``decord__corrupted.mp4``: 50 frames listed, decoding fails at frame 28) gives clips for some draws and
 skips on others, so it is reported as ``corrupt``. ``--quick`` runs only the first check.
 
-Directories are scanned recursively for video extensions; a file named explicitly is checked whatever its
-extension. Exit status: 0 when every file is ok, 1 when any is skipped or none is found, 2 on bad arguments.
+Directories are scanned recursively for video extensions and tar shards; a file named explicitly is checked
+whatever its extension. A tar shard (``data prepare``'s output, or any WebDataset shard) is checked member by
+member, each reported as ``shard.tar:member``. Exit status: 0 when every file is ok, 1 when any is skipped
+or none is found, 2 on bad arguments.
 """
 
 from __future__ import annotations
@@ -30,44 +32,58 @@ import numpy as np
 
 from vjepa_ray.cli import exit_on_config_error
 from vjepa_ray.config import SECTIONS, ConfigError, builtin_config_path, load_config
-from vjepa_ray.data.sources import VIDEO_EXTENSIONS
-from vjepa_ray.video.decode import ClipSpec, VideoInfo, VideoSkip, decode_clips, verify_video
+from vjepa_ray.data.sources import SHARD_EXTENSION, VIDEO_EXTENSIONS, VideoRef, open_source, shard_members
+from vjepa_ray.video.decode import ClipSpec, VideoInfo, VideoSkip, VideoSource, decode_clips, verify_video
 
 PROG = "python -m vjepa_ray.data check"
 _OVERRIDE = re.compile(rf"^({'|'.join(SECTIONS)})\.[\w.]+=")
 
 
-def find_videos(paths: list[str]) -> list[Path]:
+def find_videos(paths: list[str]) -> list[VideoRef]:
     """Files named explicitly (whatever their extension; missing ones too, to be reported) and the videos
-    under directories, recursively, sorted within each directory."""
-    found: list[Path] = []
+    under directories, recursively, sorted within each directory; tar shards stand for their video members."""
+    found: list[VideoRef] = []
     for entry in paths:
         path = Path(entry).expanduser()
-        if path.is_dir():
-            found.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS))
-        else:
-            found.append(path)
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS
+                       | {SHARD_EXTENSION}) if path.is_dir() else [path]
+        for file in files:
+            found.extend(_shard_or_file(file.resolve()))
     return found
 
 
-def check_file(path: Path, spec: ClipSpec, thorough: bool = True, verify_timeout_s: float = 600.0) -> dict[str, Any]:
-    """One row of the report: ``{"path", "status": "ok"|"skipped", "reason", "detail", "frames", "fps",
-    "width", "height", "codec"}``; ``reason`` is None for ok files."""
+def _shard_or_file(path: Path) -> list[VideoRef]:
+    if path.suffix.lower() == SHARD_EXTENSION and path.is_file():
+        try:
+            return shard_members(str(path), 0, None)
+        except ConfigError:  # not a tar after all: report it as the file it is
+            pass
+    return [VideoRef(str(path))]
+
+
+def check_source(source: VideoSource, name: str, spec: ClipSpec, thorough: bool = True,
+                 verify_timeout_s: float = 600.0) -> dict[str, Any]:
+    """One row of the report: ``{"path": name, "status": "ok"|"skipped", "reason", "detail", "frames", "fps",
+    "width", "height", "codec"}``; ``reason`` is None for ok videos."""
     info: Optional[VideoInfo] = None
     try:
-        info = decode_clips(path, spec, np.random.default_rng(0)).info
+        info = decode_clips(source, spec, np.random.default_rng(0)).info
         if thorough:
+            if hasattr(source, "seek"):
+                source.seek(0)
             # A full pass takes longer than one clip may: it gets its own budget.
-            info = verify_video(path, dataclasses.replace(spec, decode_timeout_s=verify_timeout_s))
-        status, reason, detail = "ok", None, ""
+            info = verify_video(source, dataclasses.replace(spec, decode_timeout_s=verify_timeout_s))
     except VideoSkip as skip:
-        status, reason, detail = "skipped", skip.reason, skip.detail
-        info = skip.info or info
+        return _row(name, skip.info or info, skip)
+    return _row(name, info, None)
+
+
+def _row(name: str, info: Optional[VideoInfo], skip: Optional[VideoSkip]) -> dict[str, Any]:
     return {
-        "path": str(path),
-        "status": status,
-        "reason": reason,
-        "detail": detail,
+        "path": name,
+        "status": "skipped" if skip else "ok",
+        "reason": skip.reason if skip else None,
+        "detail": skip.detail if skip else "",
         "frames": info.frames if info else None,
         "fps": round(info.fps, 3) if info else None,
         "width": info.width if info else None,
@@ -76,13 +92,23 @@ def check_file(path: Path, spec: ClipSpec, thorough: bool = True, verify_timeout
     }
 
 
+def check_file(ref: VideoRef, spec: ClipSpec, thorough: bool = True, verify_timeout_s: float = 600.0
+               ) -> dict[str, Any]:
+    """``check_source`` on a file or a shard member."""
+    try:
+        with open_source(ref) as source:
+            return check_source(source, str(ref), spec, thorough, verify_timeout_s)
+    except VideoSkip as skip:  # it did not open
+        return _row(str(ref), None, skip)
+
+
 def check(paths: list[str], spec: ClipSpec, thorough: bool = True, workers: int = 1,
           verify_timeout_s: float = 600.0) -> dict[str, Any]:
-    """``{"files": [row per file, in scan order], "counts": {"ok" or reason: n}}``."""
+    """``{"files": [row per video, in scan order], "counts": {"ok" or reason: n}}``."""
     files = find_videos(paths)
     # PyAV releases the GIL while it demuxes and decodes, so threads check files in parallel.
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        rows = list(pool.map(lambda p: check_file(p, spec, thorough, verify_timeout_s), files))
+        rows = list(pool.map(lambda ref: check_file(ref, spec, thorough, verify_timeout_s), files))
     counts = Counter(row["reason"] or "ok" for row in rows)
     return {"files": rows, "counts": dict(sorted(counts.items()))}
 

@@ -30,7 +30,6 @@ import itertools
 import logging
 import math
 from collections import Counter
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
@@ -40,7 +39,7 @@ import ray
 import torch
 
 from vjepa_ray.config import ConfigError, DataConfig
-from vjepa_ray.data.sources import VideoRef, epoch_order, list_videos, open_video
+from vjepa_ray.data.sources import VideoRef, epoch_order, list_videos, open_source
 from vjepa_ray.video.decode import ClipSpec, VideoSkip, decode_clips
 from vjepa_ray.video.transforms import random_resized_crop_clip
 from vjepa_ray.worker_env import MALLOC_ENV
@@ -100,13 +99,7 @@ def _row(ref: VideoRef, chunk: int, slot: int) -> dict[str, Any]:
 def decode_video(ref: VideoRef, job: DecodeJob, rng: np.random.Generator) -> list[np.ndarray]:
     """A decode task's work for one video: read, decode ``clips_per_video`` clips, crop and flip each.
     Returns uint8 [T, crop, crop, 3] clips; raises VideoSkip for a bad video."""
-    with ExitStack() as stack:
-        try:
-            source = stack.enter_context(open_video(ref, job.filesystem))
-        except FileNotFoundError as err:
-            raise VideoSkip("missing", str(err)) from None
-        except OSError as err:
-            raise VideoSkip("unreadable", str(err)) from None
+    with open_source(ref, job.filesystem) as source:
         decoded = decode_clips(source, job.spec, rng)
     return [random_resized_crop_clip(clip, job.crop_size, job.scale, job.ratio, job.flip, rng)
             for clip in decoded.clips]

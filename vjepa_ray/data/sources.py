@@ -32,7 +32,7 @@ import os
 import posixpath
 import re
 import tarfile
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator, Optional, Sequence, Union
 from urllib.parse import urlsplit
@@ -41,6 +41,7 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from vjepa_ray.config import ConfigError
+from vjepa_ray.video.decode import VideoSkip
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".m4v", ".mkv", ".webm", ".mov", ".avi", ".mpg", ".mpeg", ".ts",
                               ".flv", ".wmv", ".3gp", ".ogv"})
@@ -166,7 +167,7 @@ class _Lister:
     def _from_file(self, uri: str) -> list[VideoRef]:
         ext = _extension(uri)
         if ext == SHARD_EXTENSION:
-            return _shard_members(uri, self.source_index, self.filesystem)
+            return shard_members(uri, self.source_index, self.filesystem)
         if ext in MANIFEST_EXTENSIONS:
             return _read_manifest(uri, self.source_index, self.filesystem)
         return [VideoRef(uri, None, self.source_index)]
@@ -242,7 +243,7 @@ def _read_manifest(uri: str, source_index: int, filesystem: Optional[pafs.FileSy
     return [VideoRef(_manifest_entry_uri(uri, p), label, source_index) for p, label in rows]
 
 
-def _shard_members(uri: str, source_index: int, filesystem: Optional[pafs.FileSystem]) -> list[VideoRef]:
+def shard_members(uri: str, source_index: int, filesystem: Optional[pafs.FileSystem]) -> list[VideoRef]:
     """The video members of an uncompressed tar, with their data offsets (read in place, never extracted)."""
     with open_range(uri, filesystem) as stream:
         try:
@@ -320,6 +321,19 @@ def open_video(ref: VideoRef, filesystem: Optional[pafs.FileSystem] = None) -> I
         return
     with open_range(ref.uri, filesystem, ref.offset, ref.size) as stream:
         yield stream
+
+
+@contextmanager
+def open_source(ref: VideoRef, filesystem: Optional[pafs.FileSystem] = None) -> Iterator[Union[str, BinaryIO]]:
+    """``open_video`` for readers that skip bad videos: a file that cannot be opened raises VideoSkip."""
+    with ExitStack() as stack:
+        try:
+            source = stack.enter_context(open_video(ref, filesystem))
+        except FileNotFoundError as err:
+            raise VideoSkip("missing", str(err)) from None
+        except OSError as err:
+            raise VideoSkip("unreadable", str(err)) from None
+        yield source
 
 
 def epoch_order(refs: Sequence[VideoRef], weights: Sequence[float], seed: int, epoch: int) -> np.ndarray:
