@@ -5,8 +5,9 @@ the i-th frame a full sequential decode returns. Opening a video demuxes its pac
 to learn every frame's presentation timestamp (pts) and where the keyframes are; a clip is then read by
 seeking to the keyframe at or before its first frame and decoding until its last one. On the way, a frame
 that no other frame refers to and no clip wants (a non-reference B-frame) is dropped undecoded (FFmpeg's
-``skip_frame``, set per packet): 30-55% of the frames a window costs with B-pyramid H.264/HEVC and MPEG-4,
-and the frames kept are bit-identical to a full decode. Timestamps, not frame counts, map an index to a
+``skip_frame``, set per packet): about 45% of the frames a clip costs with B-pyramid H.264 or HEVC and with
+MPEG-4 B-frames (25-40% of its CPU time; VP9 from libvpx has no such frames), and the frames kept are
+bit-identical to a full decode. Timestamps, not frame counts, map an index to a
 frame, so variable-frame-rate video is sampled correctly.
 
 When the timestamps cannot be trusted (missing or duplicated packet pts, or decoded frames whose pts are
