@@ -10,28 +10,23 @@ import av
 import numpy as np
 import pytest
 import torch
-from test_video_decode import VARIANTS  # every codec and container the decoder is tested on
+
+# Every codec and container the decoder is tested on, and the same videos (module fixtures).
+from test_video_decode import FRAMES, HEIGHT, VARIANTS, WIDTH, source_frames, videos  # noqa: F401
 
 from vjepa_ray.video.decode import ClipSpec, VideoSkip, decode_clips, read_video_info
 from vjepa_ray.video.synthetic import moving_pattern, write_video
 from vjepa_ray.video.transcode import decimation, scaled_size, transcode_video
 
-FRAMES, HEIGHT, WIDTH = 40, 48, 64
 SPEC = ClipSpec(frames_per_clip=8, frame_step=2)
 
 
 @pytest.fixture(scope="module")
-def source_frames() -> np.ndarray:
-    return moving_pattern(FRAMES, HEIGHT, WIDTH, np.random.default_rng(0))
-
-
-@pytest.fixture(scope="module")
-def videos(tmp_path_factory, source_frames) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("videos")
-    out = {name: write_video(folder / file, source_frames, fps=25, **kw) for name, (file, kw) in VARIANTS.items()}
-    for rotation in (90, -90, 180):
-        out[f"rotated_{rotation}"] = write_video(folder / f"r{rotation}.mp4", source_frames, fps=25, rotation=rotation)
-    return out
+def all_videos(tmp_path_factory, source_frames, videos) -> dict[str, Path]:  # noqa: F811
+    folder = tmp_path_factory.mktemp("rotated")
+    rotated = {f"rotated_{r}": write_video(folder / f"r{r}.mp4", source_frames, fps=25, rotation=r)
+               for r in (90, -90, 180)}
+    return {**videos, **rotated}
 
 
 def transcode(source: Path, **kwargs) -> tuple[bytes, object]:
@@ -46,8 +41,8 @@ def downscaled(clips: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("name", [*VARIANTS, "rotated_90", "rotated_-90", "rotated_180"])
-def test_clips_from_the_output_show_the_source_frames_at_the_same_indices(videos, name):
-    data, info = transcode(videos[name])
+def test_clips_from_the_output_show_the_source_frames_at_the_same_indices(all_videos, name):
+    data, info = transcode(all_videos[name])
     turned = name.startswith("rotated_") and name != "rotated_180"
     want_w, want_h = (32, 42) if turned else (42, 32)
     assert (info.frames, info.fps, info.width, info.height) == (FRAMES, 25.0, want_w, want_h)
@@ -55,7 +50,7 @@ def test_clips_from_the_output_show_the_source_frames_at_the_same_indices(videos
     out = read_video_info(data)
     assert (out.frames, out.fps, out.width, out.height, out.rotation, out.codec) == (
         FRAMES, 25.0, want_w, want_h, 0, "h264")
-    raw = decode_clips(videos[name], SPEC, np.random.default_rng(3))
+    raw = decode_clips(all_videos[name], SPEC, np.random.default_rng(3))
     prepared = decode_clips(data, SPEC, np.random.default_rng(3))
     np.testing.assert_array_equal(prepared.indices, raw.indices)
     error = np.abs(downscaled(raw.clips, want_h, want_w) - prepared.clips.reshape(-1, want_h, want_w, 3))
@@ -63,7 +58,7 @@ def test_clips_from_the_output_show_the_source_frames_at_the_same_indices(videos
     assert error.mean() < 12
 
 
-def test_unscaled_output_is_close_to_the_source_and_keeps_only_video(videos):
+def test_unscaled_output_is_close_to_the_source_and_keeps_only_video(videos):  # noqa: F811
     data, info = transcode(videos["h264_mp4_audio_subtitles"], short_side=480)
     assert (info.width, info.height) == (WIDTH, HEIGHT)  # never upscaled
     raw = decode_clips(videos["h264_mp4_audio_subtitles"], SPEC, np.random.default_rng(0)).clips.astype(float)
@@ -73,7 +68,7 @@ def test_unscaled_output_is_close_to_the_source_and_keeps_only_video(videos):
         assert [s.type for s in container.streams] == ["video"]
 
 
-def test_the_same_source_gives_the_same_bytes(videos):
+def test_the_same_source_gives_the_same_bytes(videos):  # noqa: F811
     for name in ("h264_mkv_audio_subtitles", "mpeg4_avi_bframes_audio", "vp9_webm_audio"):
         assert transcode(videos[name])[0] == transcode(videos[name])[0]
 
@@ -88,14 +83,14 @@ def test_keyframes_come_at_least_every_interval(tmp_path):
     assert keyframes[0] == 0 and max(np.diff(keyframes + [len(pts)])) <= 12
 
 
-def test_lower_frame_rate_keeps_every_kth_frame(videos):
+def test_lower_frame_rate_keeps_every_kth_frame(videos):  # noqa: F811
     data, info = transcode(videos["h264_mp4_audio_subtitles"], fps=12.5)
     assert (info.frames, info.fps, info.source_fps) == (FRAMES // 2, 12.5, 25.0)
     with pytest.raises(ValueError, match="whole number"):
         transcode(videos["h264_mp4_audio_subtitles"], fps=10)
 
 
-def test_bad_sources_raise_videoskip_with_their_reason(tmp_path, videos):
+def test_bad_sources_raise_videoskip_with_their_reason(tmp_path, videos):  # noqa: F811
     data = videos["h264_mp4_audio_subtitles"].read_bytes()
     (tmp_path / "cut.mp4").write_bytes(data[:len(data) // 2])
     (tmp_path / "text.mp4").write_text("hello\n" * 50)
