@@ -82,8 +82,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--crop", type=int, default=224)
     parser.add_argument("--cost-clips", type=int, default=4, help="clips per video per cost round (default 4)")
     parser.add_argument("--cost-rounds", type=int, default=2, help="alternated rounds of the cost figure")
-    parser.add_argument("--repeat", type=int, default=3,
-                        help="times each raw video is listed in a pipeline epoch (default 3)")
+    parser.add_argument("--repeat", type=int, default=6,
+                        help="times each raw video is listed in a pipeline epoch (default 6: 24 files)")
     parser.add_argument("--rounds", type=int, default=4, help="alternated pipeline / decode-only rounds")
     parser.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray cluster")
     parser.add_argument("--gpu-clips-per-s", type=float, default=GPU_CLIPS_PER_S,
