@@ -34,6 +34,16 @@ VARIANTS = {
     "h264_10bit_422": ("h.mkv", dict(codec="h264", gop=8, pix_fmt="yuv422p10le")),
     "mjpeg_yuvj422p": ("i.avi", dict(codec="mjpeg", pix_fmt="yuvj422p")),
     "rawvideo_bgr24": ("j.avi", dict(codec="rawvideo", pix_fmt="bgr24")),
+    "hevc_mp4": ("k.mp4", dict(codec="libx265", gop=8, options={"x265-params": "log-level=error"})),
+}
+
+# Encoders whose streams hold frames nothing refers to (non-reference B-frames), which a clip's decode
+# skips unless it wants them. A fixed B-frame pattern and one keyframe (gop 250, no scene-cut keyframes),
+# so that without skipping the decoder would walk every frame from frame 0 to each window's end.
+NONREF_VARIANTS = {
+    "h264_bpyramid": dict(codec="h264", options={"x264-params": "mbtree=0:bframes=3:b-adapt=0:b-pyramid=normal"}),
+    "hevc_bpyramid": dict(codec="libx265", options={"x265-params": "log-level=error:bframes=3:b-adapt=0:b-pyramid=1"}),
+    "mpeg4_bframes": dict(codec="mpeg4", options={"bf": "2", "sc_threshold": "1000000000"}),
 }
 
 
@@ -76,7 +86,7 @@ def test_clips_equal_full_decode(videos, name):
     assert (info.frames, info.width, info.height, info.fps, info.rotation) == (FRAMES, WIDTH, HEIGHT, 25.0, 0)
 
 
-@pytest.mark.parametrize("name", ["h264_mp4_audio_subtitles", "vp9_webm_audio", "mpeg4_avi_bframes_audio"])
+@pytest.mark.parametrize("name", ["h264_mp4_audio_subtitles", "vp9_webm_audio", "mpeg4_avi_bframes_audio", "hevc_mp4"])
 def test_decoder_threads_give_the_same_clips(videos, name):
     spec = ClipSpec(frames_per_clip=4, frame_step=2, clips_per_video=2, decode_threads=3)
     assert_clips_match_full_decode(videos[name], spec, seeds=(0,))
@@ -305,6 +315,22 @@ def test_clip_spec_from_config():
     spec = ClipSpec.from_config(cfg.data)
     assert (spec.frames_per_clip, spec.frame_step, spec.fps, spec.clips_per_video) == (8, 2, 4.0, 3)
     assert spec.decode_threads == 2 and spec.max_pixels == cfg.data.max_pixels
+
+
+@pytest.mark.parametrize("threads", [1, 3])  # frame threads take each packet's skip setting with it
+@pytest.mark.parametrize("name", sorted(NONREF_VARIANTS))
+def test_skipping_nonreference_frames_keeps_the_clips_bit_identical(tmp_path, source_frames, name, threads):
+    path = write_video(tmp_path / f"{name}.mp4", np.concatenate([source_frames] * 3), fps=25, gop=250,
+                       **NONREF_VARIANTS[name])
+    reference = full_decode(path)
+    spec = ClipSpec(frames_per_clip=8, frame_step=4, clips_per_video=2, decode_threads=threads)
+    for seed in range(4):
+        out = decode_clips(path, spec, np.random.default_rng(seed))
+        np.testing.assert_array_equal(out.clips, reference[out.indices])
+        # Without skipping, the decode walks every frame from the keyframe (frame 0) to the last one wanted;
+        # with it, 45-60% of them here: the non-reference B-frames no clip wants are dropped undecoded.
+        walked = int(out.indices.max()) + 1
+        assert out.frames_decoded < 0.7 * walked, (out.indices, out.frames_decoded)
 
 
 # -- real clips ----------------------------------------------------------------------------------------
