@@ -57,7 +57,7 @@ from vjepa_ray.data.doctor import check_source
 from vjepa_ray.data.sources import VideoRef, list_videos, open_source
 from vjepa_ray.video.decode import ClipSpec, VideoSkip, read_video_info
 from vjepa_ray.video.sampling import frame_step_for
-from vjepa_ray.video.transcode import CRF, ENCODER, TranscodeInfo, transcode_video
+from vjepa_ray.video.transcode import ENCODER, ENCODER_OPTIONS, TranscodeInfo, transcode_video
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class PrepareSettings:
     def to_json(self) -> dict[str, Any]:
         return {"short_side": self.short_side, "videos_per_shard": self.videos_per_shard,
                 "keyframe_interval": self.keyframe_interval, "min_fps": self.min_fps,
-                "clip_spec": dataclasses.asdict(self.spec), "encoder": ENCODER, "crf": CRF,
+                "clip_spec": dataclasses.asdict(self.spec), "encoder": ENCODER, "encoder_options": ENCODER_OPTIONS,
                 "pyav": av.__version__, "ffmpeg": av.ffmpeg_version_info}
 
 

@@ -35,9 +35,13 @@ PIXEL_FORMAT = "yuv420p"
 # x264's default constant quality: on downscaled frames it keeps the detail a crop sees at a fraction of
 # the bits; 18 (near lossless) gave files as large as 720p sources of the same content.
 CRF = 23
-_X264_OPTIONS = {
+ENCODER_OPTIONS = {
     "preset": "fast",
     "crf": str(CRF),
+    # A prepared video is decoded ~100 times and encoded once: x264's fastdecode tune (no CABAC, no
+    # deblocking filter, no weighted prediction) made a clip ~30% cheaper to decode for ~25% more bytes
+    # (measured on bench data's 720p sources at 256 px).
+    "tune": "fastdecode",
     "x264-params": "mbtree=0:threads=1:lookahead-threads=1:sliced-threads=0",
 }
 # Bit-exact scaling: the SIMD paths of swscale otherwise round differently on different CPUs.
@@ -143,7 +147,7 @@ class _Writer:
         # bitexact: no library version strings in the container, so FFmpeg updates do not change the bytes.
         self.container = av.open(dest, "w", format="mp4", options={"fflags": "+bitexact"})
         self.stream = self.container.add_stream(ENCODER, rate=rate,
-                                                options={**_X264_OPTIONS, "g": str(keyframe_interval)})
+                                                options={**ENCODER_OPTIONS, "g": str(keyframe_interval)})
         self.stream.width, self.stream.height, self.stream.pix_fmt = self.width, self.height, PIXEL_FORMAT
         self.stream.codec_context.thread_count = 1
         self.frames = 0
