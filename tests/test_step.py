@@ -13,7 +13,7 @@ import torch
 from vjepa_ray.config import MaskConfig, OptimizationConfig
 from vjepa_ray.models import Predictor, VisionTransformer
 from vjepa_ray.recipe.masks import MaskCollator, MaskPair
-from vjepa_ray.recipe.objective import JepaModule, JepaOutput
+from vjepa_ray.recipe.objective import ClipGroup, JepaModule, JepaOutput
 from vjepa_ray.recipe.optimizer import adamw
 from vjepa_ray.recipe.step import JepaStep, MicroBatch
 from vjepa_ray.train.elastic import plan_batch
@@ -30,6 +30,7 @@ class FixedMasks:
     """The same masks for every clip, whatever the seed and rank: any split of a batch sees the same ones."""
 
     def __init__(self, grid: tuple[int, int, int]):
+        self.grid = grid
         ids = torch.arange(math.prod(grid))
         self.pairs = [(ids[None, ::2], ids[None, 1::2]), (ids[None, :8], ids[None, 8:])]
 
@@ -84,9 +85,9 @@ class RecordingStep(JepaStep):
         super().__init__(*args, **kwargs)
         self.masks: list[list[MaskPair]] = []
 
-    def forward(self, clips: torch.Tensor, masks: list[MaskPair]) -> JepaOutput:
-        self.masks.append(masks)
-        return super().forward(clips, masks)
+    def forward(self, groups: list[ClipGroup]) -> JepaOutput:
+        self.masks.extend(group.masks for group in groups)
+        return super().forward(groups)
 
 
 def test_masks_are_drawn_from_seed_step_and_micro_index_and_positioned_by_rank(one_thread):
