@@ -120,3 +120,29 @@ def test_importing_the_schema_leaves_torch_out():
             "print(before, 'torch' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert proc.stdout.split() == ["False", "True"]
+
+
+def test_frames_per_clip_per_source_one_per_path_each_a_multiple_of_the_tubelet():
+    cfg = load_config(None, ["data.paths=[a,b,c]", "data.frames_per_clip_per_source=[16,64,16]"])
+    assert [cfg.data.source_frames(i) for i in range(3)] == [16, 64, 16] and cfg.data.clip_lengths() == (16, 64)
+    assert load_config(None, ["data.paths=[a,b]"]).data.clip_lengths() == (16,)
+    for overrides, message in (
+            (["data.paths=[a,b]", "data.frames_per_clip_per_source=[16]"],
+             "data.frames_per_clip_per_source: has 1 entries for 2 data.paths"),
+            (["data.paths=[a,b]", "data.frames_per_clip_per_source=[16,15]"],
+             "data.frames_per_clip_per_source: 15 is not a positive multiple of model.tubelet_size 2")):
+        with pytest.raises(ConfigError) as info:
+            load_config(None, overrides)
+        assert str(info.value) == message
+
+
+def test_pretraining_refuses_vjepa2_1_and_several_lengths_on_position_tables_that_loading_accepts():
+    cfg = load_config(None, ["model.family=vjepa2_1"])  # evaluate and export load 2.1's encoders
+    with pytest.raises(ConfigError) as info:
+        cfg.validate_pretraining()
+    assert info.value.key == "model.family" and "\n" not in str(info.value)
+    lengths = ["data.paths=[a,b]", "data.frames_per_clip_per_source=[16,8]"]
+    with pytest.raises(ConfigError) as info:
+        load_config(None, lengths).validate_pretraining()
+    assert info.value.key == "data.frames_per_clip_per_source" and "model.family=vjepa2" in str(info.value)
+    load_config(None, [*lengths, "model.family=vjepa2"]).validate_pretraining()

@@ -58,7 +58,7 @@ class ConstantPredictor(nn.Module):
         self.bias = nn.Parameter(torch.zeros(()))
         self.calls = []
 
-    def forward(self, context, context_idx, target_idx, mask_index):
+    def forward(self, context, context_idx, target_idx, mask_index, grid=None):
         self.calls.append((context.shape, context_idx.clone(), target_idx.clone(), mask_index))
         return torch.full((*target_idx.shape, context.shape[-1]), float(mask_index)) + self.bias + 0 * context.sum()
 
@@ -144,3 +144,23 @@ def test_bf16_autocast_loss_is_float32_and_close(one_thread):
     assert half.loss.item() == pytest.approx(full.item(), rel=0.05)
     half.loss.backward()
     assert all(p.grad is not None for p in encoder.parameters())
+
+
+def test_groups_of_clip_lengths_average_their_losses_with_the_mask_tokens_given():
+    features = torch.tensor([[0.0, 1.0, 2.0, 3.0], [3.0, 1.0, 4.0, 0.0], [2.0, 2.0, 0.0, 6.0]])
+    target_encoder, encoder, predictor = FixedEncoder(features), FixedEncoder(features), ConstantPredictor()
+    masks = [(torch.tensor([[0]]), torch.tensor([[1, 2]])), (torch.tensor([[2]]), torch.tensor([[0]]))]
+    groups = [objective.ClipGroup(torch.zeros(1, 3, 2, 4, 4), masks, [0, 0], (1, 1, 3)),
+              objective.ClipGroup(torch.zeros(3, 3, 4, 4, 4), [(c.repeat(3, 1), t.repeat(3, 1)) for c, t in masks],
+                                  [1, 1], (2, 1, 3))]
+    out = objective.grouped_jepa_loss(groups, encoder, predictor, target_encoder)
+    h = nn.functional.layer_norm(features, (4,))
+    # Token k predicts the value k everywhere: |k - h| averaged over the target tokens' features.
+    per_group = [[(h[[1, 2]] - k).abs().mean().item(), (h[[0]] - k).abs().mean().item()] for k in (0, 1)]
+    assert [x.item() for x in out.per_mask_losses] == pytest.approx(
+        [(per_group[0][i] + per_group[1][i]) / 2 for i in range(2)], rel=1e-6)
+    # Each (length, mask) pair weighs the same, whatever the group sizes (1 and 3 clips): the 2.0 release's mean.
+    assert out.loss.item() == pytest.approx(sum(map(sum, per_group)) / 4, rel=1e-6)
+    assert [call[3] for call in predictor.calls] == [0, 0, 1, 1]
+    single = objective.grouped_jepa_loss(groups[:1], encoder, predictor, target_encoder)
+    assert single.loss.item() == pytest.approx(sum(per_group[0]) / 2, rel=1e-6)

@@ -9,6 +9,7 @@ import logging
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -215,3 +216,52 @@ def test_decoding_stays_on_cpu_nodes(ray_multinode, video_dir):
     rows = list(build_clip_dataset(data, seed=0).iter_rows())
     assert len(rows) == 8 and all(r["clip"].shape == (FRAMES, CROP, CROP, 3) for r in rows)
     assert {r["decode_node"] for r in rows} == {cpu_node.node_id}
+
+
+def _clips_in_order(batch) -> list[torch.Tensor]:
+    groups = (batch.clips,) if isinstance(batch.clips, torch.Tensor) else batch.clips
+    return [clip for group in groups for clip in group]
+
+
+def test_sources_of_several_clip_lengths_and_images_batch_by_length_and_resume(ray_local, tmp_path):
+    from PIL import Image
+
+    short, long, images = tmp_path / "short", tmp_path / "long", tmp_path / "images"
+    make_moving_pattern_videos(short, count=3, frames=20, size=(48, 64), fps=25, seed=4)
+    make_moving_pattern_videos(long, count=3, frames=20, size=(48, 64), fps=25, seed=5)
+    images.mkdir()
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(images / "a.png")
+    Image.fromarray(pixels[::-1]).save(images / "b.jpg", quality=95)
+    (images / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    data = _data([short, long, images], frames_per_clip_per_source=[4, 6, 2], chunk_size=9, batch_size=4)
+    stream = ClipStream(data, seed=0)
+    batches, states = [], []
+    for batch in itertools.islice(iter(stream), 2):  # one chunk of 9 files: 8 good -> 2 batches of 4
+        batches.append(batch)
+        states.append(stream.state_dict())
+    frames_of = {str(short): 4, str(long): 6, str(images): 2}
+    seen = set()
+    for batch in batches:
+        clips = _clips_in_order(batch)
+        lengths = [len(clip) for clip in clips]
+        assert lengths == sorted(lengths) and len(clips) == BATCH * 2
+        if len(set(lengths)) > 1:  # one tensor per length, ascending
+            assert [g.shape[1] for g in batch.clips] == sorted(set(lengths))
+        for clip, video in zip(clips, batch.videos):
+            assert len(clip) == frames_of[str(Path(video).parent)] and clip.shape[1:] == (CROP, CROP, 3)
+            if video.endswith((".png", ".jpg")):  # a static clip: its frame repeated
+                assert all(torch.equal(frame, clip[0]) for frame in clip) and clip.float().std() > 10
+            else:
+                assert not torch.equal(clip[0], clip[-1])  # the pattern moves
+        seen.update(batch.videos)
+    assert seen == {str(p) for folder in (short, long) for p in folder.glob("*.mp4")} | {
+        str(images / "a.png"), str(images / "b.jpg")}
+    assert sum((b.skipped for b in batches), Counter()) == Counter(corrupt=1)
+    assert any(isinstance(b.clips, tuple) for b in batches)  # a batch of mixed lengths came as groups
+
+    resumed = ClipStream(data, seed=0)
+    resumed.load_state_dict([json.loads(json.dumps(states[0]))])
+    rest = _take(resumed, 1)[0]
+    assert rest.videos == batches[1].videos and all(
+        torch.equal(a, b) for a, b in zip(_clips_in_order(rest), _clips_in_order(batches[1])))

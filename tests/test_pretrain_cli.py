@@ -33,6 +33,9 @@ def test_config_that_cannot_run_exits_2_naming_the_key():
         "use bf16 or fp32 on CPUs"]
     out = _cli("ray.num_workers=[2,3]", "optimization.global_batch_size=2")
     assert out.returncode == 2 and "optimization.global_batch_size" in out.stderr
+    out = _cli("model.family=vjepa2_1")
+    assert out.returncode == 2 and out.stderr.strip().splitlines()[0].startswith(
+        "python -m vjepa_ray.pretrain: config error: model.family: vjepa2_1 pretraining")
 
 
 def test_start_source_that_cannot_be_read_exits_2_before_ray_starts(tmp_path):

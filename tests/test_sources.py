@@ -26,10 +26,10 @@ def _uris(refs: list[VideoRef]) -> list[str]:
     return [r.uri for r in refs]
 
 
-def test_directory_is_searched_recursively_for_video_extensions(tmp_path):
-    videos = [_touch(tmp_path / "b.mp4"), _touch(tmp_path / "a" / "c.MKV"), _touch(tmp_path / "a" / "d" / "e.webm")]
+def test_directory_is_searched_recursively_for_video_and_image_extensions(tmp_path):
+    videos = [_touch(tmp_path / "b.mp4"), _touch(tmp_path / "a" / "c.MKV"), _touch(tmp_path / "a" / "d" / "e.webm"),
+              _touch(tmp_path / "a" / "frame.jpg")]  # images are static clips
     _touch(tmp_path / "notes.md")
-    _touch(tmp_path / "a" / "frame.jpg")
     refs = list_videos([str(tmp_path)])
     assert _uris(refs) == sorted(str(p) for p in videos)
     assert all(r.label is None and r.source_index == 0 and r.member == "" for r in refs)

@@ -132,3 +132,22 @@ def test_start_from_keeps_the_new_clip_sizes_position_tables_and_loads_the_rest_
     other, _ = init_networks(tiny(tmp_path, "model.pred_embed_dim=48"))
     with pytest.raises(RuntimeError, match="predictor.predictor_embed.weight"):
         _load_keeping_position_tables(src=other.state_dict(), dst=longer)
+
+
+def test_init_from_a_hugging_face_folder_starts_with_its_features_and_the_target_as_its_encoder(tmp_path):
+    from test_model_families import hf_features, hf_model
+
+    model, folder = hf_model(tmp_path)
+    start = tiny(tmp_path, f"model.init_from={folder}", "model.family=vjepa2", "model.name=vit_tiny",
+                 "model.pred_embed_dim=48", "model.pred_depth=2", "model.pred_num_heads=4",
+                 "model.pred_num_mask_tokens=10", "data.frames_per_clip=4", "data.crop_size=32")
+    module, target = init_networks(start, read_initial_weights(start))
+    x = torch.randn(2, 3, 4, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (module.encoder.eval()(x) - hf_features(model, x)).abs().max() <= 1e-4
+    assert all(torch.equal(target.state_dict()[k], v) for k, v in module.encoder.state_dict().items())
+    hf_tokens = model.state_dict()["predictor.embeddings.mask_tokens"]
+    assert torch.equal(torch.stack(list(module.predictor.mask_tokens)), hf_tokens)
+    with pytest.raises(ConfigError, match=r"^model.init_from: .*"):  # a folder of another size fails before workers
+        driver.check_start_sources(tiny(tmp_path, f"model.init_from={folder}", "model.family=vjepa2",
+                                        "model.name=vit_small", "data.frames_per_clip=4", "data.crop_size=32"))

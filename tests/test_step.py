@@ -13,7 +13,7 @@ import torch
 from vjepa_ray.config import MaskConfig, OptimizationConfig
 from vjepa_ray.models import Predictor, VisionTransformer
 from vjepa_ray.recipe.masks import MaskCollator, MaskPair
-from vjepa_ray.recipe.objective import JepaModule, JepaOutput
+from vjepa_ray.recipe.objective import ClipGroup, JepaModule, JepaOutput, jepa_loss, normalize_clips
 from vjepa_ray.recipe.optimizer import adamw
 from vjepa_ray.recipe.step import JepaStep, MicroBatch
 from vjepa_ray.train.elastic import plan_batch
@@ -30,6 +30,7 @@ class FixedMasks:
     """The same masks for every clip, whatever the seed and rank: any split of a batch sees the same ones."""
 
     def __init__(self, grid: tuple[int, int, int]):
+        self.grid = grid
         ids = torch.arange(math.prod(grid))
         self.pairs = [(ids[None, ::2], ids[None, 1::2]), (ids[None, :8], ids[None, 8:])]
 
@@ -84,9 +85,9 @@ class RecordingStep(JepaStep):
         super().__init__(*args, **kwargs)
         self.masks: list[list[MaskPair]] = []
 
-    def forward(self, clips: torch.Tensor, masks: list[MaskPair]) -> JepaOutput:
-        self.masks.append(masks)
-        return super().forward(clips, masks)
+    def forward(self, groups: list[ClipGroup]) -> JepaOutput:
+        self.masks.extend(group.masks for group in groups)
+        return super().forward(groups)
 
 
 def test_masks_are_drawn_from_seed_step_and_micro_index_and_positioned_by_rank(one_thread):
@@ -127,3 +128,37 @@ def test_loss_falls_on_moving_patterns(one_thread):
     losses = [train_step([MicroBatch(videos[torch.from_numpy(rng.choice(8, 4, replace=False))])], step).loss
               for step in range(30)]
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
+
+
+def test_clips_of_two_lengths_get_masks_on_their_grids_and_the_release_mask_token_of_their_length(one_thread):
+    torch.manual_seed(0)
+    encoder = VisionTransformer(img_size=32, num_frames=4, patch_size=8, tubelet_size=2, embed_dim=48, depth=2,
+                                num_heads=3, family="vjepa2")
+    predictor = Predictor(encoder.grid, 48, predictor_embed_dim=32, depth=1, num_heads=2, num_mask_tokens=4,
+                          family="vjepa2")
+    with torch.no_grad():  # distinct tokens, so that using another would change the loss
+        for token in predictor.mask_tokens:
+            token.normal_()
+    module, target = JepaModule(encoder, predictor), copy.deepcopy(encoder).requires_grad_(False)
+    train_step = RecordingStep(module, target, torch.optim.SGD(module.parameters()),
+                               MaskCollator(MASKS, encoder.grid), CONSTANT, SEED, family="vjepa2",
+                               clip_lengths=(4, 6))
+    short = random_clips(2)
+    long = torch.randint(0, 256, (3, 6, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    collator = MaskCollator(MASKS, encoder.grid)
+    expected_masks = [collator(2, seed=(SEED, 3, 0), rank=1), collator.on_grid((3, 4, 4))(3, seed=(SEED, 3, 0), rank=1)]
+    with torch.no_grad():  # each length by itself, with token 0 (4 frames) and token 1 (6 frames) for both masks
+        by_hand = [jepa_loss(normalize_clips(clips), masks, encoder, predictor, target, [k, k], grid).loss.item()
+                   for k, (clips, masks, grid) in enumerate(zip((short, long), expected_masks,
+                                                                ((2, 4, 4), (3, 4, 4))))]
+        other_token = jepa_loss(normalize_clips(long), expected_masks[1], encoder, predictor, target, [0, 0],
+                                (3, 4, 4)).loss.item()
+    assert by_hand[1] != pytest.approx(other_token, rel=1e-3)  # the token matters
+    out = train_step([MicroBatch((short, long), rank=1, micro=0)], step=3)
+
+    for got, want in zip(train_step.masks, expected_masks, strict=True):
+        assert all(torch.equal(g, w) for pair_got, pair_want in zip(got, want) for g, w in zip(pair_got, pair_want))
+    assert train_step.masks[1][0][0].max() >= 32  # ids on the 6-frame grid (48 tokens), past the 4-frame one's 32
+    assert out.loss == pytest.approx(sum(by_hand) / 2, rel=1e-6)
+    with pytest.raises(ValueError, match=r"8 frames is not one of the run's clip lengths \(4, 6\)"):
+        train_step([MicroBatch(torch.zeros(1, 8, 32, 32, 3, dtype=torch.uint8))], step=0)

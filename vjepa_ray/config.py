@@ -98,6 +98,8 @@ class DataConfig:
     # Sampling proportion of each entry of `paths` (empty = uniform over videos).
     weights: list[float] = field(default_factory=list)
     frames_per_clip: int = 16
+    # Frames per clip of each entry of `paths` (V-JEPA 2's dataset_fpcs); empty = frames_per_clip for all.
+    frames_per_clip_per_source: list[int] = field(default_factory=list)
     frame_step: int = 4
     # When set, the frame step follows the video: ceil(video_fps) // fps (V-JEPA 2 style).
     fps: float | None = None
@@ -123,9 +125,21 @@ class DataConfig:
     # Local demo: generate this many synthetic videos into `paths[0]` when it is empty.
     synthetic_videos: int = 0
 
+    def source_frames(self, source_index: int) -> int:
+        """Frames per clip of the ``paths`` entry ``source_index``."""
+        return self.frames_per_clip_per_source[source_index] if self.frames_per_clip_per_source \
+            else self.frames_per_clip
+
+    def clip_lengths(self) -> tuple[int, ...]:
+        """The distinct frames-per-clip settings of the sources, ascending."""
+        return tuple(sorted(set(self.frames_per_clip_per_source or [self.frames_per_clip])))
+
     def validate(self, key: str) -> None:
         check = _SectionChecks(key)
         check.require(self.frame_step >= 1, "frame_step", "must be >= 1")
+        check.require(not self.frames_per_clip_per_source or len(self.frames_per_clip_per_source) == len(self.paths),
+                      "frames_per_clip_per_source",
+                      f"has {len(self.frames_per_clip_per_source)} entries for {len(self.paths)} {key}.paths")
         check.require(self.fps is None or self.fps > 0, "fps", "must be > 0")
         check.require(self.clips_per_video >= 1, "clips_per_video", "must be >= 1")
         check.require(self.batch_size >= 1, "batch_size", "must be >= 1")
@@ -156,8 +170,8 @@ class ModelConfig:
     pred_embed_dim: int = 384
     # Predictor heads; None = the encoder's (V-JEPA 1).
     pred_num_heads: int | None = None
-    # The predictor's learned mask tokens; None = one per mask config (V-JEPA 2's release files hold 10:
-    # one per mask config and frames-per-clip setting).
+    # The predictor's learned mask tokens; None = one per mask config and clip length (data.clip_lengths();
+    # V-JEPA 2's release files hold 10).
     pred_num_mask_tokens: int | None = None
     uniform_power: bool = True
     activation_checkpointing: bool = False
@@ -440,6 +454,22 @@ class Config:
                  f"{d.crop_size} is not a positive multiple of model.patch_size {m.patch_size}")
         _require(d.frames_per_clip > 0 and d.frames_per_clip % m.tubelet_size == 0, "data.frames_per_clip",
                  f"{d.frames_per_clip} is not a positive multiple of model.tubelet_size {m.tubelet_size}")
+        for frames in d.frames_per_clip_per_source:
+            _require(frames > 0 and frames % m.tubelet_size == 0, "data.frames_per_clip_per_source",
+                     f"{frames} is not a positive multiple of model.tubelet_size {m.tubelet_size}")
+
+    def validate_pretraining(self) -> None:
+        """What pretraining needs beyond ``validate`` (evaluation and export accept more: 2.1's encoders).
+
+        Raises ConfigError naming the key.
+        """
+        _require(self.model.family != "vjepa2_1", "model.family",
+                 "vjepa2_1 pretraining (2.1's multi-level predictor and distillation) is not supported; "
+                 "its encoders load for evaluate and export")
+        _require(len(self.data.clip_lengths()) == 1 or self.model.family != "vjepa1",
+                 "data.frames_per_clip_per_source",
+                 f"clips of several lengths {list(self.data.clip_lengths())} need rotary positions "
+                 "(model.family=vjepa2): vjepa1's predictor has a fixed position table")
 
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config))

@@ -133,7 +133,7 @@ def _pretrain(args: argparse.Namespace, clips: torch.Tensor, encoder: VisionTran
                                  final_weight_decay=0.04, ema=list(args.ema))
     module = JepaModule(encoder, predictor)
     train_step = JepaStep(module, target, adamw(module.named_parameters(), opt_cfg),
-                          MaskCollator(masks, encoder.grid), opt_cfg, args.seed, args.device)
+                          MaskCollator(masks, encoder.grid), opt_cfg, args.seed, args.device, family=args.family)
     rng = np.random.default_rng(args.seed)
     losses = []
     for step in range(args.steps):

@@ -32,8 +32,7 @@ import torch
 
 from vjepa_ray.config import load_config
 from vjepa_ray.models import MODEL_SPECS, TRAINABLE_FAMILIES
-from vjepa_ray.recipe.masks import MaskPair
-from vjepa_ray.recipe.objective import JepaOutput, normalize_clips, target_features
+from vjepa_ray.recipe.objective import ClipGroup, JepaOutput, normalize_clips, target_features
 from vjepa_ray.recipe.step import JepaStep, MicroBatch
 
 log = logging.getLogger(__name__)
@@ -86,9 +85,9 @@ class StepTimer:
 class _Bf16AutocastStep(JepaStep):
     """``--precision bf16``: the forward passes under bf16 autocast, fp32 weights and optimizer."""
 
-    def forward(self, clips: torch.Tensor, masks: list[MaskPair]) -> JepaOutput:
+    def forward(self, groups: list[ClipGroup]) -> JepaOutput:
         with torch.autocast(self.device.type, dtype=torch.bfloat16):
-            return super().forward(clips, masks)
+            return super().forward(groups)
 
 
 class Trainer:

@@ -38,6 +38,12 @@ is a pure function of (``meta.seed``, epoch, chunk, slot), so a position per ran
 clips. The two agree on what a resume means (each row trained once per epoch, the input re-read); the
 ``slot`` column would be the id column should the stream move to Ray's mechanism.
 
+Clip lengths. Each source (``data.paths`` entry) has its frames per clip
+(``data.frames_per_clip_per_source``, V-JEPA 2's ``dataset_fpcs``), and image sources give static clips of
+that many frames (``vjepa_ray.video.image``). A batch of clips of several lengths holds one tensor per
+length, ascending (``ClipBatch.clips``), its clips in stream order within each; the positions and resuming
+above count clips and are the same whatever their lengths.
+
 Bad videos become skip rows (a placeholder clip and the reason) so that their counts reach the trainer
 with the next batch (`ClipBatch.skipped`); each bad path is logged once per stream. When no video of
 the list decodes at all, the stream raises `NoUsableVideosError` instead of retrying forever.
@@ -45,6 +51,7 @@ the list decodes at all, the stream raises `NoUsableVideosError` instead of retr
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -60,6 +67,7 @@ import torch
 from vjepa_ray.config import ConfigError, DataConfig
 from vjepa_ray.data.sources import VideoRef, epoch_order, list_videos, open_source
 from vjepa_ray.video.decode import ClipSpec, VideoSkip, decode_clips
+from vjepa_ray.video.image import is_image_path, read_image, static_clip
 from vjepa_ray.video.transforms import random_resized_crop_clip
 from vjepa_ray.worker_env import MALLOC_ENV
 
@@ -79,11 +87,12 @@ class NoUsableVideosError(RuntimeError):
 
 @dataclass(frozen=True)
 class ClipBatch:
-    """``clips``: uint8 [B, T, H, W, 3]; ``videos``: the video each clip comes from; ``position``: the
+    """``clips``: uint8 [B, T, H, W, 3], or when the batch holds clips of several lengths one such tensor per
+    length, ascending; ``videos``: the video each clip comes from (in the clips' order); ``position``: the
     (epoch, chunk) they come from; ``skipped``: bad videos (by reason) counted since the previous batch
     of this stream."""
 
-    clips: torch.Tensor
+    clips: torch.Tensor | tuple[torch.Tensor, ...]
     videos: tuple[str, ...]
     position: Position
     skipped: Counter = field(default_factory=Counter)
@@ -101,12 +110,21 @@ class DecodeJob:
     seed: int
     epoch: int
     filesystem: Optional[pafs.FileSystem] = None
+    # Frames per clip of each source (data.frames_per_clip_per_source); empty: spec.frames_per_clip for all.
+    source_frames: tuple[int, ...] = ()
 
     @classmethod
     def from_config(cls, data: DataConfig, seed: int, epoch: int,
                     filesystem: Optional[pafs.FileSystem] = None) -> "DecodeJob":
         return cls(ClipSpec.from_config(data), data.crop_size, tuple(data.random_resize_scale),
-                   tuple(data.random_resize_aspect_ratio), data.horizontal_flip, seed, epoch, filesystem)
+                   tuple(data.random_resize_aspect_ratio), data.horizontal_flip, seed, epoch, filesystem,
+                   tuple(data.frames_per_clip_per_source))
+
+    def spec_for(self, source_index: int) -> ClipSpec:
+        """The clip spec of a source: ``spec`` with that source's frames per clip."""
+        if not self.source_frames:
+            return self.spec
+        return dataclasses.replace(self.spec, frames_per_clip=self.source_frames[source_index])
 
     def rng(self, chunk: int, slot: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, self.epoch, chunk, slot])
@@ -114,16 +132,43 @@ class DecodeJob:
 
 def _row(ref: VideoRef, chunk: int, slot: int) -> dict[str, Any]:
     return {"uri": ref.uri, "member": ref.member, "offset": ref.offset, "size": ref.size,
-            "chunk": chunk, "slot": slot}
+            "source": ref.source_index, "chunk": chunk, "slot": slot}
 
 
 def decode_video(ref: VideoRef, job: DecodeJob, rng: np.random.Generator) -> list[np.ndarray]:
-    """A decode task's work for one video: read, decode ``clips_per_video`` clips, crop and flip each.
-    Returns uint8 [T, crop, crop, 3] clips; raises VideoSkip for a bad video."""
+    """A decode task's work for one video (or image): read, decode ``clips_per_video`` clips, crop and flip
+    each. Returns uint8 [T, crop, crop, 3] clips, T its source's frames per clip; raises VideoSkip for a bad
+    file. An image gives static clips (each its own crop)."""
+    spec = job.spec_for(ref.source_index)
     with open_source(ref, job.filesystem) as source:
-        decoded = decode_clips(source, job.spec, rng)
+        if is_image_path(ref.member or ref.uri):
+            frame = read_image(source, spec)[None]
+            return [static_clip(random_resized_crop_clip(frame, job.crop_size, job.scale, job.ratio, job.flip,
+                                                         rng)[0], spec.frames_per_clip)
+                    for _ in range(spec.clips_per_video)]
+        decoded = decode_clips(source, spec, rng)
     return [random_resized_crop_clip(clip, job.crop_size, job.scale, job.ratio, job.flip, rng)
             for clip in decoded.clips]
+
+
+def _column(arrays: list[np.ndarray]) -> np.ndarray:
+    """A column of clips: one array when they have one shape, else an object array of them (Ray Data
+    stores it as a variable-shaped tensor column)."""
+    if len({a.shape for a in arrays}) <= 1:
+        return np.stack(arrays)
+    column = np.empty(len(arrays), dtype=object)
+    for i, array in enumerate(arrays):
+        column[i] = array
+    return column
+
+
+def stack_by_length(clips: Sequence[np.ndarray]) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """uint8 clips [T, H, W, 3] -> one tensor [B, T, H, W, 3] when they have one length, else one per length
+    (ascending), each keeping the clips' order."""
+    lengths = sorted({len(clip) for clip in clips})
+    if len(lengths) == 1:
+        return torch.from_numpy(np.stack(clips))
+    return tuple(torch.from_numpy(np.stack([clip for clip in clips if len(clip) == t])) for t in lengths)
 
 
 def decode_rows(batch: dict[str, np.ndarray], job: DecodeJob) -> dict[str, np.ndarray]:
@@ -138,12 +183,13 @@ def decode_rows(batch: dict[str, np.ndarray], job: DecodeJob) -> dict[str, np.nd
         chunk, slot, uri = int(batch["chunk"][i]), int(batch["slot"][i]), str(batch["uri"][i])
         name = f"{uri}:{batch['member'][i]}" if batch["member"][i] else uri
         try:
-            ref = VideoRef(uri, member=str(batch["member"][i]), offset=int(batch["offset"][i]),
-                           size=int(batch["size"][i]))
+            ref = VideoRef(uri, source_index=int(batch["source"][i]), member=str(batch["member"][i]),
+                           offset=int(batch["offset"][i]), size=int(batch["size"][i]))
             out = decode_video(ref, job, job.rng(chunk, slot))
             outcome = [(clip, "", "") for clip in out]
         except VideoSkip as skip:
-            placeholder = np.zeros((job.spec.frames_per_clip, job.crop_size, job.crop_size, 3), np.uint8)
+            frames = job.spec_for(int(batch["source"][i])).frames_per_clip
+            placeholder = np.zeros((frames, job.crop_size, job.crop_size, 3), np.uint8)
             outcome = [(placeholder, skip.reason, str(skip))]
         for k, (clip, reason, detail) in enumerate(outcome):
             clips.append(clip)
@@ -154,7 +200,7 @@ def decode_rows(batch: dict[str, np.ndarray], job: DecodeJob) -> dict[str, np.nd
             details.append(detail)
             uris.append(name)
     node = ray.get_runtime_context().get_node_id()
-    return {"clip": np.stack(clips), "chunk": np.asarray(chunks, np.int64), "slot": np.asarray(slots, np.int64),
+    return {"clip": _column(clips), "chunk": np.asarray(chunks, np.int64), "slot": np.asarray(slots, np.int64),
             "clip_index": np.asarray(clip_index, np.int64), "skip_reason": np.asarray(reasons, dtype=object),
             "skip_detail": np.asarray(details, dtype=object), "uri": np.asarray(uris, dtype=object),
             "decode_node": np.asarray([node] * len(clips), dtype=object)}
@@ -437,7 +483,9 @@ class ClipStream:
             self._position, self._batches_done, self._done, self._share = self._next((epoch, chunk)), 0, None, None
         # Skips counted before a batch travel with it (and are dropped with a batch skipped on resuming).
         skipped, self._unreported = self._unreported, Counter()
-        clips = torch.from_numpy(np.stack([item.clip for item in items]))
+        clips = stack_by_length([item.clip for item in items])
+        if not isinstance(clips, torch.Tensor):  # grouped by length: the videos follow the clips
+            items = sorted(items, key=lambda item: len(item.clip))
         return ClipBatch(clips, tuple(item.uri for item in items), (epoch, chunk), skipped)
 
     def _fallback_clips(self, epoch: int, chunk: int, order: np.ndarray, job: DecodeJob) -> list[_Item]:

@@ -9,6 +9,8 @@ An entry of `data.paths` is one of
   header that names ``path`` (and optionally ``label``) columns, or ``.jsonl`` with ``{"path", "label"}``;
   relative paths in a manifest are relative to the manifest,
 - a video file or a WebDataset-style ``.tar`` shard of videos (members are read in place, by offset),
+- still images (``video.image.IMAGE_EXTENSIONS``) anywhere a video may be: a directory, glob, manifest or
+  shard of them, or one image file; pretraining reads each as a static clip (``vjepa_ray.video.image``),
 - any of the above as a URI (``s3://``, ``gs://``, ``hdfs://`` ... whatever ``pyarrow.fs`` resolves).
 
 URIs resolve through ``pyarrow.fs.FileSystem.from_uri`` (query parameters such as
@@ -42,9 +44,12 @@ import pyarrow.fs as pafs
 
 from vjepa_ray.config import ConfigError
 from vjepa_ray.video.decode import VideoSkip
+from vjepa_ray.video.image import IMAGE_EXTENSIONS
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".m4v", ".mkv", ".webm", ".mov", ".avi", ".mpg", ".mpeg", ".ts",
                               ".flv", ".wmv", ".3gp", ".ogv"})
+# What a directory, glob or shard yields as training media: videos, and images read as static clips.
+MEDIA_EXTENSIONS = VIDEO_EXTENSIONS | IMAGE_EXTENSIONS
 MANIFEST_EXTENSIONS = frozenset({".csv", ".txt", ".jsonl", ".ndjson"})
 SHARD_EXTENSION = ".tar"
 # WebDataset keeps a sample's label beside its video as "<key>.cls" (or .label).
@@ -146,7 +151,7 @@ class _Lister:
         if info.type == pafs.FileType.Directory:
             selector = pafs.FileSelector(self.root_path, recursive=True)
             files = sorted(i.path for i in self.fs.get_file_info(selector) if i.type == pafs.FileType.File)
-            return [ref for path in files if _extension(path) in VIDEO_EXTENSIONS | {SHARD_EXTENSION}
+            return [ref for path in files if _extension(path) in MEDIA_EXTENSIONS | {SHARD_EXTENSION}
                     for ref in self._from_file(self.uri_of(path))]
         if info.type == pafs.FileType.NotFound:
             raise ConfigError("data.paths", f"{entry!r} does not exist")
@@ -191,7 +196,8 @@ def list_videos(paths: Sequence[str], weights: Sequence[float] = (),
                  for ref in _Lister(part, index, filesystem).expand(part)]
         if not found:
             raise ConfigError("data.paths", f"{entry!r} holds no videos (extensions: "
-                              f"{', '.join(sorted(VIDEO_EXTENSIONS))}, {SHARD_EXTENSION} shards, manifests)")
+                              f"{', '.join(sorted(MEDIA_EXTENSIONS))}, {SHARD_EXTENSION} "
+                              "shards, manifests)")
         refs.extend(found)
     return refs
 
@@ -244,7 +250,8 @@ def _read_manifest(uri: str, source_index: int, filesystem: Optional[pafs.FileSy
 
 
 def shard_members(uri: str, source_index: int, filesystem: Optional[pafs.FileSystem]) -> list[VideoRef]:
-    """The video members of an uncompressed tar, with their data offsets (read in place, never extracted)."""
+    """The video and image members of an uncompressed tar, with their data offsets (read in place, never
+    extracted)."""
     with open_range(uri, filesystem) as stream:
         try:
             with tarfile.open(fileobj=stream, mode="r:") as tar:
@@ -258,7 +265,7 @@ def shard_members(uri: str, source_index: int, filesystem: Optional[pafs.FileSys
             raise ConfigError("data.paths", f"{uri} is not an uncompressed tar shard: {err}") from None
     # WebDataset keys run to the first dot of the basename ("clip.0001.mp4" would be key "clip").
     return [VideoRef(uri, labels.get(os.path.splitext(m.name)[0]), source_index, m.name, m.offset_data, m.size)
-            for m in members if _extension(m.name) in VIDEO_EXTENSIONS]
+            for m in members if _extension(m.name) in MEDIA_EXTENSIONS]
 
 
 class _FileWindow(io.RawIOBase):

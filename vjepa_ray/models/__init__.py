@@ -16,7 +16,8 @@ __all__ = ["MODEL_SPECS", "TRAINABLE_FAMILIES", "Predictor", "VisionTransformer"
 
 
 def build_models(cfg: "Config") -> tuple[VisionTransformer, Predictor]:
-    """The encoder and predictor of a run: cfg.model, clip size from cfg.data, one mask token per cfg.mask.
+    """The encoder and predictor of a run: cfg.model, clip size from cfg.data, by default one mask token per
+    mask config and clip length (the 2.0 release's count).
 
     The target encoder is a deep copy of the encoder, made by the caller.
     """
@@ -26,7 +27,7 @@ def build_models(cfg: "Config") -> tuple[VisionTransformer, Predictor]:
                             family=m.family)
     predictor = Predictor(encoder.grid, encoder.embed_dim, m.pred_embed_dim, m.pred_depth,
                           num_heads=m.pred_num_heads or encoder.num_heads,
-                          num_mask_tokens=m.pred_num_mask_tokens or len(cfg.mask),
+                          num_mask_tokens=m.pred_num_mask_tokens or len(cfg.mask) * len(cfg.data.clip_lengths()),
                           uniform_power=m.uniform_power, activation_checkpointing=m.activation_checkpointing,
                           family=m.family)
     return encoder, predictor

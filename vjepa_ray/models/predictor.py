@@ -66,19 +66,24 @@ class Predictor(nn.Module):
         return len(self.mask_tokens)
 
     def forward(self, context: torch.Tensor, context_idx: torch.Tensor, target_idx: torch.Tensor,
-                mask_index: int) -> torch.Tensor:
+                mask_index: int, grid: Grid | None = None) -> torch.Tensor:
         """context [B, Nc, D] at token ids context_idx [B, Nc] -> predictions [B, Nt, D] at target_idx [B, Nt].
 
-        Output rows follow the order of ``target_idx``.
+        Output rows follow the order of ``target_idx``. ``grid``: the token grid of the clips the ids index
+        (default: the predictor's); rotary positions take any grid, a position table only its own.
         """
+        grid = self.grid if grid is None else tuple(grid)
+        if self.rope is None and grid != self.grid:
+            raise ValueError(f"grid: a predictor with a position table takes its own grid {self.grid}, got {grid}")
         if context.dim() != 3 or context.shape[-1] != self.embed_dim:
             raise ValueError(f"context: expected shape [B, Nc, {self.embed_dim}], got {list(context.shape)}")
         batch, num_context = context.shape[:2]
-        check_index("context_idx", context_idx, batch, self.num_patches)
+        num_tokens = math.prod(grid)
+        check_index("context_idx", context_idx, batch, num_tokens)
         if context_idx.shape[1] != num_context:
             raise ValueError(f"context_idx: expected shape [{batch}, {num_context}] to match context, "
                              f"got {list(context_idx.shape)}")
-        check_index("target_idx", target_idx, batch, self.num_patches)
+        check_index("target_idx", target_idx, batch, num_tokens)
         if not 0 <= mask_index < self.num_mask_tokens:
             raise ValueError(f"mask_index: expected an int in [0, {self.num_mask_tokens}), got {mask_index}")
 
@@ -91,7 +96,7 @@ class Predictor(nn.Module):
             queries = mask_token + pos[target_idx]
         else:
             queries = mask_token.expand(batch, target_idx.shape[1], -1)
-            rope = self.rope.tables(torch.cat([context_idx, target_idx], dim=1), self.grid)
+            rope = self.rope.tables(torch.cat([context_idx, target_idx], dim=1), grid)
         # Only the query rows are output, so the last block computes only those.
         x = run_blocks(self.predictor_blocks, torch.cat([x, queries.to(x.dtype)], dim=1),
                        self.activation_checkpointing and self.training, rows_from=num_context, rope=rope)

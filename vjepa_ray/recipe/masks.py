@@ -128,6 +128,15 @@ class MaskCollator:
     def __len__(self) -> int:
         return len(self.generators)
 
+    def on_grid(self, grid: Sequence[int]) -> "MaskCollator":
+        """The same mask configs on another token grid (clips of another length); ``self`` on its own grid.
+
+        Given the same seed, every grid's collator draws the same block scales, as the 2.0 release's
+        generators of every frames-per-clip setting do (they count steps in lockstep from one seed).
+        """
+        grid = _check_grid(grid)
+        return self if grid == self.grid else MaskCollator([gen.cfg for gen in self.generators], grid)
+
     def __call__(self, batch_size: int, seed: Seed, rank: int = 0) -> list[MaskPair]:
         entropy = [seed] if isinstance(seed, (int, np.integer)) else list(seed)
         if not entropy or not all(isinstance(s, (int, np.integer)) and s >= 0 for s in entropy):
@@ -139,3 +148,21 @@ class MaskCollator:
             block = gen.sample_block_size(np.random.default_rng([*entropy, index]))
             pairs.append(gen(batch_size, np.random.default_rng([*entropy, index, rank]), block))
         return pairs
+
+
+def mask_token_indices(family: str, num_masks: int, length_index: int) -> list[int]:
+    """The predictor's mask token for each mask config of clips of the ``length_index``-th clip length
+    (``DataConfig.clip_lengths``).
+
+    V-JEPA 1 (``vjepa1``) has one token per mask config. The 2.0 release (``vjepa2``) picks the token by
+    clip length, the same one for every mask config (its ``PredictorMultiSeqWrapper`` passes the length
+    group's index), while it allocates one per mask config and length; its recipes have one length (every
+    ``dataset_fpcs`` entry 16), so they train token 0 only. The release counts a length by its place among
+    the lengths present in the batch; here it is its place among the run's lengths, which is the same
+    whenever every length is in the batch, and does not move a length to another token when one is absent.
+    """
+    if family == "vjepa1":
+        if length_index:
+            raise ValueError(f"length_index: vjepa1 trains one clip length, got length {length_index}")
+        return list(range(num_masks))
+    return [length_index] * num_masks

@@ -2,7 +2,10 @@
 
 A step takes the micro batches of one optimizer step. Each names the rank that draws it and its index
 among that rank's micro batches, and its masks follow from them as in a distributed run: block sizes from
-``(meta.seed, step, micro)``, shared by every rank, positions from those and the rank. So one process can
+``(meta.seed, step, micro)``, shared by every rank, positions from those and the rank. A micro batch of
+clips of several lengths (``data.frames_per_clip_per_source``) comes as one tensor per length; each
+length gets masks on its own token grid from the same seed, and the predictor's mask token of that length
+(``masks.mask_token_indices``). So one process can
 replay the step of W ranks: given every rank's micro batches, it draws the same masks and, weighting and
 averaging the micro losses as DeepSpeed does, computes the same gradient.
 
@@ -17,7 +20,7 @@ import contextlib
 import copy
 import statistics
 from dataclasses import dataclass
-from typing import ContextManager, Mapping, Protocol, Sequence
+from typing import ContextManager, Mapping, Protocol, Sequence, Union
 
 import torch
 from torch import nn
@@ -25,22 +28,46 @@ from torch import nn
 from vjepa_ray.config import Config, OptimizationConfig
 from vjepa_ray.models import build_models
 from vjepa_ray.recipe.ema import ema_update_
-from vjepa_ray.recipe.masks import MaskCollator, MaskPair
-from vjepa_ray.recipe.objective import JepaModule, JepaOutput, normalize_clips
+from vjepa_ray.recipe.masks import Grid, MaskCollator, mask_token_indices
+from vjepa_ray.recipe.objective import ClipGroup, JepaModule, JepaOutput, normalize_clips
 from vjepa_ray.recipe.optimizer import adamw, apply_schedules
 from vjepa_ray.recipe.schedules import ema_momentum_at, lr_at, weight_decay_at
+
+# uint8 clips [B, T, H, W, 3] of one length, or one such tensor per length (ascending lengths).
+Clips = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+def clip_groups(clips: Clips) -> tuple[torch.Tensor, ...]:
+    """The clips of a micro batch as one tensor per length."""
+    return (clips,) if isinstance(clips, torch.Tensor) else tuple(clips)
+
+
+def count_clips(clips: Clips) -> int:
+    return sum(len(group) for group in clip_groups(clips))
+
+
+def take_clips(clips: Clips, size: int) -> Clips:
+    """The first ``size`` clips of a micro batch (in group order), in the same form."""
+    if isinstance(clips, torch.Tensor):
+        return clips[:size]
+    taken = []
+    for group in clips:
+        if size > 0:
+            taken.append(group[:size])
+        size -= len(group)
+    return tuple(taken)
 
 
 @dataclass(frozen=True)
 class MicroBatch:
     """One micro batch of a step.
 
-    clips: uint8 [B, T, H, W, 3]; rank: the rank that draws it; micro: its index among that rank's micro
-    batches; weight: the factor on its mean loss (``BatchPlan.loss_weight``: 1 unless the global batch
-    splits unevenly).
+    clips: uint8 [B, T, H, W, 3], or one such tensor per clip length (``Clips``); rank: the rank that draws
+    it; micro: its index among that rank's micro batches; weight: the factor on its mean loss
+    (``BatchPlan.loss_weight``: 1 unless the global batch splits unevenly).
     """
 
-    clips: torch.Tensor
+    clips: Clips
     rank: int = 0
     micro: int = 0
     weight: float = 1.0
@@ -95,15 +122,20 @@ class JepaStep:
     """One optimizer step of V-JEPA over micro batches, in this process.
 
     ``module`` holds the trained encoder and predictor, ``target_encoder`` the EMA copy of the encoder; the
-    models run in ``dtype`` on ``device``. Masks come from ``collator`` seeded with ``seed`` (``meta.seed``).
+    models run in ``dtype`` on ``device``. Masks come from ``collator`` seeded with ``seed`` (``meta.seed``),
+    on the token grid of each clip length. ``family`` (``model.family``) and ``clip_lengths``
+    (``DataConfig.clip_lengths``; empty: one length) choose the predictor's mask tokens.
     """
 
     def __init__(self, module: JepaModule, target_encoder: nn.Module, optimizer: torch.optim.Optimizer,
                  collator: MaskCollator, optimization: OptimizationConfig, seed: int,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, *,
+                 family: str = "vjepa1", clip_lengths: Sequence[int] = ()):
         self.module, self.target_encoder, self.optimizer = module, target_encoder, optimizer
         self.collator, self.optimization, self.seed = collator, optimization, seed
         self.device, self.dtype = torch.device(device), dtype
+        self.family, self.clip_lengths = family, tuple(clip_lengths)
+        self._collators: dict[Grid, MaskCollator] = {collator.grid: collator}
 
     @classmethod
     def from_config(cls, cfg: Config, device: torch.device | str = "cpu", fused: bool | None = None) -> "JepaStep":
@@ -111,7 +143,8 @@ class JepaStep:
         module, target = init_networks(cfg)
         module, target = module.to(device), target.to(device)
         return cls(module, target, adamw(module.named_parameters(), cfg.optimization, fused=fused),
-                   MaskCollator(cfg.mask, module.encoder.grid), cfg.optimization, cfg.meta.seed, device)
+                   MaskCollator(cfg.mask, module.encoder.grid), cfg.optimization, cfg.meta.seed, device,
+                   family=cfg.model.family, clip_lengths=cfg.data.clip_lengths())
 
     def __call__(self, micro_batches: Sequence[MicroBatch], step: int, timer: PhaseTimer | None = None) -> StepOutput:
         """Optimizer step ``step`` (0-based) over ``micro_batches``, in their order."""
@@ -123,12 +156,12 @@ class JepaStep:
         outputs = []
         for batch in micro_batches:
             with timer.phase("normalize"):
-                clips = normalize_clips(batch.clips.to(self.device, non_blocking=True), self.dtype)
+                groups = [normalize_clips(clips.to(self.device, non_blocking=True), self.dtype)
+                          for clips in clip_groups(batch.clips)]
             with timer.phase("masks"):
-                masks = [(context.to(self.device), target.to(self.device)) for context, target in
-                         self.collator(len(batch.clips), seed=(self.seed, step, batch.micro), rank=batch.rank)]
+                groups = [self.group(clips, (self.seed, step, batch.micro), batch.rank) for clips in groups]
             with timer.phase("forward"):
-                out = self.forward(clips, masks)
+                out = self.forward(groups)
             with timer.phase("backward"):
                 self.backward(out.loss * batch.weight, len(micro_batches))
             outputs.append(JepaOutput(out.loss.detach(), out.per_mask_losses, out.target_features_std))
@@ -138,8 +171,21 @@ class JepaStep:
             self.update_target(momentum)
         return StepOutput(lr, weight_decay, momentum, outputs, grad_norm)
 
-    def forward(self, clips: torch.Tensor, masks: list[MaskPair]) -> JepaOutput:
-        return self.module(clips, masks, self.target_encoder)
+    def group(self, clips: torch.Tensor, seed: Sequence[int], rank: int) -> ClipGroup:
+        """Normalised clips of one length with their masks (drawn from ``seed`` and ``rank``) and mask tokens."""
+        grid = self.module.encoder.input_grid(clips)
+        if grid not in self._collators:
+            self._collators[grid] = self.collator.on_grid(grid)
+        masks = [(context.to(self.device), target.to(self.device))
+                 for context, target in self._collators[grid](len(clips), seed=seed, rank=rank)]
+        frames = clips.shape[2]
+        if self.clip_lengths and frames not in self.clip_lengths:
+            raise ValueError(f"clips: {frames} frames is not one of the run's clip lengths {self.clip_lengths}")
+        length_index = self.clip_lengths.index(frames) if self.clip_lengths else 0
+        return ClipGroup(clips, masks, mask_token_indices(self.family, len(masks), length_index), grid)
+
+    def forward(self, groups: list[ClipGroup]) -> JepaOutput:
+        return self.module(groups, self.target_encoder)
 
     def backward(self, weighted_loss: torch.Tensor, num_micro_batches: int) -> None:
         """Accumulates the gradient of the mean over all micro batches of the step (of all emulated ranks),

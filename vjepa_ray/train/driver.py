@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 def check_runnable(cfg: Config) -> None:
     """What the schema cannot see but would fail a run after minutes of start-up."""
+    cfg.validate_pretraining()
     if cfg.deepspeed.precision == "fp16" and not cfg.ray.use_gpu:
         raise ConfigError("deepspeed.precision", "fp16 needs GPUs (ray.use_gpu=true); use bf16 or fp32 on CPUs")
     if cfg.deepspeed.offload_params and cfg.deepspeed.zero_stage != 3:

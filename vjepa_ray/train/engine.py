@@ -19,10 +19,10 @@ from torch import nn
 
 from vjepa_ray.config import Config
 from vjepa_ray.models.pretrained import StateDict
-from vjepa_ray.recipe.masks import MaskCollator, MaskPair
-from vjepa_ray.recipe.objective import JepaModule, JepaOutput
+from vjepa_ray.recipe.masks import MaskCollator
+from vjepa_ray.recipe.objective import ClipGroup, JepaModule, JepaOutput
 from vjepa_ray.recipe.optimizer import adamw, param_groups
-from vjepa_ray.recipe.step import JepaStep, MicroBatch, StepOutput, init_networks
+from vjepa_ray.recipe.step import JepaStep, MicroBatch, StepOutput, init_networks, take_clips
 from vjepa_ray.train.elastic import BatchPlan
 from vjepa_ray.train.target_encoder import TargetEncoder
 
@@ -154,11 +154,11 @@ class DeepSpeedStep(JepaStep):
     def __init__(self, engine, target: TargetEncoder, cfg: Config, device: torch.device, dtype: torch.dtype):
         super().__init__(engine.module, target.module, engine.optimizer,
                          MaskCollator(cfg.mask, engine.module.encoder.grid), cfg.optimization, cfg.meta.seed,
-                         device, dtype)
+                         device, dtype, family=cfg.model.family, clip_lengths=cfg.data.clip_lengths())
         self.engine, self.target = engine, target
 
-    def forward(self, clips: torch.Tensor, masks: list[MaskPair]) -> JepaOutput:
-        return self.engine(clips, masks, self.target_encoder)
+    def forward(self, groups: list[ClipGroup]) -> JepaOutput:
+        return self.engine(groups, self.target_encoder)
 
     def backward(self, weighted_loss: torch.Tensor, num_micro_batches: int) -> None:
         self.engine.backward(weighted_loss)
@@ -202,7 +202,7 @@ class TrainStep:
             with meter.waiting() if meter is not None else contextlib.nullcontext():
                 fetched.append(next(batches))
         # The stream yields the largest micro batch of any rank; an uneven split takes fewer here.
-        out = self.jepa_step([MicroBatch(batch.clips[:size], self.rank, micro, self.plan.loss_weight(size))
+        out = self.jepa_step([MicroBatch(take_clips(batch.clips, size), self.rank, micro, self.plan.loss_weight(size))
                               for micro, (batch, size) in enumerate(zip(fetched, sizes))], step)
         if meter is not None:
             for batch, size, micro_out in zip(fetched, sizes, out.outputs):

@@ -17,7 +17,7 @@ import torch
 from vjepa_ray import runs
 from vjepa_ray.config import Config
 from vjepa_ray.models import build_models
-from vjepa_ray.models.hf import hf_config, read_hf_folder, write_hf_folder
+from vjepa_ray.models.hf import hf_config, is_hf_folder, read_hf_folder, write_hf_folder
 from vjepa_ray.models.pretrained import (
     MODEL_KEYS,
     StateDict,
@@ -44,12 +44,15 @@ def read_training_weights(path: str | os.PathLike) -> dict[str, dict[str, torch.
 def read_initial_weights(cfg: Config) -> dict[str, dict[str, torch.Tensor]]:
     """``model.init_from``'s encoder, predictor and target encoder, verified against the run's models.
 
-    ``model.init_from`` is a file in Meta's release layout or ours, or a run folder. A file without a
-    ``target_encoder`` starts the target as a copy of its encoder, as a fresh run's target starts. Raises
-    FileNotFoundError, or ValueError naming the keys and shapes that do not fit.
+    ``model.init_from`` is a file in Meta's release layout or ours, a Hugging Face V-JEPA 2 folder, or a run
+    folder. A file or folder without a ``target_encoder`` starts the target as a copy of its encoder, as a
+    fresh run's target starts. Raises FileNotFoundError, or ValueError naming the keys and shapes that do not
+    fit.
     """
     path = cfg.model.init_from
-    if Path(path).is_dir():
+    if is_hf_folder(path):
+        weights = read_hf_weights(path)
+    elif Path(path).is_dir():
         weights = read_training_weights(path)
     else:
         checkpoint = read_checkpoint(path)
@@ -57,6 +60,13 @@ def read_initial_weights(cfg: Config) -> dict[str, dict[str, torch.Tensor]]:
         weights["target_encoder"] = (state_from_checkpoint(checkpoint, "target_encoder", path)
                                      if "target_encoder" in checkpoint else weights["encoder"])
     return verified_weights(cfg, weights, path)
+
+
+def read_hf_weights(folder: str | os.PathLike) -> dict[str, StateDict]:
+    """The encoder and predictor of a ``VJEPA2Model`` folder; it has no target encoder, which starts as a copy
+    of the encoder, as the EMA would."""
+    _, encoder, predictor = read_hf_folder(folder)
+    return {"encoder": encoder, "predictor": predictor, "target_encoder": encoder}
 
 
 def write_training_weights(path: str | os.PathLike, weights: Mapping[str, StateDict]) -> None:
@@ -104,8 +114,5 @@ def to_hf_folder(cfg: Config, source: str | os.PathLike, dest: str | os.PathLike
 
 
 def from_hf_folder(cfg: Config, source: str | os.PathLike, dest: str | os.PathLike) -> None:
-    """Our weights file from a ``VJEPA2Model`` folder (``cfg`` as ``hf.config_overrides`` makes it). The
-    folder has no target encoder: it starts as a copy of the encoder, as the EMA would."""
-    _, encoder, predictor = read_hf_folder(source)
-    weights = {"encoder": encoder, "predictor": predictor, "target_encoder": encoder}
-    write_training_weights(dest, verified_weights(cfg, weights, str(source)))
+    """Our weights file from a ``VJEPA2Model`` folder (``cfg`` as ``hf.config_overrides`` makes it)."""
+    write_training_weights(dest, verified_weights(cfg, read_hf_weights(source), str(source)))
