@@ -134,10 +134,11 @@ def run(cfg: Config, *, stream_factory: StreamFactory | None = None, verify_rest
     from vjepa_ray.train.metrics import TensorBoardCallback
 
     check_runnable(cfg)
-    check_run_folder(cfg)
     cfg = _resolved_paths(cfg)
     if (cfg.checkpoint.start_from or cfg.model.init_from) and is_first_start(cfg):
         cfg = check_start_sources(cfg)
+    # After the start sources: a run that cannot start leaves no run folder behind.
+    check_run_folder(cfg)
     prepare_demo_videos(cfg)
     cluster.connect(cfg)
     tracker = _tracker()
