@@ -98,3 +98,19 @@ def test_shared_clips(capsys, shared_videos):
     corrupted = rows["decord__corrupted.mp4"]
     assert (corrupted["frames"], corrupted["width"], corrupted["height"], corrupted["codec"]) == (50, 1280, 720, "h264")
     assert report["counts"] == {"corrupt": 1, "ok": 5} and code == 1
+
+
+def test_images_are_checked_as_images(capsys, tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    Image.fromarray(np.full((30, 40, 3), 200, np.uint8)).save(folder / "still.png")
+    Image.fromarray(np.full((30, 40, 3), 90, np.uint8)).save(folder / "photo.jpg")
+    (folder / "broken.jpg").write_bytes((folder / "photo.jpg").read_bytes()[:20])
+    code, report = run_json(capsys, [str(folder)])
+    rows = {row["path"].rsplit("/", 1)[1]: row for row in report["files"]}
+    assert rows["still.png"]["status"] == rows["photo.jpg"]["status"] == "ok"
+    assert (rows["still.png"]["codec"], rows["still.png"]["width"], rows["still.png"]["height"]) == ("image", 40, 30)
+    assert rows["broken.jpg"]["reason"] == "corrupt"
+    assert report["counts"] == {"corrupt": 1, "ok": 2} and code == 1

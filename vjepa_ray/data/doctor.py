@@ -32,20 +32,21 @@ import numpy as np
 
 from vjepa_ray.cli import exit_on_config_error
 from vjepa_ray.config import SECTIONS, ConfigError, builtin_config_path, load_config
-from vjepa_ray.data.sources import SHARD_EXTENSION, VIDEO_EXTENSIONS, VideoRef, open_source, shard_members
+from vjepa_ray.data.sources import MEDIA_EXTENSIONS, SHARD_EXTENSION, VideoRef, open_source, shard_members
 from vjepa_ray.video.decode import ClipSpec, VideoInfo, VideoSkip, VideoSource, decode_clips, verify_video
+from vjepa_ray.video.image import is_image_path, read_image
 
 PROG = "python -m vjepa_ray.data check"
 _OVERRIDE = re.compile(rf"^({'|'.join(SECTIONS)})\.[\w.]+=")
 
 
 def find_videos(paths: list[str]) -> list[VideoRef]:
-    """Files named explicitly (whatever their extension; missing ones too, to be reported) and the videos
-    under directories, recursively, sorted within each directory; tar shards stand for their video members."""
+    """Files named explicitly (whatever their extension; missing ones too, to be reported) and the videos and
+    images under directories, recursively, sorted within each directory; tar shards stand for their members."""
     found: list[VideoRef] = []
     for entry in paths:
         path = Path(entry).expanduser()
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in MEDIA_EXTENSIONS
                        | {SHARD_EXTENSION}) if path.is_dir() else [path]
         for file in files:
             found.extend(_shard_or_file(file.resolve()))
@@ -78,6 +79,17 @@ def check_source(source: VideoSource, name: str, spec: ClipSpec, thorough: bool 
     return _row(name, info, None)
 
 
+def check_image(source: VideoSource, name: str, spec: ClipSpec) -> dict[str, Any]:
+    """The report's row for a still image, read as training reads it (a static clip of one frame)."""
+    try:
+        frame = read_image(source, spec)
+    except VideoSkip as skip:
+        return _row(name, None, skip)
+    height, width = frame.shape[:2]
+    return _row(name, VideoInfo(frames=1, fps=0.0, width=width, height=height, codec="image", duration_s=0.0,
+                                rotation=0), None)
+
+
 def _row(name: str, info: Optional[VideoInfo], skip: Optional[VideoSkip]) -> dict[str, Any]:
     return {
         "path": name,
@@ -94,9 +106,11 @@ def _row(name: str, info: Optional[VideoInfo], skip: Optional[VideoSkip]) -> dic
 
 def check_file(ref: VideoRef, spec: ClipSpec, thorough: bool = True, verify_timeout_s: float = 600.0
                ) -> dict[str, Any]:
-    """``check_source`` on a file or a shard member."""
+    """``check_source`` (``check_image`` for an image) on a file or a shard member."""
     try:
         with open_source(ref) as source:
+            if is_image_path(ref.member or ref.uri):
+                return check_image(source, str(ref), spec)
             return check_source(source, str(ref), spec, thorough, verify_timeout_s)
     except VideoSkip as skip:  # it did not open
         return _row(str(ref), None, skip)

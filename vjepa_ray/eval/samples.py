@@ -14,17 +14,14 @@ header declares, before any pixel is decoded.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import PurePosixPath
 
 import numpy as np
-from PIL import Image
 
 from vjepa_ray.config import Config
 from vjepa_ray.data.sources import VideoRef, open_video
-from vjepa_ray.video.decode import ClipSpec, VideoSkip, VideoSource, check_file_size, check_frame_size, decode_clips
+from vjepa_ray.video.decode import ClipSpec, decode_clips
+from vjepa_ray.video.image import is_image_path, read_image
 from vjepa_ray.video.transforms import random_resized_crop_clip, spatial_views
-
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 
 
 @dataclass(frozen=True)
@@ -45,28 +42,6 @@ def sample_spec(cfg: Config) -> SampleSpec:
                       tuple(cfg.data.random_resize_aspect_ratio))
 
 
-def is_image(ref: VideoRef) -> bool:
-    name = ref.member or ref.uri.split("?", 1)[0]
-    return PurePosixPath(name).suffix.lower() in IMAGE_EXTENSIONS
-
-
-def decode_image(source: VideoSource, spec: ClipSpec) -> np.ndarray:
-    """An image file (path or binary stream) as uint8 [H, W, 3]; raises VideoSkip.
-
-    The file size and the header's width x height are checked against ``spec`` first. Pillow reads the
-    header alone on opening (PyAV's probe would decode a PNG whole), so an oversized image is never decoded.
-    """
-    check_file_size(source, spec)
-    try:
-        with Image.open(source) as image:
-            check_frame_size(*image.size, spec)
-            return np.asarray(image.convert("RGB"))
-    except Image.DecompressionBombError as err:  # Pillow's own limit, when data.max_pixels is set above it
-        raise VideoSkip("too_large_pixels", str(err)) from None
-    except (OSError, ValueError, EOFError) as err:
-        raise VideoSkip("corrupt", f"image does not decode: {err}") from None
-
-
 def load_segments(ref: VideoRef, spec: SampleSpec, rng: np.random.Generator) -> np.ndarray:
     """uint8 [segments, T, H, W, 3]: a video's clips, or an image as static clips. Raises VideoSkip.
 
@@ -74,8 +49,8 @@ def load_segments(ref: VideoRef, spec: SampleSpec, rng: np.random.Generator) -> 
     over identical segments equals attention over one; set probe.num_segments=1 for image sets).
     """
     with open_video(ref) as source:
-        if is_image(ref):
-            image = decode_image(source, spec.clip)
+        if is_image_path(ref.member or ref.uri):
+            image = read_image(source, spec.clip)
             shape = (spec.clip.clips_per_video, spec.clip.frames_per_clip, *image.shape)
             return np.broadcast_to(image, shape).copy()
         return decode_clips(source, spec.clip, rng).clips
