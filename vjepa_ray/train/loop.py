@@ -84,6 +84,7 @@ class Run:
         self.restored_digest: str | None = None
         # Damaged checkpoints this start skipped: a new save must not take one's name (runs.checkpoint_dir_name).
         self.damaged: list[str] = []
+        self.answered_notice = None  # the preemption notice (ray.train.PreemptionInfo) last checkpointed for
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
         self.local_rank = context.get_local_rank()
@@ -132,7 +133,6 @@ class Run:
         return state
 
     def train(self) -> None:
-        import ray.train
 
         state = self._start()
         resumed_step = state.step
@@ -158,7 +158,9 @@ class Run:
             out = self.step(batches, state.step, meter)
             state.step += 1
             step = state.step
-            if step % cfg.logging.every_steps and not saves.due(step):
+            preempted = self._new_preemption_notice(step)
+            checkpoint = saves.due(step, preempted)
+            if step % cfg.logging.every_steps and not checkpoint:
                 continue
             metrics = meter.reduce(self.device)
             meter.reset()
@@ -177,12 +179,27 @@ class Run:
                 warning = collapse_warning(metrics["target_feature_std"], cfg.logging.collapse_std_threshold)
                 if warning:
                     log.warning(warning)
-            # A preemption notice (a barrier: every rank asks at the same steps) brings the next checkpoint
-            # forward to now.
-            preempted = ray.train.get_preemption_info() is not None
-            if preempted and self.rank == 0:
-                log.warning("preemption notice at step %d: checkpointing now", step)
-            self._report(state, metrics, checkpoint=saves.due(step, preempted), stream=stream)
+            self._report(state, metrics, checkpoint=checkpoint, stream=stream)
+
+    def _new_preemption_notice(self, step: int) -> bool:
+        """Whether a node of this worker group was drained for preemption since the last step and no checkpoint
+        answered that notice yet: the run then checkpoints now, not at the next scheduled save, and trains on
+        until the node goes (Ray Train restarts the group from that checkpoint).
+
+        Asked after every step, the notice's deadline may be under a minute; a barrier (Ray agrees on rank 0's
+        answer), so every rank asks at every step. A notice stays set until the group restarts: one save per
+        notice.
+        """
+        import ray.train
+
+        notice = ray.train.get_preemption_info()
+        if notice is None or notice == self.answered_notice:
+            return False
+        self.answered_notice = notice
+        if self.rank == 0:
+            log.warning("preemption notice at step %d (nodes %s, deadline %s ms): checkpointing now", step,
+                        notice.preempted_node_ids, notice.deadline_ms)
+        return True
 
     def _report(self, state: ckpt.TrainState, metrics: dict[str, Any], checkpoint: bool,
                 stream: Stream | None = None) -> None:
