@@ -18,7 +18,7 @@ from vjepa_ray.train import manifest
 
 pytestmark = pytest.mark.slow
 
-STEPS, EVERY, STEPS_PER_CHUNK = 12, 3, 4
+STEPS, EVERY, STEPS_PER_CHUNK = 18, 3, 4
 FAULTS = ["kill_in_save", "preempt", "kill_driver", "damage_checkpoint"]
 
 

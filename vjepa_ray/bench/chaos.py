@@ -5,7 +5,7 @@ Everything runs on a ``ray.cluster_utils.Cluster`` on this machine: a head with 
 controllers), training nodes of one CPU (one worker each) and a decode node, with the tiny model in fp32 on
 real video files (generated with PyAV, decoded by Ray Data). Every run is ``python -m vjepa_ray.pretrain`` in a
 process of its own, so that its driver can be killed and the same command run again. The faults, in order,
-each injected at a random step after a checkpoint of the worker group then running:
+each injected once the worker group then running has made a random 1 to ``checkpoint.every_steps`` steps:
 
 - ``kill_worker``: SIGKILL of a Train worker.
 - ``kill_in_save``: a worker dies in the middle of writing a checkpoint (``checkpoint.EXIT_IN_SAVE_ENV``).
@@ -275,7 +275,7 @@ class Disturber:
                 self._damage_latest_checkpoint()
                 self.start()
                 continue
-            self.wait_for_checkpoint_of_this_start()
+            self.wait_for_random_step()
             getattr(self, kind)()
             self.wait_for_next_start()
         summary = self.finish()
@@ -297,18 +297,11 @@ class Disturber:
             time.sleep(0.2)
         return value
 
-    def wait_for_checkpoint_of_this_start(self) -> int:
-        """Until the running start has registered a checkpoint of its own; then until a random step after it."""
-        def saved() -> int | None:
-            current = self._current()
-            steps = [checkpoint_step(n) for n in registered_checkpoints(self.run_dir)]
-            mine = [s for s in steps if current and s > current[0].resumed_from]
-            return max(mine) if mine else None
-
-        step = self._wait(saved, "checkpoint of this start")
-        target = step + self.rng.randint(1, self.cfg.checkpoint.every_steps - 1)
-        self._wait(lambda: self._current() and self._current()[-1].step >= target, f"step {target}")
-        return step
+    def wait_for_random_step(self) -> None:
+        """Until the running start has reported a random 1 to ``checkpoint.every_steps`` steps."""
+        first = self._wait(self._current, "a report")[0].step
+        target = first + self.rng.randint(0, self.cfg.checkpoint.every_steps - 1)
+        self._wait(lambda: self._current()[-1].step >= target, f"step {target}")
 
     def wait_for_next_start(self) -> None:
         fault = self.faults[-1]
@@ -394,10 +387,10 @@ def elastic_run(cluster: ChaosCluster, storage: Path, overrides: list[str], seed
     run = Disturber(cluster, storage, "elastic", [*overrides, "ray.num_workers=[1,2]",
                                                   "ray.elastic_resize_interval_s=5"], seed)
     run.start()
-    run.wait_for_checkpoint_of_this_start()
+    run.wait_for_random_step()
     run.remove_node(replace=False)
     run.wait_for_next_start()
-    run.wait_for_checkpoint_of_this_start()
+    run.wait_for_random_step()
     cluster.add_train_node()
     summary = run.finish()
     groups = attempts(read_reports(run.tensorboard))
