@@ -33,7 +33,6 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
 import signal
 import subprocess
@@ -112,17 +111,14 @@ def attempts(reports: list[Report]) -> list[list[Report]]:
     return groups
 
 
-def registered_checkpoints(run_dir: Path) -> list[str]:
-    """Names of the checkpoints Ray Train has registered (all ranks' files in place), oldest first."""
+def registered_checkpoints(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """The checkpoints Ray Train has registered (all ranks' files in place), oldest first: name -> the metrics
+    reported with it."""
     try:
         snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
     except (OSError, ValueError):
-        return []
-    return [c["checkpoint_dir_name"] for c in snapshot.get("checkpoint_results", [])]
-
-
-def checkpoint_step(name: str) -> int:
-    return int(re.match(r"step_(\d+)", name).group(1))
+        return {}
+    return {c["checkpoint_dir_name"]: c["metrics"] for c in snapshot.get("checkpoint_results", [])}
 
 
 class ChaosCluster:
@@ -186,9 +182,9 @@ class ChaosCluster:
 class Driver:
     """``python -m vjepa_ray.pretrain OVERRIDES`` on the cluster, in a process of its own."""
 
-    def __init__(self, cluster: ChaosCluster, overrides: list[str], log_file: Path):
+    def __init__(self, cluster: ChaosCluster, overrides: list[str], log_file: Path, exit_in_save: Path):
         env = {**os.environ, "RAY_ADDRESS": cluster.address, "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": PREEMPTION_POLL_S,
-               EXIT_IN_SAVE_ENV: str(log_file.parent / "exit_in_save")}
+               EXIT_IN_SAVE_ENV: str(exit_in_save)}
         with log_file.open("a") as out:
             self.process = subprocess.Popen([sys.executable, "-m", "vjepa_ray.pretrain", *overrides], env=env,
                                             stdout=out, stderr=subprocess.STDOUT)
@@ -210,7 +206,7 @@ class Fault:
 
 @dataclasses.dataclass
 class ChaosRun:
-    """A run under a fault plan, as ``disturb`` leaves it."""
+    """A run under a fault plan, as ``Disturber.run`` leaves it."""
 
     cfg: Config
     faults: list[Fault]
@@ -251,13 +247,15 @@ class Disturber:
         self.tensorboard, self.run_dir = runs.tensorboard_dir(self.cfg), Path(runs.run_dir(self.cfg))
         self.rng = random.Random(seed)
         self.log_file = storage / f"{name}.log"
+        # While this file exists, the next rank to save a checkpoint dies in the middle (EXIT_IN_SAVE_ENV).
+        self.exit_in_save = storage / f"{name}.exit_in_save"
         self.driver: Driver | None = None
         self.faults: list[Fault] = []
-        self.elapsed_s = 0.0
+        self.started = self.elapsed_s = 0.0
 
     def start(self) -> None:
         self.started = time.time()
-        self.driver = Driver(self.cluster, self.command, self.log_file)
+        self.driver = Driver(self.cluster, self.command, self.log_file, self.exit_in_save)
 
     def finish(self, timeout_s: float = 1800) -> dict[str, Any]:
         rc = self.driver.wait(timeout_s)
@@ -321,9 +319,8 @@ class Disturber:
         self.faults.append(Fault("kill_worker", time.time()))
 
     def kill_in_save(self) -> None:
-        marker = self.log_file.parent / "exit_in_save"
-        marker.touch()
-        self._wait(lambda: not marker.exists(), "a save to die in")
+        self.exit_in_save.touch()
+        self._wait(lambda: not self.exit_in_save.exists(), "a save to die in")
         self.faults.append(Fault("kill_in_save", time.time()))
 
     def remove_node(self, replace: bool = True) -> None:
@@ -335,14 +332,17 @@ class Disturber:
 
     def preempt(self) -> None:
         _, node = self._worker()
-        before = set(registered_checkpoints(self.run_dir))
         self.cluster.drain_for_preemption(node, PREEMPTION_DEADLINE_S)
         notice_step = self._current()[-1].step
-        new = self._wait(lambda: sorted(set(registered_checkpoints(self.run_dir)) - before),
-                         "the checkpoint of the preemption notice")
+
+        def answered() -> int | None:
+            steps = [m["step"] for m in registered_checkpoints(self.run_dir).values()
+                     if m.get("preemption_checkpoint") and m["step"] > notice_step]
+            return min(steps, default=None)
+
+        saved_step = self._wait(answered, "the checkpoint of the preemption notice")
         self.cluster.remove(node)
-        self.faults.append(Fault("preempt", time.time(), {"notice_step": notice_step,
-                                                          "checkpoint_step": checkpoint_step(new[0])}))
+        self.faults.append(Fault("preempt", time.time(), {"notice_step": notice_step, "checkpoint_step": saved_step}))
         self.cluster.add_train_node()
 
     def kill_driver(self) -> None:
@@ -353,7 +353,7 @@ class Disturber:
 
     def _damage_latest_checkpoint(self) -> None:
         """A truncated optimizer shard and no ``train_state.json`` in the run's last checkpoint."""
-        latest = self.run_dir / registered_checkpoints(self.run_dir)[-1]
+        latest = self.run_dir / list(registered_checkpoints(self.run_dir))[-1]
         shard = next((latest / DEEPSPEED_DIR / DEEPSPEED_TAG).glob("*optim_states.pt"))
         shard.write_bytes(shard.read_bytes()[:1000])
         (latest / TRAIN_STATE).unlink()

@@ -171,7 +171,7 @@ class Run:
                            skipped_videos=state.skipped_videos, world_size=self.world_size,
                            global_batch=self.plan.global_batch, micro_batch=self.plan.micro_batch,
                            grad_accum=self.plan.grad_accum, resumed_from_step=resumed_step,
-                           state_bytes_per_rank=memory["total"])
+                           state_bytes_per_rank=memory["total"], preemption_checkpoint=int(preempted))
             if self.restored_digest is not None:
                 metrics["restored_state_digest"] = self.restored_digest
             if self.rank == 0:
