@@ -5,7 +5,7 @@ Everything runs on a ``ray.cluster_utils.Cluster`` on this machine: a head with 
 controllers), training nodes of one CPU (one worker each) and a decode node, with the tiny model in fp32 on
 real video files (generated with PyAV, decoded by Ray Data). Every run is ``python -m vjepa_ray.pretrain`` in a
 process of its own, so that its driver can be killed and the same command run again. The faults, in order,
-each injected once the worker group then running has made a random 1 to ``checkpoint.every_steps`` steps:
+each injected at a random step after the first checkpoint of the worker group then running:
 
 - ``kill_worker``: SIGKILL of a Train worker.
 - ``kill_in_save``: a worker dies in the middle of writing a checkpoint (``checkpoint.EXIT_IN_SAVE_ENV``).
@@ -65,7 +65,7 @@ PREEMPTION_POLL_S = "0.2"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--steps", type=int, default=30, help="optimizer steps of the disturbed run")
+    parser.add_argument("--steps", type=int, default=42, help="optimizer steps of the disturbed run")
     parser.add_argument("--faults", nargs="+", default=list(FAULTS), choices=sorted(set(FAULTS)),
                         help="faults of the fixed-size run, in order (default: all)")
     parser.add_argument("--no-elastic", dest="elastic", action="store_false", help="skip the elastic run")
@@ -296,9 +296,16 @@ class Disturber:
         return value
 
     def wait_for_random_step(self) -> None:
-        """Until the running start has reported a random 1 to ``checkpoint.every_steps`` steps."""
-        first = self._wait(self._current, "a report")[0].step
-        target = first + self.rng.randint(0, self.cfg.checkpoint.every_steps - 1)
+        """Until the running start has registered a checkpoint of its own (so that every start makes progress),
+        then a random 1 to ``checkpoint.every_steps - 1`` steps more."""
+        def saved() -> int | None:
+            current = self._current()
+            steps = [m["step"] for m in registered_checkpoints(self.run_dir).values()
+                     if current and m["step"] > current[0].resumed_from]
+            return max(steps, default=None)
+
+        target = self._wait(saved, "a checkpoint of this start") + self.rng.randint(
+            1, self.cfg.checkpoint.every_steps - 1)
         self._wait(lambda: self._current()[-1].step >= target, f"step {target}")
 
     def wait_for_next_start(self) -> None:
