@@ -28,6 +28,7 @@ restarts of a ``[1, 2]`` run that loses a node and gets one back; its promise is
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -381,7 +382,8 @@ def weights_equal(want_checkpoint: str, got_checkpoint: str) -> dict[str, bool]:
 
     from vjepa_ray.train.checkpoint import read_model_weights
 
-    want, got = read_model_weights(want_checkpoint), read_model_weights(got_checkpoint)
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's checkpoint reader prints; stdout is the JSON
+        want, got = read_model_weights(want_checkpoint), read_model_weights(got_checkpoint)
     return {key: want[key].keys() == got[key].keys() and all(torch.equal(want[key][n], got[key][n]) for n in want[key])
             for key in want}
 
