@@ -75,6 +75,8 @@ class RayConfig:
     elastic_resize_interval_s: float = 60.0
     # Ray node labels the Train workers require, e.g. {vjepa-role: train}, to keep them off decode nodes.
     worker_label_selector: dict[str, str] = field(default_factory=dict)
+    # Custom resources every Train worker requires beside its CPUs (and GPU), e.g. {train_slot: 1}.
+    worker_resources: dict[str, float] = field(default_factory=dict)
 
     def worker_range(self) -> tuple[int, int]:
         """(min, max) workers; equal for a fixed-size run."""

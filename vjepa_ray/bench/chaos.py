@@ -50,6 +50,7 @@ from vjepa_ray.train.checkpoint import DEEPSPEED_DIR, DEEPSPEED_TAG, EXIT_IN_SAV
 log = logging.getLogger(__name__)
 
 ROLE = "vjepa-role"  # node label: train or decode
+TRAIN_SLOT = "train_slot"  # a custom resource: one per training node
 FAULTS = ("kill_worker", "kill_in_save", "kill_worker", "remove_node", "preempt", "kill_worker", "kill_driver",
           "damage_checkpoint")
 # The run every fault plan disturbs: 16 videos of 2 clips per chunk, 4 steps per chunk on 2 workers, so that
@@ -59,6 +60,9 @@ RUN_OVERRIDES = (
     "deepspeed.zero_stage=2", "optimization.warmup_steps=2", "checkpoint.every_steps=3",
     "checkpoint.num_to_keep=3", "logging.every_steps=1", "ray.num_workers=2", "ray.max_failures=20",
     f"ray.worker_label_selector={{{ROLE}: train}}", f"data.decode_label_selector={{{ROLE}: decode}}",
+    # Ray 2.60's elastic policy counts every node's CPUs as room for workers, label selector or not: a resource
+    # only training nodes have keeps it from planning workers onto the decode node.
+    f"ray.worker_resources={{{TRAIN_SLOT}: 1}}",
 )
 PREEMPTION_DEADLINE_S = 60
 # How often Ray Train looks for drained nodes (default 5 s): the notice should reach the run within a step.
@@ -129,7 +133,8 @@ class ChaosCluster:
     def __init__(self, train_nodes: int, decode_cpus: int = 2, object_store_bytes: int = 200 << 20):
         from ray.cluster_utils import Cluster
 
-        self.node_args = {"num_cpus": 1, "object_store_memory": object_store_bytes, "labels": {ROLE: "train"}}
+        self.node_args = {"num_cpus": 1, "resources": {TRAIN_SLOT: 1}, "object_store_memory": object_store_bytes,
+                          "labels": {ROLE: "train"}}
         self.cluster = Cluster(initialize_head=True, head_node_args={
             "num_cpus": 0, "object_store_memory": object_store_bytes, "include_dashboard": False})
         self.train_nodes = [self.cluster.add_node(**self.node_args) for _ in range(train_nodes)]

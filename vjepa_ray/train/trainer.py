@@ -19,8 +19,8 @@ from vjepa_ray.worker_env import MALLOC_ENV
 
 
 def resources_per_worker(cfg: Config) -> dict[str, float]:
-    """One worker's share of a node: ``ray.cpus_per_worker`` CPUs and a GPU if used; custom resources go here."""
-    return {"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if cfg.ray.use_gpu else {})}
+    """One worker's share of a node: ``ray.cpus_per_worker`` CPUs, a GPU if used, and ``ray.worker_resources``."""
+    return {"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if cfg.ray.use_gpu else {}), **cfg.ray.worker_resources}
 
 
 def worker_env(cfg: Config, extra: Mapping[str, str] | None = None) -> dict[str, str]:
