@@ -133,7 +133,6 @@ class Run:
         return state
 
     def train(self) -> None:
-
         state = self._start()
         resumed_step = state.step
         if not state.world_sizes or state.world_sizes[-1] != self.world_size:
