@@ -287,11 +287,11 @@ class Disturber:
 
     # What the faults wait for: the running start's progress, from the run's TensorBoard files.
 
-    def _current(self) -> list[Report]:
+    def current(self) -> list[Report]:
         groups = attempts(read_reports(self.tensorboard))
         return groups[-1] if groups else []
 
-    def _wait(self, condition, what: str, timeout_s: float = 900) -> Any:
+    def wait_for(self, condition, what: str, timeout_s: float = 900) -> Any:
         deadline = time.time() + timeout_s
         while not (value := condition()):
             if self.driver.process.poll() is not None:
@@ -305,18 +305,18 @@ class Disturber:
         """Until the running start has registered a checkpoint of its own (so that every start makes progress),
         then a random 1 to ``checkpoint.every_steps - 1`` steps more."""
         def saved() -> int | None:
-            current = self._current()
+            current = self.current()
             steps = [m["step"] for m in registered_checkpoints(self.run_dir).values()
                      if current and m["step"] > current[0].resumed_from]
             return max(steps, default=None)
 
-        target = self._wait(saved, "a checkpoint of this start") + self.rng.randint(
+        target = self.wait_for(saved, "a checkpoint of this start") + self.rng.randint(
             1, self.cfg.checkpoint.every_steps - 1)
-        self._wait(lambda: self._current()[-1].step >= target, f"step {target}")
+        self.wait_for(lambda: self.current()[-1].step >= target, f"step {target}")
 
     def wait_for_next_start(self) -> None:
         fault = self.faults[-1]
-        self._wait(lambda: any(g[0].wall > fault.at for g in attempts(read_reports(self.tensorboard))),
+        self.wait_for(lambda: any(g[0].wall > fault.at for g in attempts(read_reports(self.tensorboard))),
                    f"a start after {fault.kind}")
 
     def _worker(self) -> tuple[int, Any]:
@@ -333,7 +333,7 @@ class Disturber:
 
     def kill_in_save(self) -> None:
         self.exit_in_save.touch()
-        self._wait(lambda: not self.exit_in_save.exists(), "a save to die in")
+        self.wait_for(lambda: not self.exit_in_save.exists(), "a save to die in")
         self.faults.append(Fault("kill_in_save", time.time()))
 
     def remove_node(self, replace: bool = True) -> None:
@@ -346,14 +346,14 @@ class Disturber:
     def preempt(self) -> None:
         _, node = self._worker()
         self.cluster.drain_for_preemption(node, PREEMPTION_DEADLINE_S)
-        notice_step = self._current()[-1].step
+        notice_step = self.current()[-1].step
 
         def answered() -> int | None:
             steps = [m["step"] for m in registered_checkpoints(self.run_dir).values()
                      if m.get("preemption_checkpoint") and m["step"] > notice_step]
             return min(steps, default=None)
 
-        saved_step = self._wait(answered, "the checkpoint of the preemption notice")
+        saved_step = self.wait_for(answered, "the checkpoint of the preemption notice")
         self.cluster.remove(node)
         self.faults.append(Fault("preempt", time.time(), {"notice_step": notice_step, "checkpoint_step": saved_step}))
         self.cluster.add_train_node()
@@ -398,9 +398,12 @@ def elastic_run(cluster: ChaosCluster, storage: Path, overrides: list[str], seed
     (it grows back within ``ray.elastic_resize_interval_s``)."""
     while len(cluster.train_nodes) > 2:
         cluster.remove(cluster.train_nodes[-1])
+    while cluster.worker_pids():  # the last run's workers, on their way out
+        time.sleep(0.5)
     run = Disturber(cluster, storage, "elastic", [*overrides, "ray.num_workers=[1,2]",
                                                   "ray.elastic_resize_interval_s=5"], seed)
     run.start()
+    run.wait_for(lambda: run.current() and run.current()[-1].world_size == 2, "a start on 2 workers")
     run.wait_for_random_step()
     run.remove_node(replace=False)
     run.wait_for_next_start()
