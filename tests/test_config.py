@@ -65,6 +65,7 @@ def test_round_trip_through_dict():
         ("nosection.key=1", "nosection.key"),
         ("model.name=vit_enormous", "model.name"),
         ("ray.num_workers=[3,1]", "ray.num_workers"),
+        ("ray.elastic_resize_interval_s=0", "ray.elastic_resize_interval_s"),
         ("deepspeed.zero_stage=4", "deepspeed.zero_stage"),
         ("optimization.warmup_steps=100000", "optimization.warmup_steps"),
     ],

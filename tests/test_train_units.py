@@ -240,3 +240,17 @@ def test_rng_file_of_the_older_format_is_not_unpickled_and_the_rank_keeps_its_rn
     restore_rng(tmp_path, 0)
     assert torch.equal(torch.rand(3), drawn)
     restore_rng(tmp_path, 1)
+
+
+def test_workers_take_their_node_labels_resources_resize_interval_and_fault_hook_from_the_driver(monkeypatch):
+    from vjepa_ray.train.checkpoint import EXIT_IN_SAVE_ENV
+    from vjepa_ray.train.trainer import scaling_config, worker_env
+
+    cfg = load_config(None, ["ray.num_workers=[1,2]", "ray.worker_label_selector={vjepa-role: train}",
+                             "ray.worker_resources={train_slot: 1}", "ray.elastic_resize_interval_s=5"])
+    scaling = scaling_config(cfg)
+    assert scaling.label_selector == {"vjepa-role": "train"} and scaling.elastic_resize_monitor_interval_s == 5
+    assert scaling.resources_per_worker == {"CPU": 1, "train_slot": 1}
+    assert EXIT_IN_SAVE_ENV not in worker_env(cfg)
+    monkeypatch.setenv(EXIT_IN_SAVE_ENV, "/tmp/marker")
+    assert worker_env(cfg)[EXIT_IN_SAVE_ENV] == "/tmp/marker"

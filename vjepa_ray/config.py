@@ -71,6 +71,12 @@ class RayConfig:
     storage_path: str = "~/vjepa_runs"
     # Joins this cluster; empty = RAY_ADDRESS / a running `ray start`, else a new local cluster.
     address: str = ""
+    # How often an elastic run that has fewer than its most workers checks whether more would fit now.
+    elastic_resize_interval_s: float = 60.0
+    # Ray node labels the Train workers require, e.g. {vjepa-role: train}, to keep them off decode nodes.
+    worker_label_selector: dict[str, str] = field(default_factory=dict)
+    # Custom resources every Train worker requires beside its CPUs (and GPU), e.g. {train_slot: 1}.
+    worker_resources: dict[str, float] = field(default_factory=dict)
 
     def worker_range(self) -> tuple[int, int]:
         """(min, max) workers; equal for a fixed-size run."""
@@ -90,6 +96,7 @@ class RayConfig:
                           "num_workers", f"expected an int >= 1 or [min, max], got {workers!r}")
         check.require(self.cpus_per_worker >= 1, "cpus_per_worker", "must be >= 1")
         check.require(self.max_failures >= -1, "max_failures", "must be >= 0, or -1 for no limit")
+        check.require(self.elastic_resize_interval_s > 0, "elastic_resize_interval_s", "must be > 0")
 
 
 @dataclass

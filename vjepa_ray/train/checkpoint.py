@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import pickle
 import random
 import shutil
@@ -52,6 +53,7 @@ DEEPSPEED_DIR = "deepspeed"
 DEEPSPEED_TAG = "state"
 TRAIN_STATE = runs.CHECKPOINT_MARKER
 CONFIG_FILE = "config.yaml"
+EXIT_IN_SAVE_ENV = "VJEPA_RAY_FAULT_EXIT_IN_SAVE"  # see _exit_if_armed
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,7 @@ def save(folder: str | Path, engine, target: TargetEncoder, state: TrainState, r
     # The universal-checkpoint info lets ds_to_universal re-shard ZeRO 1-2 optimizer state later.
     engine.save_checkpoint(str(folder / DEEPSPEED_DIR), tag=DEEPSPEED_TAG,
                            client_state={"universal_checkpoint_info": {}})
+    _exit_if_armed()
     target.save(folder, rank)
     (folder / "rng").mkdir(exist_ok=True)
     torch.save(rng_state(), folder / "rng" / f"rank_{rank:05d}.pt")
@@ -135,6 +138,22 @@ def save(folder: str | Path, engine, target: TargetEncoder, state: TrainState, r
         (folder / TRAIN_STATE).write_text(state.to_json())
         (folder / CONFIG_FILE).write_text(config_yaml)
     manifest.write(folder, rank, state.world_size)
+
+
+def _exit_if_armed() -> None:
+    """Fault injection (``python -m vjepa_ray.bench chaos`` and its test): while the file that
+    ``$VJEPA_RAY_FAULT_EXIT_IN_SAVE`` names exists, the first rank to reach here removes it and dies, half-way
+    through writing a checkpoint (DeepSpeed's shards written, the EMA target, RNG and manifest not), as a
+    worker lost in the middle of a save."""
+    marker = os.environ.get(EXIT_IN_SAVE_ENV)
+    if not marker:
+        return
+    try:
+        os.unlink(marker)
+    except FileNotFoundError:
+        return
+    log.warning("%s: exiting in the middle of a checkpoint save", EXIT_IN_SAVE_ENV)
+    os._exit(1)
 
 
 def needs_universal(saved: TrainState, world_size: int, cfg: Config) -> bool:

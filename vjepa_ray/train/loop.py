@@ -86,6 +86,7 @@ class Run:
         self.restored_digest: str | None = None
         # Damaged checkpoints this start skipped: a new save must not take one's name (runs.checkpoint_dir_name).
         self.damaged: list[str] = []
+        self.answered_notice = None  # the preemption notice (ray.train.PreemptionInfo) last checkpointed for
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
         self.local_rank = context.get_local_rank()
@@ -161,8 +162,6 @@ class Run:
                      ", resharded via a universal checkpoint" if universal else "")
 
     def train(self) -> None:
-        import ray.train
-
         state = self._start()
         resumed_step = state.step
         if not state.world_sizes or state.world_sizes[-1] != self.world_size:
@@ -187,7 +186,9 @@ class Run:
             out = self.step(batches, state.step, meter)
             state.step += 1
             step = state.step
-            if step % cfg.logging.every_steps and not saves.due(step):
+            preempted = self._new_preemption_notice(step)
+            checkpoint = saves.due(step, preempted)
+            if step % cfg.logging.every_steps and not checkpoint:
                 continue
             metrics = meter.reduce(self.device)
             meter.reset()
@@ -198,7 +199,7 @@ class Run:
                            skipped_videos=state.skipped_videos, world_size=self.world_size,
                            global_batch=self.plan.global_batch, micro_batch=self.plan.micro_batch,
                            grad_accum=self.plan.grad_accum, resumed_from_step=resumed_step,
-                           state_bytes_per_rank=memory["total"])
+                           state_bytes_per_rank=memory["total"], preemption_checkpoint=int(preempted))
             if self.restored_digest is not None:
                 metrics["restored_state_digest"] = self.restored_digest
             if self.rank == 0:
@@ -206,12 +207,27 @@ class Run:
                 warning = collapse_warning(metrics["target_feature_std"], cfg.logging.collapse_std_threshold)
                 if warning:
                     log.warning(warning)
-            # A preemption notice (a barrier: every rank asks at the same steps) brings the next checkpoint
-            # forward to now.
-            preempted = ray.train.get_preemption_info() is not None
-            if preempted and self.rank == 0:
-                log.warning("preemption notice at step %d: checkpointing now", step)
-            self._report(state, metrics, checkpoint=saves.due(step, preempted), stream=stream)
+            self._report(state, metrics, checkpoint=checkpoint, stream=stream)
+
+    def _new_preemption_notice(self, step: int) -> bool:
+        """Whether a node of this worker group was drained for preemption since the last step and no checkpoint
+        answered that notice yet: the run then checkpoints now, not at the next scheduled save, and trains on
+        until the node goes (Ray Train restarts the group from that checkpoint).
+
+        Asked after every step, the notice's deadline may be under a minute; a barrier (Ray agrees on rank 0's
+        answer), so every rank asks at every step. A notice stays set until the group restarts: one save per
+        notice.
+        """
+        import ray.train
+
+        notice = ray.train.get_preemption_info()
+        if notice is None or notice == self.answered_notice:
+            return False
+        self.answered_notice = notice
+        if self.rank == 0:
+            log.warning("preemption notice at step %d (nodes %s, deadline %s ms): checkpointing now", step,
+                        notice.preempted_node_ids, notice.deadline_ms)
+        return True
 
     def _report(self, state: ckpt.TrainState, metrics: dict[str, Any], checkpoint: bool,
                 stream: Stream | None = None) -> None:

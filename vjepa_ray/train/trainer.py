@@ -3,30 +3,34 @@
 All of them take their workers, per-worker resources, worker environment, failure and checkpoint
 settings and storage from the same config keys (``ray.*``, ``checkpoint.num_to_keep``), so they cannot
 disagree. What a worker may ask of the cluster is decided in ``resources_per_worker``; node selection
-(label selectors for training nodes) belongs next to it in ``scaling_config``.
+(``ray.worker_label_selector``) in ``scaling_config``.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from vjepa_ray import runs
 from vjepa_ray.config import Config
+from vjepa_ray.train.checkpoint import EXIT_IN_SAVE_ENV
 from vjepa_ray.worker_env import MALLOC_ENV
 
 
 def resources_per_worker(cfg: Config) -> dict[str, float]:
-    """One worker's share of a node: ``ray.cpus_per_worker`` CPUs and a GPU if used; custom resources go here."""
-    return {"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if cfg.ray.use_gpu else {})}
+    """One worker's share of a node: ``ray.cpus_per_worker`` CPUs, a GPU if used, and ``ray.worker_resources``."""
+    return {"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if cfg.ray.use_gpu else {}), **cfg.ray.worker_resources}
 
 
 def worker_env(cfg: Config, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment of every worker process: DeepSpeed's accelerator and the allocator settings.
 
-    Thread counts are left to Ray, which sets ``OMP_NUM_THREADS`` to a worker's whole CPUs.
+    Thread counts are left to Ray, which sets ``OMP_NUM_THREADS`` to a worker's whole CPUs. The chaos
+    bench's fault injection (``EXIT_IN_SAVE_ENV``) passes from the driver's environment to the workers.
     """
-    return {"DS_ACCELERATOR": "cuda" if cfg.ray.use_gpu else "cpu", **MALLOC_ENV, **(extra or {})}
+    faults = {EXIT_IN_SAVE_ENV: os.environ[EXIT_IN_SAVE_ENV]} if EXIT_IN_SAVE_ENV in os.environ else {}
+    return {"DS_ACCELERATOR": "cuda" if cfg.ray.use_gpu else "cpu", **MALLOC_ENV, **faults, **(extra or {})}
 
 
 def scaling_config(cfg: Config, elastic: bool = True):
@@ -37,7 +41,9 @@ def scaling_config(cfg: Config, elastic: bool = True):
     low, high = cfg.ray.worker_range()
     workers = (low, high) if elastic and low != high else high
     return ray.train.ScalingConfig(num_workers=workers, use_gpu=cfg.ray.use_gpu,
-                                   resources_per_worker=resources_per_worker(cfg))
+                                   resources_per_worker=resources_per_worker(cfg),
+                                   label_selector=dict(cfg.ray.worker_label_selector) or None,
+                                   elastic_resize_monitor_interval_s=cfg.ray.elastic_resize_interval_s)
 
 
 def build_trainer(cfg: Config, train_func: Callable[[dict[str, Any]], None], train_loop_config: dict[str, Any], *,

@@ -1,0 +1,441 @@
+"""Chaos: a run that loses workers, a node, a preempted node, its driver and a checkpoint, against the same
+run undisturbed; then an elastic run shrunk and grown.
+
+Everything runs on a ``ray.cluster_utils.Cluster`` on this machine: a head with no CPUs (drivers, Train
+controllers), training nodes of one CPU (one worker each) and a decode node, with the tiny model in fp32 on
+real video files (generated with PyAV, decoded by Ray Data). Every run is ``python -m vjepa_ray.pretrain`` in a
+process of its own, so that its driver can be killed and the same command run again. The faults, in order,
+each injected at a random step after the first checkpoint of the worker group then running:
+
+- ``kill_worker``: SIGKILL of a Train worker.
+- ``kill_in_save``: a worker dies in the middle of writing a checkpoint (``checkpoint.EXIT_IN_SAVE_ENV``).
+- ``remove_node``: a training node disappears (a fresh one joins, as an autoscaler would replace it).
+- ``preempt``: a training node is drained for preemption (``DRAIN_NODE_REASON_PREEMPTION``, 60 s deadline),
+  and removed once the checkpoint the notice brought forward is registered.
+- ``kill_driver``: SIGKILL of the driver process, then the same command again.
+- ``damage_checkpoint``: after the run finished, its last checkpoint loses a shard's tail and its
+  ``train_state.json``, and the same command runs again (it resumes from the checkpoint before).
+
+JSON: ``undisturbed_s`` and ``chaos_s`` (wall time of the undisturbed run and of the disturbed one, all its
+drivers), ``wall_s_lost`` (the difference), ``restarts`` (worker-group starts after the first), ``faults`` (per
+fault: ``step``, the last step reported before it; ``resumed_from``; ``steps_recomputed``; ``wall_s_lost``, from
+the last report before the fault to the first report past its step), ``preemption`` (the step at the notice and
+the step of the checkpoint it brought forward), ``weights_equal`` (final encoder, predictor and EMA target
+bitwise equal to the undisturbed run's: the fixed-size run promises it) and ``elastic`` (world sizes and
+restarts of a ``[1, 2]`` run that loses a node and gets one back; its promise is weaker, see README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from vjepa_ray import runs
+from vjepa_ray.config import Config, builtin_config_path, load_config
+from vjepa_ray.train.checkpoint import DEEPSPEED_DIR, DEEPSPEED_TAG, EXIT_IN_SAVE_ENV, TRAIN_STATE
+
+log = logging.getLogger(__name__)
+
+ROLE = "vjepa-role"  # node label: train or decode
+TRAIN_SLOT = "train_slot"  # a custom resource: one per training node
+FAULTS = ("kill_worker", "kill_in_save", "kill_worker", "remove_node", "preempt", "kill_worker", "kill_driver",
+          "damage_checkpoint")
+# The run every fault plan disturbs: 16 videos of 2 clips per chunk, 4 steps per chunk on 2 workers, so that
+# saves every 3 steps fall in the middle of chunks. Every step is reported (the faults watch the steps).
+RUN_OVERRIDES = (
+    "data.synthetic_videos=16", "data.chunk_size=16", "model.pred_depth=2", "deepspeed.precision=fp32",
+    "deepspeed.zero_stage=2", "optimization.warmup_steps=2", "checkpoint.every_steps=3",
+    "checkpoint.num_to_keep=3", "logging.every_steps=1", "ray.num_workers=2", "ray.max_failures=20",
+    f"ray.worker_label_selector={{{ROLE}: train}}", f"data.decode_label_selector={{{ROLE}: decode}}",
+    # Ray 2.60's elastic policy counts every node's CPUs as room for workers, label selector or not: a resource
+    # only training nodes have keeps it from planning workers onto the decode node.
+    f"ray.worker_resources={{{TRAIN_SLOT}: 1}}",
+)
+PREEMPTION_DEADLINE_S = 60
+# How often Ray Train looks for drained nodes (default 5 s): the notice should reach the run within a step.
+PREEMPTION_POLL_S = "0.2"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--steps", type=int, default=42, help="optimizer steps of the disturbed run")
+    parser.add_argument("--faults", nargs="+", default=list(FAULTS), choices=sorted(set(FAULTS)),
+                        help="faults of the fixed-size run, in order (default: all)")
+    parser.add_argument("--no-elastic", dest="elastic", action="store_false", help="skip the elastic run")
+    parser.add_argument("--seed", type=int, default=0, help="chooses the steps and workers the faults hit")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """One ``ray.train.report`` of a run, as its TensorBoard files hold it."""
+
+    wall: float
+    step: int
+    resumed_from: int
+    world_size: int
+
+
+def read_reports(tensorboard_dir: str | Path) -> list[Report]:
+    """Every report of a run, in the order written (all drivers' event files)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    reports = []
+    for events in Path(tensorboard_dir).glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        if "train/resumed_from_step" not in acc.Tags()["scalars"]:
+            continue
+        sizes = {e.step: int(e.value) for e in acc.Scalars("train/world_size")}
+        reports += [Report(e.wall_time, e.step, int(e.value), sizes.get(e.step, 0))
+                    for e in acc.Scalars("train/resumed_from_step")]
+    return sorted(reports, key=lambda r: r.wall)
+
+
+def attempts(reports: list[Report]) -> list[list[Report]]:
+    """Reports grouped by start of the worker group: a start resumes from another step than the one before,
+    or repeats a step. (A start that failed before its first report leaves no trace here.)"""
+    groups: list[list[Report]] = []
+    for report in reports:
+        last = groups[-1][-1] if groups else None
+        if last is None or report.resumed_from != last.resumed_from or report.step <= last.step:
+            groups.append([])
+        groups[-1].append(report)
+    return groups
+
+
+def registered_checkpoints(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """The checkpoints Ray Train has registered (all ranks' files in place), oldest first: name -> the metrics
+    reported with it."""
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {c["checkpoint_dir_name"]: c["metrics"] for c in snapshot.get("checkpoint_results", [])}
+
+
+class ChaosCluster:
+    """A ``ray.cluster_utils.Cluster``: a head with no CPUs, one-CPU training nodes (one worker each) and a
+    decode node, told apart by the label ``vjepa-role``."""
+
+    def __init__(self, train_nodes: int, decode_cpus: int = 2, object_store_bytes: int = 200 << 20):
+        from ray.cluster_utils import Cluster
+
+        self.node_args = {"num_cpus": 1, "resources": {TRAIN_SLOT: 1}, "object_store_memory": object_store_bytes,
+                          "labels": {ROLE: "train"}}
+        self.cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 0, "object_store_memory": object_store_bytes, "include_dashboard": False})
+        self.train_nodes = [self.cluster.add_node(**self.node_args) for _ in range(train_nodes)]
+        self.cluster.add_node(num_cpus=decode_cpus, object_store_memory=object_store_bytes, labels={ROLE: "decode"})
+        self.cluster.wait_for_nodes()
+
+    @property
+    def address(self) -> str:
+        return self.cluster.address
+
+    def add_train_node(self) -> None:
+        self.train_nodes.append(self.cluster.add_node(**self.node_args))
+        self.cluster.wait_for_nodes()
+
+    def remove(self, node) -> None:
+        self.train_nodes.remove(node)
+        self.cluster.remove_node(node, allow_graceful=False)
+
+    def worker_pids(self) -> dict[int, Any]:
+        """Train worker processes by pid, with the node each runs on (its raylet's child)."""
+        import psutil
+
+        out = {}
+        for node in self.train_nodes:
+            raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
+            for proc in raylet.children(recursive=True):
+                try:
+                    if "RayTrainWorker" in " ".join(proc.cmdline()):
+                        out[proc.pid] = node
+                except psutil.Error:
+                    continue
+        return out
+
+    def drain_for_preemption(self, node, deadline_s: float) -> None:
+        """What ``ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION --reason-message spot
+        --deadline-remaining-seconds N`` asks of the GCS (the call autoscaler v2 makes on a spot reclaim)."""
+        import ray._raylet
+        from ray.core.generated import autoscaler_pb2
+
+        gcs = ray._raylet.GcsClient(address=self.address)
+        accepted, why = gcs.drain_node(node.node_id,
+                                       autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
+                                       "spot", int((time.time() + deadline_s) * 1000))
+        if not accepted:
+            raise RuntimeError(f"the drain of node {node.node_id} was refused: {why}")
+
+    def shutdown(self) -> None:
+        self.cluster.shutdown()
+
+
+class Driver:
+    """``python -m vjepa_ray.pretrain OVERRIDES`` on the cluster, in a process of its own."""
+
+    def __init__(self, cluster: ChaosCluster, overrides: list[str], log_file: Path, exit_in_save: Path):
+        env = {**os.environ, "RAY_ADDRESS": cluster.address, "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": PREEMPTION_POLL_S,
+               EXIT_IN_SAVE_ENV: str(exit_in_save)}
+        with log_file.open("a") as out:
+            self.process = subprocess.Popen([sys.executable, "-m", "vjepa_ray.pretrain", *overrides], env=env,
+                                            stdout=out, stderr=subprocess.STDOUT)
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+    def wait(self, timeout_s: float) -> int:
+        return self.process.wait(timeout=timeout_s)
+
+
+@dataclasses.dataclass
+class Fault:
+    kind: str
+    at: float  # when it took effect (unix time)
+    details: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class ChaosRun:
+    """A run under a fault plan, as ``Disturber.run`` leaves it."""
+
+    cfg: Config
+    faults: list[Fault]
+    elapsed_s: float
+    summary: dict[str, Any]  # the last driver's summary.json
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(runs.run_dir(self.cfg))
+
+    def reports(self) -> list[Report]:
+        return read_reports(runs.tensorboard_dir(self.cfg))
+
+    def fault_costs(self) -> list[dict[str, Any]]:
+        """Per fault: the last step reported before it, the step the next start resumed from, steps done twice,
+        and the seconds from the last report before the fault to the first report of that step again (or past it)."""
+        groups = attempts(self.reports())
+        costs = []
+        for fault in self.faults:
+            before = max((g for g in groups if g[0].wall < fault.at), key=lambda g: g[0].wall)
+            after = min((g for g in groups if g[0].wall > fault.at), key=lambda g: g[0].wall)
+            last = max((r for r in before if r.wall < fault.at), key=lambda r: r.wall)
+            regained = [r for g in groups if g[0].wall >= after[0].wall for r in g if r.step >= last.step]
+            costs.append({"kind": fault.kind, "step": last.step, "resumed_from": after[0].resumed_from,
+                          "steps_recomputed": last.step - after[0].resumed_from,
+                          "wall_s_lost": round(min(r.wall for r in regained) - last.wall, 1),
+                          **fault.details})
+        return costs
+
+
+class Disturber:
+    """Runs a config's ``python -m vjepa_ray.pretrain`` on the cluster and injects faults into it."""
+
+    def __init__(self, cluster: ChaosCluster, storage: Path, name: str, overrides: list[str], seed: int):
+        self.cluster, self.storage = cluster, storage
+        self.command = [*overrides, f"ray.storage_path={storage}", f"meta.name={name}"]
+        self.cfg = load_config(builtin_config_path("local_demo"), self.command)
+        self.tensorboard, self.run_dir = runs.tensorboard_dir(self.cfg), Path(runs.run_dir(self.cfg))
+        self.rng = random.Random(seed)
+        self.log_file = storage / f"{name}.log"
+        # While this file exists, the next rank to save a checkpoint dies in the middle (EXIT_IN_SAVE_ENV).
+        self.exit_in_save = storage / f"{name}.exit_in_save"
+        self.driver: Driver | None = None
+        self.faults: list[Fault] = []
+        self.started = self.elapsed_s = 0.0
+
+    def start(self) -> None:
+        self.started = time.time()
+        self.driver = Driver(self.cluster, self.command, self.log_file, self.exit_in_save)
+
+    def finish(self, timeout_s: float = 1800) -> dict[str, Any]:
+        rc = self.driver.wait(timeout_s)
+        self.elapsed_s += time.time() - self.started
+        summary = json.loads((self.run_dir / "summary.json").read_text())
+        if rc != 0:
+            raise RuntimeError(f"run {self.cfg.meta.name} ended with {rc}: {summary.get('error')}; see {self.log_file}")
+        return summary
+
+    def run(self, faults: list[str]) -> ChaosRun:
+        self.start()
+        for kind in faults:
+            if kind == "damage_checkpoint":
+                self.finish()
+                self._damage_latest_checkpoint()
+                self.start()
+                continue
+            self.wait_for_random_step()
+            getattr(self, kind)()
+            self.wait_for_next_start()
+        summary = self.finish()
+        return ChaosRun(self.cfg, self.faults, round(self.elapsed_s, 1), summary)
+
+    # What the faults wait for: the running start's progress, from the run's TensorBoard files.
+
+    def current(self) -> list[Report]:
+        groups = attempts(read_reports(self.tensorboard))
+        return groups[-1] if groups else []
+
+    def wait_for(self, condition, what: str, timeout_s: float = 900) -> Any:
+        deadline = time.time() + timeout_s
+        while not (value := condition()):
+            if self.driver.process.poll() is not None:
+                raise RuntimeError(f"the run ended while waiting for {what}; see {self.log_file}")
+            if time.time() > deadline:
+                raise TimeoutError(f"no {what} after {timeout_s} s; see {self.log_file}")
+            time.sleep(0.2)
+        return value
+
+    def wait_for_random_step(self) -> None:
+        """Until the running start has registered a checkpoint of its own (so that every start makes progress),
+        then a random 1 to ``checkpoint.every_steps - 1`` steps more."""
+        def saved() -> int | None:
+            current = self.current()
+            steps = [m["step"] for m in registered_checkpoints(self.run_dir).values()
+                     if current and m["step"] > current[0].resumed_from]
+            return max(steps, default=None)
+
+        target = self.wait_for(saved, "a checkpoint of this start") + self.rng.randint(
+            1, self.cfg.checkpoint.every_steps - 1)
+        self.wait_for(lambda: self.current()[-1].step >= target, f"step {target}")
+
+    def wait_for_next_start(self) -> None:
+        fault = self.faults[-1]
+        self.wait_for(lambda: any(g[0].wall > fault.at for g in attempts(read_reports(self.tensorboard))),
+                   f"a start after {fault.kind}")
+
+    def _worker(self) -> tuple[int, Any]:
+        workers = self.cluster.worker_pids()
+        pid = self.rng.choice(sorted(workers))
+        return pid, workers[pid]
+
+    # The faults.
+
+    def kill_worker(self) -> None:
+        pid, _ = self._worker()
+        os.kill(pid, signal.SIGKILL)
+        self.faults.append(Fault("kill_worker", time.time()))
+
+    def kill_in_save(self) -> None:
+        self.exit_in_save.touch()
+        self.wait_for(lambda: not self.exit_in_save.exists(), "a save to die in")
+        self.faults.append(Fault("kill_in_save", time.time()))
+
+    def remove_node(self, replace: bool = True) -> None:
+        _, node = self._worker()
+        self.cluster.remove(node)
+        self.faults.append(Fault("remove_node", time.time()))
+        if replace:
+            self.cluster.add_train_node()
+
+    def preempt(self) -> None:
+        _, node = self._worker()
+        self.cluster.drain_for_preemption(node, PREEMPTION_DEADLINE_S)
+        notice_step = self.current()[-1].step
+
+        def answered() -> int | None:
+            steps = [m["step"] for m in registered_checkpoints(self.run_dir).values()
+                     if m.get("preemption_checkpoint") and m["step"] > notice_step]
+            return min(steps, default=None)
+
+        saved_step = self.wait_for(answered, "the checkpoint of the preemption notice")
+        self.cluster.remove(node)
+        self.faults.append(Fault("preempt", time.time(), {"notice_step": notice_step, "checkpoint_step": saved_step}))
+        self.cluster.add_train_node()
+
+    def kill_driver(self) -> None:
+        self.driver.kill()
+        self.elapsed_s += time.time() - self.started
+        self.faults.append(Fault("kill_driver", time.time()))
+        self.start()  # the same command again
+
+    def _damage_latest_checkpoint(self) -> None:
+        """A truncated optimizer shard and no ``train_state.json`` in the run's last checkpoint."""
+        latest = self.run_dir / list(registered_checkpoints(self.run_dir))[-1]
+        shard = next((latest / DEEPSPEED_DIR / DEEPSPEED_TAG).glob("*optim_states.pt"))
+        shard.write_bytes(shard.read_bytes()[:1000])
+        (latest / TRAIN_STATE).unlink()
+        self.faults.append(Fault("damage_checkpoint", time.time(), {"damaged": latest.name}))
+
+
+def undisturbed(cluster: ChaosCluster, storage: Path, overrides: list[str]) -> tuple[dict[str, Any], float]:
+    """The run with no faults: its summary and wall time."""
+    run = Disturber(cluster, storage, "undisturbed", overrides, seed=0)
+    run.start()
+    summary = run.finish()
+    return summary, round(run.elapsed_s, 1)
+
+
+def weights_equal(want_checkpoint: str, got_checkpoint: str) -> dict[str, bool]:
+    """Per model of two training checkpoints: every tensor bitwise equal."""
+    import torch
+
+    from vjepa_ray.train.checkpoint import read_model_weights
+
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's checkpoint reader prints; stdout is the JSON
+        want, got = read_model_weights(want_checkpoint), read_model_weights(got_checkpoint)
+    return {key: want[key].keys() == got[key].keys() and all(torch.equal(want[key][n], got[key][n]) for n in want[key])
+            for key in want}
+
+
+def elastic_run(cluster: ChaosCluster, storage: Path, overrides: list[str], seed: int) -> dict[str, Any]:
+    """A ``[1, 2]`` run on two training nodes: one is removed (the run shrinks to one worker), a new one joins
+    (it grows back within ``ray.elastic_resize_interval_s``)."""
+    while len(cluster.train_nodes) > 2:
+        cluster.remove(cluster.train_nodes[-1])
+    while cluster.worker_pids():  # the last run's workers, on their way out
+        time.sleep(0.5)
+    run = Disturber(cluster, storage, "elastic", [*overrides, "ray.num_workers=[1,2]",
+                                                  "ray.elastic_resize_interval_s=5"], seed)
+    run.start()
+    run.wait_for(lambda: run.current() and run.current()[-1].world_size == 2, "a start on 2 workers")
+    run.wait_for_random_step()
+    run.remove_node(replace=False)
+    run.wait_for_next_start()
+    run.wait_for_random_step()
+    cluster.add_train_node()
+    summary = run.finish()
+    groups = attempts(read_reports(run.tensorboard))
+    return {"status": summary["status"], "steps": summary["steps"], "wall_s": round(run.elapsed_s, 1),
+            "world_sizes": [g[0].world_size for g in groups], "resumed_from": [g[0].resumed_from for g in groups],
+            "restarts": len(groups) - 1, "global_batch": summary["global_batch"]}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    storage = Path(tempfile.mkdtemp(prefix="vjepa_bench_chaos_"))
+    overrides = [*RUN_OVERRIDES, f"data.paths=[{storage / 'videos'}]", f"optimization.total_steps={args.steps}",
+                 *args.overrides]
+    cluster = ChaosCluster(train_nodes=3)
+    try:
+        want, undisturbed_s = undisturbed(cluster, storage, overrides)
+        chaos = Disturber(cluster, storage, "chaos", overrides, args.seed).run(args.faults)
+        out = {
+            "undisturbed_s": undisturbed_s,
+            "chaos_s": chaos.elapsed_s,
+            "wall_s_lost": round(chaos.elapsed_s - undisturbed_s, 1),
+            "restarts": len(attempts(chaos.reports())) - 1,
+            "faults": chaos.fault_costs(),
+            "weights_equal": weights_equal(want["checkpoint"], chaos.summary["checkpoint"]),
+            "steps": chaos.summary["steps"],
+        }
+        if args.elastic:
+            out["elastic"] = elastic_run(cluster, storage, overrides, args.seed)
+        return out
+    finally:
+        cluster.shutdown()
+        shutil.rmtree(storage, ignore_errors=True)
