@@ -184,26 +184,3 @@ def test_training_reads_the_prepared_shards_end_to_end(ray_local, capsys, tmp_pa
     assert summary["status"] == "finished" and summary["steps"] == 2
     assert summary["skipped_videos"] == 0 and summary["final_loss"] > 0
 
-
-@pytest.mark.slow
-def test_sources_and_shards_on_s3(ray_s3, s3_bucket, capsys, tmp_path):
-    """A labelled manifest of videos in a bucket, prepared into shards in the same bucket, read back as
-    training reads them (moto's S3 server on loopback)."""
-    import boto3
-
-    frames = moving_pattern(24, 48, 64, np.random.default_rng(1))
-    bucket = s3_bucket.removeprefix("s3://")
-    client = boto3.client("s3")
-    for name in ("a.mp4", "b.mkv"):
-        write_video(tmp_path / name, frames, fps=25)
-        client.upload_file(str(tmp_path / name), bucket, f"raw/{name}")
-    client.put_object(Bucket=bucket, Key="raw/train.csv", Body=b"a.mp4 3\nb.mkv 5\nmissing.mp4 7\n")
-
-    dest = f"{s3_bucket}/prepared"
-    code, report = prepare(capsys, f"{s3_bucket}/raw/train.csv", "--out", dest, "--short-side", "32")
-    assert code == 0 and report["counts"] == {"ok": 2, "missing": 1}
-    refs = list_videos([dest])
-    assert [(r.member, r.label) for r in refs] == [("000000000.mp4", 3), ("000000001.mp4", 5)]
-    # Nothing partial left behind (pyarrow marks the folder itself with an empty "prepared/" object).
-    keys = {item["Key"] for item in client.list_objects_v2(Bucket=bucket, Prefix="prepared/")["Contents"]}
-    assert keys - {"prepared/"} == {"prepared/manifest.json", "prepared/shard-000000.tar", "prepared/shard-000000.json"}

@@ -18,8 +18,8 @@ each injected at a random step after the first checkpoint of the worker group th
 
 JSON: ``undisturbed_s`` and ``chaos_s`` (wall time of the undisturbed run and of the disturbed one, all its
 drivers), ``wall_s_lost`` (the difference), ``restarts`` (worker-group starts after the first), ``faults`` (per
-fault: ``step``, the last step reported before it; ``resumed_from``; ``steps_recomputed``; ``wall_s_lost``, from
-the last report before the fault to the first report past its step), ``preemption`` (the step at the notice and
+fault: ``step``, the last step reported before the next start; ``resumed_from``; ``steps_recomputed``;
+``wall_s_lost``, from that last report to the first report past its step), ``preemption`` (the step at the notice and
 the step of the checkpoint it brought forward), ``weights_equal`` (final encoder, predictor and EMA target
 bitwise equal to the undisturbed run's: the fixed-size run promises it) and ``elastic`` (world sizes and
 restarts of a ``[1, 2]`` run that loses a node and gets one back; its promise is weaker, see README).
@@ -227,14 +227,16 @@ class ChaosRun:
         return read_reports(runs.tensorboard_dir(self.cfg))
 
     def fault_costs(self) -> list[dict[str, Any]]:
-        """Per fault: the last step reported before it, the step the next start resumed from, steps done twice,
-        and the seconds from the last report before the fault to the first report of that step again (or past it)."""
+        """Per fault: the last step reported before the next start, the step that start resumed from, steps done
+        twice, and the seconds from that last report to the first report of that step again (or past it)."""
         groups = attempts(self.reports())
         costs = []
         for fault in self.faults:
             before = max((g for g in groups if g[0].wall < fault.at), key=lambda g: g[0].wall)
             after = min((g for g in groups if g[0].wall > fault.at), key=lambda g: g[0].wall)
-            last = max((r for r in before if r.wall < fault.at), key=lambda r: r.wall)
+            # The last step reached before the next start: a preempted run goes on until its node is gone, and
+            # the report of the step whose checkpoint answered the notice may land after the fault is recorded.
+            last = max((r for r in before if r.wall < after[0].wall), key=lambda r: r.wall)
             regained = [r for g in groups if g[0].wall >= after[0].wall for r in g if r.step >= last.step]
             costs.append({"kind": fault.kind, "step": last.step, "resumed_from": after[0].resumed_from,
                           "steps_recomputed": last.step - after[0].resumed_from,
