@@ -42,10 +42,6 @@ def clip_groups(clips: Clips) -> tuple[torch.Tensor, ...]:
     return (clips,) if isinstance(clips, torch.Tensor) else tuple(clips)
 
 
-def count_clips(clips: Clips) -> int:
-    return sum(len(group) for group in clip_groups(clips))
-
-
 def take_clips(clips: Clips, size: int) -> Clips:
     """The first ``size`` clips of a micro batch (in group order), in the same form."""
     if isinstance(clips, torch.Tensor):
