@@ -142,20 +142,22 @@ def exported_ray_metrics(run: str) -> dict[str, float]:
             for sample in family.samples if sample.name in wanted and sample.labels.get("run") == run}
 
 
-def watch_ray_metrics(run: str, thread: threading.Thread, ready: Callable[[dict[str, float]], bool]) -> dict:
+def watch_ray_metrics(run: str, thread: threading.Thread, ready: Callable[[dict[str, float]], bool],
+                      timeout_s: float = 600) -> dict:
     """The last export of run ``run``'s metrics, taken while the run lasts, that is ``ready``; {} if none was.
 
     Read during the run: the gauges of a process vanish from the export soon after it ends.
     """
     last: dict[str, float] = {}
-    while thread.is_alive():
+    deadline = time.time() + timeout_s
+    while thread.is_alive() and time.time() < deadline:
+        time.sleep(0.5)
         try:
             export = exported_ray_metrics(run)
         except OSError:  # a busy agent: the next read
             continue
         if ready(export):
             last = export
-        time.sleep(0.5)
     return last
 
 
