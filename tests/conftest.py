@@ -17,8 +17,10 @@ def _start_local_ray():
     import ray
 
     # address="local": always a cluster of our own, never one a `ray start` left running on the machine.
+    # Metrics reach the node's Prometheus export every second (default 10 s), so a test run can read its own.
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
+             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}},
+             _system_config={"metrics_report_interval_ms": 1000})
     return ray
 
 

@@ -14,7 +14,9 @@ import signal
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
+from typing import Callable
 
 import psutil
 import pytest
@@ -27,6 +29,7 @@ from vjepa_ray.recipe.step import JepaStep, MicroBatch, init_networks
 from vjepa_ray.train import driver
 from vjepa_ray.train.checkpoint import TRAIN_STATE
 from vjepa_ray.train.elastic import global_batch_size, plan_batch
+from vjepa_ray.train.ray_metrics import METRIC_NAMES, prometheus_name
 from vjepa_ray.train.synthetic_stream import SyntheticClipStream, synthetic_clips
 
 pytestmark = pytest.mark.slow
@@ -125,6 +128,39 @@ def train_worker_pids() -> list[int]:
     return pids
 
 
+def exported_ray_metrics(run: str) -> dict[str, float]:
+    """Our Ray metrics of run ``run`` as the local node's metrics agent exports them to Prometheus right now."""
+    import ray
+    from prometheus_client.parser import text_string_to_metric_families
+
+    node = ray._private.worker.global_worker.node
+    url = f"http://{node.node_ip_address}:{node.metrics_export_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    wanted = {prometheus_name(name) for name in METRIC_NAMES}
+    return {sample.name: sample.value for family in text_string_to_metric_families(text)
+            for sample in family.samples if sample.name in wanted and sample.labels.get("run") == run}
+
+
+def watch_ray_metrics(run: str, thread: threading.Thread, ready: Callable[[dict[str, float]], bool],
+                      timeout_s: float = 600) -> dict:
+    """The last export of run ``run``'s metrics, taken while the run lasts, that is ``ready``; {} if none was.
+
+    Read during the run: the gauges of a process vanish from the export soon after it ends.
+    """
+    last: dict[str, float] = {}
+    deadline = time.time() + timeout_s
+    while thread.is_alive() and time.time() < deadline:
+        time.sleep(0.5)
+        try:
+            export = exported_ray_metrics(run)
+        except OSError:  # a busy agent: the next read
+            continue
+        if ready(export):
+            last = export
+    return last
+
+
 def resumed_digest_matches_saved(summary: dict, storage: Path, name: str) -> None:
     resumed = summary["starts"][-1]["step"]
     saved = json.loads((storage / name / f"step_{resumed:08d}" / TRAIN_STATE).read_text())
@@ -139,6 +175,8 @@ def test_zero2_killed_worker_resumes_from_checkpoint_and_ema_matches_reference(r
     pids = train_worker_pids()
     assert len(pids) == 2
     os.kill(pids[-1], signal.SIGKILL)
+    exported = watch_ray_metrics(
+        "zero2_kill", thread, lambda export: len(export) == len(METRIC_NAMES) and export["ray_vjepa_train_restarts"])
     thread.join(timeout=600)
     summary = out[0]
 
@@ -148,6 +186,14 @@ def test_zero2_killed_worker_resumes_from_checkpoint_and_ema_matches_reference(r
     assert summary["world_sizes"] == [2, 2]
     losses = losses_from_tensorboard(summary["tensorboard"])
     assert losses[-1][0] == 12 and losses[-1][1] < losses[0][1]
+    # Ray metrics, exported while the run lasted after its restart: the figures of a report it made.
+    assert exported, "no export of the run's Ray metrics after its restart"
+    assert exported["ray_vjepa_train_restarts"] == 1
+    step = int(exported["ray_vjepa_train_step"])
+    assert exported["ray_vjepa_train_loss"] == pytest.approx(dict(losses)[step], rel=1e-6)
+    assert exported["ray_vjepa_train_clips_per_s"] > 0 and 0 <= exported["ray_vjepa_train_data_wait_share"] <= 1
+    assert exported["ray_vjepa_train_target_feature_std"] > cfg.logging.collapse_std_threshold
+    assert exported["ray_vjepa_train_lr"] > 0 and exported["ray_vjepa_train_skipped_videos"] == 0
     # Resumed exactly: the EMA after all 12 steps is the uninterrupted one-process reference's.
     assert_target_matches_reference(summary["checkpoint"], reference_weights(cfg, 2, 12)["target_encoder"],
                                     initial_target(cfg))

@@ -20,6 +20,7 @@ from vjepa_ray.data.demo import prepare_demo_videos
 from vjepa_ray.train.checkpoint import check_start_from
 from vjepa_ray.train.elastic import check_elastic_batch, global_batch_size
 from vjepa_ray.train.loop import StreamFactory, train_func
+from vjepa_ray.train.ray_metrics import RESTARTS, RayMetricsCallback, restarts_gauge
 from vjepa_ray.train.recovery import check_run_folder
 from vjepa_ray.train.trainer import build_trainer
 from vjepa_ray.train.weights import read_initial_weights
@@ -87,26 +88,29 @@ def _absolute(path: str) -> str:
     return path if runs.is_uri(path) else str(Path(path).expanduser().resolve())
 
 
-def _tracker():
+def _tracker(run_name: str):
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     @ray.remote(num_cpus=0)
     class RunTracker:
-        """Counts the starts of the worker group (restarts, world sizes, the step each resumed from)."""
+        """Counts the starts of the worker group (restarts, world sizes, the step each resumed from); exports
+        the restarts as a Ray metric."""
 
-        def __init__(self):
+        def __init__(self, run_name: str):
             self.starts: list[dict[str, int]] = []
+            self.restarts = restarts_gauge(run_name)
 
         def started(self, world_size: int, step: int) -> None:
             self.starts.append({"world_size": world_size, "step": step})
+            self.restarts.set({RESTARTS: len(self.starts) - 1})
 
         def get(self) -> list[dict[str, int]]:
             return self.starts
 
     # On the driver's node: it must outlive any worker node.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    return RunTracker.options(scheduling_strategy=here).remote()
+    return RunTracker.options(scheduling_strategy=here).remote(run_name)
 
 
 def _last_result(folder: str):
@@ -141,12 +145,13 @@ def run(cfg: Config, *, stream_factory: StreamFactory | None = None, verify_rest
     check_run_folder(cfg)
     prepare_demo_videos(cfg)
     cluster.connect(cfg)
-    tracker = _tracker()
+    tracker = _tracker(cfg.meta.name)
     folder, tensorboard = runs.run_dir(cfg), runs.tensorboard_dir(cfg)
     trainer = build_trainer(
         cfg, train_func,
         {"cfg": to_dict(cfg), "stream_factory": stream_factory, "tracker": tracker, "verify_restore": verify_restore},
-        name=cfg.meta.name, callbacks=[TensorBoardCallback(tensorboard), *(callbacks or [])], extra_env=extra_env)
+        name=cfg.meta.name, callbacks=[TensorBoardCallback(tensorboard), RayMetricsCallback(cfg.meta.name),
+                                       *(callbacks or [])], extra_env=extra_env)
     low, high = cfg.ray.worker_range()
     log.info("run %s: %s workers, global batch %d, results in %s", cfg.meta.name,
              low if low == high else f"{low}-{high}", global_batch_size(cfg), folder)
