@@ -79,16 +79,17 @@ class SimulatedCluster:
     """A ``ray.cluster_utils.Cluster``: a head with no CPUs, ``train_nodes`` training nodes of ``train_cpus``
     CPUs and ``train_resources`` each, and ``decode_nodes`` decode nodes of ``decode_cpus`` CPUs each. The
     defaults are the chaos bench's: one-CPU training nodes with a ``train_slot`` (one worker each) and a decode
-    node of two CPUs."""
+    node of two CPUs. ``dashboard`` starts Ray's dashboard, which serves the state API (``ray.util.state``)."""
 
     def __init__(self, train_nodes: int, *, train_cpus: float = 1, train_resources: Mapping[str, float] | None = None,
-                 decode_nodes: int = 1, decode_cpus: int = 2, object_store_bytes: int = 200 << 20):
+                 decode_nodes: int = 1, decode_cpus: int = 2, object_store_bytes: int = 200 << 20,
+                 dashboard: bool = False):
         from ray.cluster_utils import Cluster
 
         self.node_args = {"num_cpus": train_cpus, "resources": dict(train_resources or {TRAIN_SLOT: 1}),
                           "object_store_memory": object_store_bytes, "labels": {ROLE: "train"}}
         self.cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 0, "object_store_memory": object_store_bytes, "include_dashboard": False})
+            "num_cpus": 0, "object_store_memory": object_store_bytes, "include_dashboard": dashboard})
         self.train_nodes = [self.cluster.add_node(**self.node_args) for _ in range(train_nodes)]
         self.decode_nodes = [self.cluster.add_node(num_cpus=decode_cpus, object_store_memory=object_store_bytes,
                                                    labels={ROLE: "decode"}) for _ in range(decode_nodes)]

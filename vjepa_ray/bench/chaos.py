@@ -281,17 +281,20 @@ def weights_equal(want_checkpoint: str, got_checkpoint: str) -> dict[str, bool]:
             for key in want}
 
 
-def elastic_run(cluster: SimulatedCluster, storage: Path, overrides: list[str], seed: int) -> dict[str, Any]:
-    """A ``[1, 2]`` run on two training nodes: one is removed (the run shrinks to one worker), a new one joins
-    (it grows back within ``ray.elastic_resize_interval_s``)."""
-    while len(cluster.train_nodes) > 2:
+def elastic_run(cluster: SimulatedCluster, storage: Path, overrides: list[str], seed: int, *,
+                workers: tuple[int, int] = (1, 2), train_nodes: int = 2) -> dict[str, Any]:
+    """A ``[low, high]`` run (``workers``) on ``train_nodes`` training nodes that hold ``high`` workers: a node
+    is removed (the run shrinks to the ``low`` workers the others hold), a new one joins (it grows back within
+    ``ray.elastic_resize_interval_s``)."""
+    low, high = workers
+    while len(cluster.train_nodes) > train_nodes:
         cluster.remove(cluster.train_nodes[-1])
     while cluster.worker_pids():  # the last run's workers, on their way out
         time.sleep(0.5)
-    run = Disturber(cluster, storage, "elastic", [*overrides, "ray.num_workers=[1,2]",
+    run = Disturber(cluster, storage, "elastic", [*overrides, f"ray.num_workers=[{low},{high}]",
                                                   "ray.elastic_resize_interval_s=5"], seed)
     run.start()
-    run.wait_for(lambda: run.current() and run.current()[-1].world_size == 2, "a start on 2 workers")
+    run.wait_for(lambda: run.current() and run.current()[-1].world_size == high, f"a start on {high} workers")
     run.wait_for_random_step()
     run.remove_node(replace=False)
     run.wait_for_next_start()
@@ -301,7 +304,8 @@ def elastic_run(cluster: SimulatedCluster, storage: Path, overrides: list[str], 
     groups = attempts(read_reports(run.tensorboard))
     return {"status": summary["status"], "steps": summary["steps"], "wall_s": round(run.elapsed_s, 1),
             "world_sizes": [g[0].world_size for g in groups], "resumed_from": [g[0].resumed_from for g in groups],
-            "restarts": len(groups) - 1, "global_batch": summary["global_batch"]}
+            "global_batches": [g[0].global_batch for g in groups], "restarts": len(groups) - 1,
+            "global_batch": summary["global_batch"]}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
