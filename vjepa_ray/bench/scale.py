@@ -24,7 +24,8 @@ step, and the bench reports:
 - ``clips_disjoint``: every rank's clips of every chunk of an epoch, as ``ClipStream.share`` assigns them at
   that world size, shared by no other rank.
 
-With ``--elastic`` (default) a last run, ``[W - workers per node, W]`` at the largest ``W``, loses a training
+A count whose run fails (workers killed by Ray's memory monitor, say) is reported with ``status`` "failed" and
+its error. With ``--elastic`` (default) a last run, ``[W - workers per node, W]`` at the largest ``W``, loses a training
 node and gets it back (``chaos.elastic_run``): its world sizes and global batch per start (``elastic``).
 
 Memory bounds the largest count this machine holds: each worker is a process with torch and DeepSpeed
@@ -238,7 +239,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if not out["runs"]:  # made before any run is timed
                 prepare_demo_videos(load_config(builtin_config_path("local_demo"), [*overrides, *batch]))
             log.info("scale: %d workers", workers)
-            out["runs"].append(measure(cluster, storage, [*overrides, *batch], workers))
+            try:
+                out["runs"].append(measure(cluster, storage, [*overrides, *batch], workers))
+            except RuntimeError as err:  # e.g. workers killed by Ray's memory monitor: the count did not fit
+                log.warning("scale: %d workers failed: %s", workers, err)
+                out["runs"].append({"workers": workers, "status": "failed", "error": str(err)[:300]})
         if args.elastic and largest > per_node:
             elastic = [f"optimization.global_batch_size={largest * args.clips_per_worker}",
                        f"optimization.total_steps={args.elastic_steps}", "checkpoint.every_steps=3"]
