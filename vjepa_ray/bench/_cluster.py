@@ -81,7 +81,7 @@ class SimulatedCluster:
     defaults are the chaos bench's: one-CPU training nodes with a ``train_slot`` (one worker each) and a decode
     node of two CPUs. ``dashboard`` starts Ray's dashboard, which serves the state API (``ray.util.state``)."""
 
-    def __init__(self, train_nodes: int, *, train_cpus: float = 1, train_resources: Mapping[str, float] | None = None,
+    def __init__(self, train_nodes: int, *, train_cpus: int = 1, train_resources: Mapping[str, float] | None = None,
                  decode_nodes: int = 1, decode_cpus: int = 2, object_store_bytes: int = 200 << 20,
                  dashboard: bool = False):
         from ray.cluster_utils import Cluster

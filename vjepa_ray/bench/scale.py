@@ -226,7 +226,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     largest = max(args.workers)
     overrides = [*RUN_OVERRIDES, f"data.paths=[{storage / 'videos'}]", f"ray.cpus_per_worker={args.cpus_per_worker}",
                  f"data.batch_size={args.clips_per_worker}", *args.overrides]
-    cluster = SimulatedCluster(math.ceil(largest / per_node), train_cpus=per_node * args.cpus_per_worker,
+    # A node's CPUs are whole; its simulated GPUs are what limit it to ``per_node`` workers.
+    cluster = SimulatedCluster(math.ceil(largest / per_node), train_cpus=math.ceil(per_node * args.cpus_per_worker),
                                train_resources={SIM_GPU: per_node}, decode_nodes=args.decode_nodes, decode_cpus=1,
                                dashboard=True)
     try:
