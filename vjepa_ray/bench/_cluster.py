@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -75,6 +76,12 @@ def registered_checkpoints(run_dir: Path) -> dict[str, dict[str, Any]]:
     return {c["checkpoint_dir_name"]: c["metrics"] for c in snapshot.get("checkpoint_results", [])}
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class SimulatedCluster:
     """A ``ray.cluster_utils.Cluster``: a head with no CPUs, ``train_nodes`` training nodes of ``train_cpus``
     CPUs and ``train_resources`` each, and ``decode_nodes`` decode nodes of ``decode_cpus`` CPUs each. The
@@ -88,8 +95,10 @@ class SimulatedCluster:
 
         self.node_args = {"num_cpus": train_cpus, "resources": dict(train_resources or {TRAIN_SLOT: 1}),
                           "object_store_memory": object_store_bytes, "labels": {ROLE: "train"}}
+        # A free port of its own: Ray's default (8265) may belong to another cluster on this machine.
+        ports = {"dashboard_port": _free_port()} if dashboard else {}
         self.cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 0, "object_store_memory": object_store_bytes, "include_dashboard": dashboard})
+            "num_cpus": 0, "object_store_memory": object_store_bytes, "include_dashboard": dashboard, **ports})
         self.train_nodes = [self.cluster.add_node(**self.node_args) for _ in range(train_nodes)]
         self.decode_nodes = [self.cluster.add_node(num_cpus=decode_cpus, object_store_memory=object_store_bytes,
                                                    labels={ROLE: "decode"}) for _ in range(decode_nodes)]
