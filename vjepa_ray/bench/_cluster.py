@@ -14,7 +14,6 @@ import dataclasses
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -76,29 +75,20 @@ def registered_checkpoints(run_dir: Path) -> dict[str, dict[str, Any]]:
     return {c["checkpoint_dir_name"]: c["metrics"] for c in snapshot.get("checkpoint_results", [])}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class SimulatedCluster:
     """A ``ray.cluster_utils.Cluster``: a head with no CPUs, ``train_nodes`` training nodes of ``train_cpus``
     CPUs and ``train_resources`` each, and ``decode_nodes`` decode nodes of ``decode_cpus`` CPUs each. The
     defaults are the chaos bench's: one-CPU training nodes with a ``train_slot`` (one worker each) and a decode
-    node of two CPUs. ``dashboard`` starts Ray's dashboard, which serves the state API (``ray.util.state``)."""
+    node of two CPUs."""
 
     def __init__(self, train_nodes: int, *, train_cpus: int = 1, train_resources: Mapping[str, float] | None = None,
-                 decode_nodes: int = 1, decode_cpus: int = 2, object_store_bytes: int = 200 << 20,
-                 dashboard: bool = False):
+                 decode_nodes: int = 1, decode_cpus: int = 2, object_store_bytes: int = 200 << 20):
         from ray.cluster_utils import Cluster
 
         self.node_args = {"num_cpus": train_cpus, "resources": dict(train_resources or {TRAIN_SLOT: 1}),
                           "object_store_memory": object_store_bytes, "labels": {ROLE: "train"}}
-        # A free port of its own: Ray's default (8265) may belong to another cluster on this machine.
-        ports = {"dashboard_port": _free_port()} if dashboard else {}
         self.cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 0, "object_store_memory": object_store_bytes, "include_dashboard": dashboard, **ports})
+            "num_cpus": 0, "object_store_memory": object_store_bytes, "include_dashboard": False})
         self.train_nodes = [self.cluster.add_node(**self.node_args) for _ in range(train_nodes)]
         self.decode_nodes = [self.cluster.add_node(num_cpus=decode_cpus, object_store_memory=object_store_bytes,
                                                    labels={ROLE: "decode"}) for _ in range(decode_nodes)]
@@ -116,20 +106,25 @@ class SimulatedCluster:
         self.train_nodes.remove(node)
         self.cluster.remove_node(node, allow_graceful=False)
 
-    def worker_pids(self) -> dict[int, Any]:
-        """Train worker processes by pid, with the node each runs on (its raylet's child)."""
+    def processes(self, title: str) -> dict[int, Any]:
+        """Processes whose command line holds ``title`` (Ray retitles a worker ``ray::<actor or task>``), by
+        pid, with the node whose raylet started them. Read from the process table: no dashboard needed."""
         import psutil
 
         out = {}
-        for node in self.train_nodes:
+        for node in [self.cluster.head_node, *self.train_nodes, *self.decode_nodes]:
             raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
             for proc in raylet.children(recursive=True):
                 try:
-                    if "RayTrainWorker" in " ".join(proc.cmdline()):
+                    if title in " ".join(proc.cmdline()):
                         out[proc.pid] = node
                 except psutil.Error:
                     continue
         return out
+
+    def worker_pids(self) -> dict[int, Any]:
+        """Train worker processes by pid, with the node each runs on."""
+        return self.processes("RayTrainWorker")
 
     def drain_for_preemption(self, node, deadline_s: float) -> None:
         """What ``ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION --reason-message spot

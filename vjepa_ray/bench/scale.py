@@ -11,7 +11,7 @@ step, and the bench reports:
 - ``startup_s``: the driver process started -> the first step reported (Ray Train's worker group, DeepSpeed,
   the first decode); ``steps_per_s`` over the reports after the first, the last (its checkpoint) left out;
 - ``cpu_share``: CPU seconds over the run's wall time of the driver process and of the Train controller actor
-  (found with the Ray state API), and ``cores_by_role``, the cores every process of the cluster used over the
+  (found by its process title), and ``cores_by_role``, the cores every process of the cluster used over the
   timed steps (``bench._processes``);
 - ``worker_mb``: a Train worker's memory at its peak, resident (RSS) and its own (USS: RSS less the pages of
   libraries it shares with other workers), mean and max over workers, and
@@ -19,8 +19,9 @@ step, and the bench reports:
 - ``data_executions``: Ray Data executions the run started (as Ray Data's stats actor registered them) and
   ``per_epoch``: those over the epochs of the stream the run began (one per worker per epoch: each worker's
   ``ClipStream`` runs its own);
-- ``decode_tasks``: the run's decode tasks (Ray state API) and how many ran on a node other than a decode node;
-  ``workers_off_train_nodes``: Train workers placed elsewhere than a training node;
+- ``decode_processes``: worker processes seen running a decode task (Ray titles them after it; sampled every
+  second) and ``decode_off_decode_nodes``, those on a node other than a decode node;
+  ``workers_off_train_nodes``: nodes other than training nodes that Train workers were seen on;
 - ``clips_disjoint``: every rank's clips of every chunk of an epoch, as ``ClipStream.share`` assigns them at
   that world size, shared by no other rank.
 
@@ -74,14 +75,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 class RunWatch:
-    """Samples, every ``interval_s`` while a run goes on: the CPU seconds of its driver process and of its
-    Train controller actor, the memory of its Train workers, and the machine's available memory."""
+    """Samples, every ``interval_s`` while a run goes on, from the process table: the CPU seconds of its driver
+    process and of its Train controller actor, the memory of its Train workers, the nodes its decode task
+    processes run on, and the machine's available memory."""
 
     def __init__(self, cluster: SimulatedCluster, driver_pid: int, interval_s: float = 1.0):
-        self.cluster, self.driver_pid, self.interval_s = cluster, driver_pid, interval_s
-        self.controller: dict[str, Any] | None = None  # the controller actor's state (pid, job id)
+        self.cluster, self.interval_s = cluster, interval_s
+        self.pids: dict[str, int | None] = {"driver": driver_pid, "controller": None}
         self.cpu_s = {"driver": 0.0, "controller": 0.0}
         self.worker_memory: dict[int, tuple[int, int]] = {}  # peak (RSS, USS) bytes per worker pid
+        self.train_worker_nodes: set[str] = set()
+        self.decode_nodes: dict[int, str] = {}  # decode task process -> its node
         self.lowest_available = math.inf
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="run-watch", daemon=True)
@@ -98,37 +102,40 @@ class RunWatch:
         import psutil
 
         while not self._stop.wait(self.interval_s):
-            if self.controller is None:
-                self.controller = _controller_actor(self.cluster.address)
-            pids = {"driver": self.driver_pid, "controller": self.controller["pid"] if self.controller else None}
-            for role, pid in pids.items():
+            if self.pids["controller"] is None:
+                self.pids["controller"] = next(iter(self.cluster.processes("ray::TrainController")), None)
+            for role, pid in self.pids.items():
                 try:  # the last reading before the process ends stands
                     times = psutil.Process(pid).cpu_times() if pid else None
-                    if times is not None:
-                        self.cpu_s[role] = times.user + times.system
                 except psutil.Error:
-                    pass
-            for pid in self.cluster.worker_pids():
+                    continue
+                if times is not None:
+                    self.cpu_s[role] = times.user + times.system
+            for pid, node in self.cluster.worker_pids().items():
+                self.train_worker_nodes.add(node.node_id)
                 try:  # USS: what the process alone holds (RSS also counts the libraries workers share)
                     memory = psutil.Process(pid).memory_full_info()
                 except psutil.Error:
                     continue
                 rss, uss = self.worker_memory.get(pid, (0, 0))
                 self.worker_memory[pid] = (max(rss, memory.rss), max(uss, memory.uss))
+            # Ray retitles a worker process after the task it runs: Ray Data names the decode op's tasks so.
+            self.decode_nodes.update({pid: node.node_id for pid, node in self.cluster.processes("decode_rows").items()})
             self.lowest_available = min(self.lowest_available, psutil.virtual_memory().available)
 
+    def placement(self) -> dict[str, int]:
+        """Decode task processes seen, and those seen on a node other than a decode node; Train workers seen on
+        a node other than a training node."""
+        decode = {node.node_id for node in self.cluster.decode_nodes}
+        train = {node.node_id for node in self.cluster.train_nodes}
+        return {"decode_processes": len(self.decode_nodes),
+                "decode_off_decode_nodes": sum(node not in decode for node in self.decode_nodes.values()),
+                "workers_off_train_nodes": len(self.train_worker_nodes - train)}
 
-def _controller_actor(address: str) -> dict[str, Any] | None:
-    """The alive Train controller actor (its pid and job id), or None before it has started."""
-    from ray.util.state import list_actors
 
-    alive = list_actors(address, filters=[("class_name", "=", "TrainController"), ("state", "=", "ALIVE")],
-                        raise_on_missing_output=False)
-    return {"pid": alive[0].pid, "job_id": alive[0].job_id} if alive else None
-
-
-def data_executions(job_id: str) -> int:
-    """Ray Data executions a job started, as Ray Data's stats actor (one per cluster) registered them."""
+def data_executions(since: float) -> int:
+    """Ray Data executions registered since ``since`` (unix time) with Ray Data's stats actor (one per
+    cluster)."""
     import ray
     from ray.data._internal.stats import STATS_ACTOR_NAME, STATS_ACTOR_NAMESPACE
 
@@ -136,27 +143,7 @@ def data_executions(job_id: str) -> int:
         stats = ray.get_actor(STATS_ACTOR_NAME, namespace=STATS_ACTOR_NAMESPACE)
     except ValueError:  # no dataset ever ran
         return 0
-    return len(ray.get(stats.get_datasets.remote(job_id)))
-
-
-def decode_placement(cluster: SimulatedCluster, job_id: str) -> dict[str, int]:
-    """The job's decode tasks, and how many ran on a node other than a decode node (Ray state API)."""
-    from ray.util.state import list_tasks
-
-    decode_nodes = {node.node_id for node in cluster.decode_nodes}
-    tasks = [t for t in list_tasks(cluster.address, filters=[("job_id", "=", job_id)], limit=10_000,
-                                   raise_on_missing_output=False) if "decode_rows" in t.name and t.node_id]
-    return {"tasks": len(tasks), "off_decode_nodes": sum(t.node_id not in decode_nodes for t in tasks)}
-
-
-def workers_off_train_nodes(cluster: SimulatedCluster, job_id: str) -> int:
-    """The job's Train workers placed on a node other than a training node (Ray state API)."""
-    from ray.util.state import list_actors
-
-    train_nodes = {node.node_id for node in cluster.train_nodes}
-    workers = list_actors(cluster.address, filters=[("class_name", "=", "RayTrainWorker"), ("job_id", "=", job_id)],
-                          limit=10_000, raise_on_missing_output=False)
-    return sum(w.node_id not in train_nodes for w in workers)
+    return sum(d["start_time"] >= since for d in ray.get(stats.get_datasets.remote()).values())
 
 
 def epoch_shares(cfg: Config, world_size: int) -> tuple[int, bool, int]:
@@ -189,10 +176,9 @@ def measure(cluster: SimulatedCluster, storage: Path, overrides: list[str], work
     reports = attempts(read_reports(run.tensorboard))[-1]
     timed = reports[1:-1] if len(reports) > 2 else reports
     steps_per_s = (timed[-1].step - timed[0].step) / (timed[-1].wall - timed[0].wall) if len(timed) > 1 else None
-    job_id = watch.controller["job_id"]
     steps_per_epoch, disjoint, clips_per_rank = epoch_shares(run.cfg, workers)
     epochs = math.ceil(summary["steps"] / steps_per_epoch)
-    executions = data_executions(job_id)
+    executions = data_executions(run.started)
     rss, uss = ([m[i] / 2**20 for m in watch.worker_memory.values()] for i in (0, 1))
     return {
         "workers": workers,
@@ -208,8 +194,7 @@ def measure(cluster: SimulatedCluster, storage: Path, overrides: list[str], work
                       "uss_mean": round(statistics.mean(uss)), "uss_max": round(max(uss))} if rss else None,
         "memory_available_gb": round(watch.lowest_available / 2**30, 1),
         "data_executions": {"started": executions, "epochs": epochs, "per_epoch": round(executions / epochs, 1)},
-        "decode_tasks": decode_placement(cluster, job_id),
-        "workers_off_train_nodes": workers_off_train_nodes(cluster, job_id),
+        **watch.placement(),
         "clips_disjoint": disjoint,
         "clips_per_worker_per_epoch": clips_per_rank,
         "global_batch": summary["global_batch"],
@@ -228,10 +213,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                  f"data.batch_size={args.clips_per_worker}", *args.overrides]
     # A node's CPUs are whole; its simulated GPUs are what limit it to ``per_node`` workers.
     cluster = SimulatedCluster(math.ceil(largest / per_node), train_cpus=math.ceil(per_node * args.cpus_per_worker),
-                               train_resources={SIM_GPU: per_node}, decode_nodes=args.decode_nodes, decode_cpus=1,
-                               dashboard=True)
+                               train_resources={SIM_GPU: per_node}, decode_nodes=args.decode_nodes, decode_cpus=1)
     try:
-        ray.init(address=cluster.address, logging_level=logging.WARNING)  # for the state API and Data's stats
+        ray.init(address=cluster.address, logging_level=logging.WARNING)  # to ask Ray Data's stats actor
         out: dict[str, Any] = {"workers_per_node": per_node, "cpus_per_worker": args.cpus_per_worker,
                                "decode_nodes": args.decode_nodes, "runs": []}
         for workers in sorted(args.workers):
