@@ -232,9 +232,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.elastic and largest > per_node:
             elastic = [f"optimization.global_batch_size={largest * args.clips_per_worker}",
                        f"optimization.total_steps={args.elastic_steps}", "checkpoint.every_steps=3"]
-            out["elastic"] = elastic_run(cluster, storage, [*overrides, *elastic], seed=0,
-                                         workers=(largest - per_node, largest),
-                                         train_nodes=math.ceil(largest / per_node))
+            try:
+                out["elastic"] = elastic_run(cluster, storage, [*overrides, *elastic], seed=0,
+                                             workers=(largest - per_node, largest),
+                                             train_nodes=math.ceil(largest / per_node))
+            except (RuntimeError, TimeoutError) as err:
+                out["elastic"] = {"status": "failed", "error": str(err)[:300]}
         return out
     finally:
         ray.shutdown()
