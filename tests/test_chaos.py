@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from vjepa_ray.bench.chaos import RUN_OVERRIDES, ChaosCluster, Disturber, attempts, undisturbed, weights_equal
+from vjepa_ray.bench._cluster import SimulatedCluster
+from vjepa_ray.bench.chaos import RUN_OVERRIDES, Disturber, attempts, undisturbed, weights_equal
 from vjepa_ray.train import manifest
 
 pytestmark = pytest.mark.slow
@@ -30,7 +31,7 @@ def chaos(tmp_path_factory):
         ray.shutdown()
     storage = tmp_path_factory.mktemp("chaos")
     overrides = [*RUN_OVERRIDES, f"data.paths=[{storage / 'videos'}]", f"optimization.total_steps={STEPS}"]
-    cluster = ChaosCluster(train_nodes=3)
+    cluster = SimulatedCluster(train_nodes=3)
     try:
         want, _ = undisturbed(cluster, storage, overrides)
         disturbed = Disturber(cluster, storage, "chaos", overrides, seed=0).run(FAULTS)

@@ -205,17 +205,35 @@ def test_train_workers_get_disjoint_shares_and_equal_batch_counts(ray_local, vid
 
 
 @pytest.mark.slow
-def test_decoding_stays_on_cpu_nodes(ray_multinode, video_dir):
+def test_fractional_train_workers_and_their_decoding_stay_on_their_labelled_nodes(ray_multinode, video_dir, tmp_path):
     import ray
 
+    from vjepa_ray.config import load_config
+    from vjepa_ray.train.trainer import build_trainer
+
+    def _record_nodes(config: dict) -> None:  # nested: pickled by value (tests/ is not importable)
+        import ray.train
+
+        rank = ray.train.get_context().get_world_rank()
+        rows = build_clip_dataset(DataConfig(**config["data"]), seed=rank).iter_rows()
+        nodes = {"worker": ray.get_runtime_context().get_node_id(), "decode": sorted({r["decode_node"] for r in rows})}
+        Path(config["out"], f"rank{rank}.json").write_text(json.dumps(nodes))
+
     cpu_node = ray_multinode.add_node(num_cpus=2, labels={"node-type": "cpu"})
-    ray_multinode.add_node(num_cpus=2, num_gpus=1, labels={"node-type": "gpu"})
+    # A GPU node in all but its GPUs: one CPU and two simulated ones, for two workers of half a CPU each.
+    gpu_node = ray_multinode.add_node(num_cpus=1, resources={"sim_gpu": 2}, labels={"node-type": "gpu"})
     ray_multinode.wait_for_nodes()
     ray.init(address=ray_multinode.address, include_dashboard=False, log_to_driver=False)
     data = _data([video_dir], decode_label_selector={"node-type": "cpu"}, chunk_size=8)
     rows = list(build_clip_dataset(data, seed=0).iter_rows())
     assert len(rows) == 8 and all(r["clip"].shape == (FRAMES, CROP, CROP, 3) for r in rows)
     assert {r["decode_node"] for r in rows} == {cpu_node.node_id}
+
+    cfg = load_config(None, ["ray.num_workers=2", "ray.cpus_per_worker=0.5", "ray.worker_resources={sim_gpu: 1}",
+                             "ray.worker_label_selector={node-type: gpu}", f"ray.storage_path={tmp_path / 'runs'}"])
+    build_trainer(cfg, _record_nodes, {"data": dataclasses.asdict(data), "out": str(tmp_path)}, name="nodes").fit()
+    placed = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert placed == [{"worker": gpu_node.node_id, "decode": [cpu_node.node_id]}] * 2
 
 
 def _clips_in_order(batch) -> list[torch.Tensor]:

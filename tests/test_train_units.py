@@ -247,10 +247,12 @@ def test_workers_take_their_node_labels_resources_resize_interval_and_fault_hook
     from vjepa_ray.train.trainer import scaling_config, worker_env
 
     cfg = load_config(None, ["ray.num_workers=[1,2]", "ray.worker_label_selector={vjepa-role: train}",
-                             "ray.worker_resources={train_slot: 1}", "ray.elastic_resize_interval_s=5"])
+                             "ray.worker_resources={sim_gpu: 1}", "ray.elastic_resize_interval_s=5",
+                             "ray.cpus_per_worker=0.25"])
     scaling = scaling_config(cfg)
     assert scaling.label_selector == {"vjepa-role": "train"} and scaling.elastic_resize_monitor_interval_s == 5
-    assert scaling.resources_per_worker == {"CPU": 1, "train_slot": 1}
+    assert scaling.resources_per_worker == {"CPU": 0.25, "sim_gpu": 1}
+    assert cfg.ray.worker_threads() == 1  # what Ray gives a worker of under one CPU
     assert EXIT_IN_SAVE_ENV not in worker_env(cfg)
     monkeypatch.setenv(EXIT_IN_SAVE_ENV, "/tmp/marker")
     assert worker_env(cfg)[EXIT_IN_SAVE_ENV] == "/tmp/marker"

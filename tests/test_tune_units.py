@@ -110,6 +110,9 @@ def test_concurrency_follows_the_cluster():
     assert max_concurrent_trials(gpu, {"CPU": 64.0, "GPU": 8.0}) == 3  # 64 // (1 + 2 x 8 + 1) CPUs
     assert max_concurrent_trials(gpu, {"CPU": 640.0, "GPU": 8.0}) == 4  # 8 GPUs // 2 per trial
     assert max_concurrent_trials(demo("tune.max_concurrent_trials=3"), {"CPU": 1.0}) == 3
+    # Fractional workers: 0.5 + 4 x 0.25 + 0.5 = 2 CPUs per trial.
+    packed = demo("ray.num_workers=4", "ray.cpus_per_worker=0.25", "tune.driver_cpus=0.5", "data.decode_cpus=0.5")
+    assert max_concurrent_trials(packed, {"CPU": 8.0}) == 4
 
 
 def _rows():

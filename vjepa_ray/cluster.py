@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 from vjepa_ray.config import Config
@@ -22,5 +23,5 @@ def connect(cfg: Config) -> None:
     if address:
         ray.init(address=address)
         return
-    workers = cfg.ray.worker_range()[1] * cfg.ray.cpus_per_worker
+    workers = math.ceil(cfg.ray.worker_range()[1] * cfg.ray.cpus_per_worker)
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, workers + LOCAL_DECODE_CPUS))

@@ -66,7 +66,9 @@ class RayConfig:
     # int, or [min, max] for an elastic run (Train V2 then resizes between the two).
     num_workers: Any = 1
     use_gpu: bool = False
-    cpus_per_worker: int = 1
+    # CPUs each Train worker reserves; fractional (e.g. 0.25) packs several workers onto a CPU, as on a node
+    # whose accelerators do the math.
+    cpus_per_worker: float = 1.0
     max_failures: int = 3
     storage_path: str = "~/vjepa_runs"
     # Joins this cluster; empty = RAY_ADDRESS / a running `ray start`, else a new local cluster.
@@ -84,6 +86,10 @@ class RayConfig:
             return int(self.num_workers[0]), int(self.num_workers[1])
         return int(self.num_workers), int(self.num_workers)
 
+    def worker_threads(self) -> int:
+        """Threads of a worker's math: Ray sets ``OMP_NUM_THREADS`` to its whole CPUs, at least one."""
+        return max(1, int(self.cpus_per_worker))
+
     def validate(self, key: str) -> None:
         check = _SectionChecks(key)
         workers = self.num_workers
@@ -94,7 +100,8 @@ class RayConfig:
         else:
             check.require(isinstance(workers, int) and not isinstance(workers, bool) and workers >= 1,
                           "num_workers", f"expected an int >= 1 or [min, max], got {workers!r}")
-        check.require(self.cpus_per_worker >= 1, "cpus_per_worker", "must be >= 1")
+        check.require(math.isfinite(self.cpus_per_worker) and self.cpus_per_worker > 0, "cpus_per_worker",
+                      f"must be a number > 0, got {self.cpus_per_worker}")
         check.require(self.max_failures >= -1, "max_failures", "must be >= 0, or -1 for no limit")
         check.require(self.elastic_resize_interval_s > 0, "elastic_resize_interval_s", "must be > 0")
 

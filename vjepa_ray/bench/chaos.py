@@ -36,7 +36,6 @@ import os
 import random
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,13 +43,21 @@ from pathlib import Path
 from typing import Any
 
 from vjepa_ray import runs
+from vjepa_ray.bench._cluster import (
+    ROLE,
+    TRAIN_SLOT,
+    Driver,
+    Report,
+    SimulatedCluster,
+    attempts,
+    read_reports,
+    registered_checkpoints,
+)
 from vjepa_ray.config import Config, builtin_config_path, load_config
 from vjepa_ray.train.checkpoint import DEEPSPEED_DIR, DEEPSPEED_TAG, EXIT_IN_SAVE_ENV, TRAIN_STATE
 
 log = logging.getLogger(__name__)
 
-ROLE = "vjepa-role"  # node label: train or decode
-TRAIN_SLOT = "train_slot"  # a custom resource: one per training node
 FAULTS = ("kill_worker", "kill_in_save", "kill_worker", "remove_node", "preempt", "kill_worker", "kill_driver",
           "damage_checkpoint")
 # The run every fault plan disturbs: 16 videos of 2 clips per chunk, 4 steps per chunk on 2 workers, so that
@@ -76,131 +83,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-elastic", dest="elastic", action="store_false", help="skip the elastic run")
     parser.add_argument("--seed", type=int, default=0, help="chooses the steps and workers the faults hit")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
-
-
-@dataclasses.dataclass(frozen=True)
-class Report:
-    """One ``ray.train.report`` of a run, as its TensorBoard files hold it."""
-
-    wall: float
-    step: int
-    resumed_from: int
-    world_size: int
-
-
-def read_reports(tensorboard_dir: str | Path) -> list[Report]:
-    """Every report of a run, in the order written (all drivers' event files)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    reports = []
-    for events in Path(tensorboard_dir).glob("events.out.tfevents.*"):
-        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
-        acc.Reload()
-        if "train/resumed_from_step" not in acc.Tags()["scalars"]:
-            continue
-        sizes = {e.step: int(e.value) for e in acc.Scalars("train/world_size")}
-        reports += [Report(e.wall_time, e.step, int(e.value), sizes.get(e.step, 0))
-                    for e in acc.Scalars("train/resumed_from_step")]
-    return sorted(reports, key=lambda r: r.wall)
-
-
-def attempts(reports: list[Report]) -> list[list[Report]]:
-    """Reports grouped by start of the worker group: a start resumes from another step than the one before,
-    or repeats a step. (A start that failed before its first report leaves no trace here.)"""
-    groups: list[list[Report]] = []
-    for report in reports:
-        last = groups[-1][-1] if groups else None
-        if last is None or report.resumed_from != last.resumed_from or report.step <= last.step:
-            groups.append([])
-        groups[-1].append(report)
-    return groups
-
-
-def registered_checkpoints(run_dir: Path) -> dict[str, dict[str, Any]]:
-    """The checkpoints Ray Train has registered (all ranks' files in place), oldest first: name -> the metrics
-    reported with it."""
-    try:
-        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return {c["checkpoint_dir_name"]: c["metrics"] for c in snapshot.get("checkpoint_results", [])}
-
-
-class ChaosCluster:
-    """A ``ray.cluster_utils.Cluster``: a head with no CPUs, one-CPU training nodes (one worker each) and a
-    decode node, told apart by the label ``vjepa-role``."""
-
-    def __init__(self, train_nodes: int, decode_cpus: int = 2, object_store_bytes: int = 200 << 20):
-        from ray.cluster_utils import Cluster
-
-        self.node_args = {"num_cpus": 1, "resources": {TRAIN_SLOT: 1}, "object_store_memory": object_store_bytes,
-                          "labels": {ROLE: "train"}}
-        self.cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 0, "object_store_memory": object_store_bytes, "include_dashboard": False})
-        self.train_nodes = [self.cluster.add_node(**self.node_args) for _ in range(train_nodes)]
-        self.cluster.add_node(num_cpus=decode_cpus, object_store_memory=object_store_bytes, labels={ROLE: "decode"})
-        self.cluster.wait_for_nodes()
-
-    @property
-    def address(self) -> str:
-        return self.cluster.address
-
-    def add_train_node(self) -> None:
-        self.train_nodes.append(self.cluster.add_node(**self.node_args))
-        self.cluster.wait_for_nodes()
-
-    def remove(self, node) -> None:
-        self.train_nodes.remove(node)
-        self.cluster.remove_node(node, allow_graceful=False)
-
-    def worker_pids(self) -> dict[int, Any]:
-        """Train worker processes by pid, with the node each runs on (its raylet's child)."""
-        import psutil
-
-        out = {}
-        for node in self.train_nodes:
-            raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
-            for proc in raylet.children(recursive=True):
-                try:
-                    if "RayTrainWorker" in " ".join(proc.cmdline()):
-                        out[proc.pid] = node
-                except psutil.Error:
-                    continue
-        return out
-
-    def drain_for_preemption(self, node, deadline_s: float) -> None:
-        """What ``ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION --reason-message spot
-        --deadline-remaining-seconds N`` asks of the GCS (the call autoscaler v2 makes on a spot reclaim)."""
-        import ray._raylet
-        from ray.core.generated import autoscaler_pb2
-
-        gcs = ray._raylet.GcsClient(address=self.address)
-        accepted, why = gcs.drain_node(node.node_id,
-                                       autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
-                                       "spot", int((time.time() + deadline_s) * 1000))
-        if not accepted:
-            raise RuntimeError(f"the drain of node {node.node_id} was refused: {why}")
-
-    def shutdown(self) -> None:
-        self.cluster.shutdown()
-
-
-class Driver:
-    """``python -m vjepa_ray.pretrain OVERRIDES`` on the cluster, in a process of its own."""
-
-    def __init__(self, cluster: ChaosCluster, overrides: list[str], log_file: Path, exit_in_save: Path):
-        env = {**os.environ, "RAY_ADDRESS": cluster.address, "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": PREEMPTION_POLL_S,
-               EXIT_IN_SAVE_ENV: str(exit_in_save)}
-        with log_file.open("a") as out:
-            self.process = subprocess.Popen([sys.executable, "-m", "vjepa_ray.pretrain", *overrides], env=env,
-                                            stdout=out, stderr=subprocess.STDOUT)
-
-    def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait()
-
-    def wait(self, timeout_s: float) -> int:
-        return self.process.wait(timeout=timeout_s)
 
 
 @dataclasses.dataclass
@@ -248,7 +130,7 @@ class ChaosRun:
 class Disturber:
     """Runs a config's ``python -m vjepa_ray.pretrain`` on the cluster and injects faults into it."""
 
-    def __init__(self, cluster: ChaosCluster, storage: Path, name: str, overrides: list[str], seed: int):
+    def __init__(self, cluster: SimulatedCluster, storage: Path, name: str, overrides: list[str], seed: int):
         self.cluster, self.storage = cluster, storage
         self.command = [*overrides, f"ray.storage_path={storage}", f"meta.name={name}"]
         self.cfg = load_config(builtin_config_path("local_demo"), self.command)
@@ -263,7 +145,8 @@ class Disturber:
 
     def start(self) -> None:
         self.started = time.time()
-        self.driver = Driver(self.cluster, self.command, self.log_file, self.exit_in_save)
+        self.driver = Driver(self.cluster, self.command, self.log_file, {
+            "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": PREEMPTION_POLL_S, EXIT_IN_SAVE_ENV: str(self.exit_in_save)})
 
     def finish(self, timeout_s: float = 1800) -> dict[str, Any]:
         rc = self.driver.wait(timeout_s)
@@ -375,7 +258,7 @@ class Disturber:
         self.faults.append(Fault("damage_checkpoint", time.time(), {"damaged": latest.name}))
 
 
-def undisturbed(cluster: ChaosCluster, storage: Path, overrides: list[str]) -> tuple[dict[str, Any], float]:
+def undisturbed(cluster: SimulatedCluster, storage: Path, overrides: list[str]) -> tuple[dict[str, Any], float]:
     """The run with no faults: its summary and wall time (training alone: the videos are made before)."""
     from vjepa_ray.data.demo import prepare_demo_videos
 
@@ -398,17 +281,20 @@ def weights_equal(want_checkpoint: str, got_checkpoint: str) -> dict[str, bool]:
             for key in want}
 
 
-def elastic_run(cluster: ChaosCluster, storage: Path, overrides: list[str], seed: int) -> dict[str, Any]:
-    """A ``[1, 2]`` run on two training nodes: one is removed (the run shrinks to one worker), a new one joins
-    (it grows back within ``ray.elastic_resize_interval_s``)."""
-    while len(cluster.train_nodes) > 2:
+def elastic_run(cluster: SimulatedCluster, storage: Path, overrides: list[str], seed: int, *,
+                workers: tuple[int, int] = (1, 2), train_nodes: int = 2) -> dict[str, Any]:
+    """A ``[low, high]`` run (``workers``) on ``train_nodes`` training nodes that hold ``high`` workers: a node
+    is removed (the run shrinks to the ``low`` workers the others hold), a new one joins (it grows back within
+    ``ray.elastic_resize_interval_s``)."""
+    low, high = workers
+    while len(cluster.train_nodes) > train_nodes:
         cluster.remove(cluster.train_nodes[-1])
     while cluster.worker_pids():  # the last run's workers, on their way out
         time.sleep(0.5)
-    run = Disturber(cluster, storage, "elastic", [*overrides, "ray.num_workers=[1,2]",
+    run = Disturber(cluster, storage, "elastic", [*overrides, f"ray.num_workers=[{low},{high}]",
                                                   "ray.elastic_resize_interval_s=5"], seed)
     run.start()
-    run.wait_for(lambda: run.current() and run.current()[-1].world_size == 2, "a start on 2 workers")
+    run.wait_for(lambda: run.current() and run.current()[-1].world_size == high, f"a start on {high} workers")
     run.wait_for_random_step()
     run.remove_node(replace=False)
     run.wait_for_next_start()
@@ -418,14 +304,15 @@ def elastic_run(cluster: ChaosCluster, storage: Path, overrides: list[str], seed
     groups = attempts(read_reports(run.tensorboard))
     return {"status": summary["status"], "steps": summary["steps"], "wall_s": round(run.elapsed_s, 1),
             "world_sizes": [g[0].world_size for g in groups], "resumed_from": [g[0].resumed_from for g in groups],
-            "restarts": len(groups) - 1, "global_batch": summary["global_batch"]}
+            "global_batches": [g[0].global_batch for g in groups], "restarts": len(groups) - 1,
+            "global_batch": summary["global_batch"]}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     storage = Path(tempfile.mkdtemp(prefix="vjepa_bench_chaos_"))
     overrides = [*RUN_OVERRIDES, f"data.paths=[{storage / 'videos'}]", f"optimization.total_steps={args.steps}",
                  *args.overrides]
-    cluster = ChaosCluster(train_nodes=3)
+    cluster = SimulatedCluster(train_nodes=3)
     try:
         want, undisturbed_s = undisturbed(cluster, storage, overrides)
         chaos = Disturber(cluster, storage, "chaos", overrides, args.seed).run(args.faults)

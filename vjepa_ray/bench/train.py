@@ -5,7 +5,7 @@
   interval; clips come from the in-memory synthetic stream so that video decoding stays out of it.
 - ``local_steps_per_s``: the same step (same code, DeepSpeed engine, EMA, masks) in this process with no Ray
   and a world of one, on one worker's share of the machine: one worker's micro batch and
-  ``ray.cpus_per_worker`` threads. Perfect scaling would give the Ray run this rate, so
+  ``ray.cpus_per_worker`` threads (at least one). Perfect scaling would give the Ray run this rate, so
   ``ray_overhead`` = 1 - (Ray rate / this rate) is what Ray, the collectives, reporting and checkpointing
   cost. A shared machine's speed drifts over minutes, so each of ``--repeats`` Ray runs is compared with the
   mean of the one-process runs timed right before and right after it; the figures reported are the medians
@@ -16,7 +16,7 @@
   controller and other actors, this driver, and the training workers). Ray's own processes (all but the
   driver and the workers) take their cores from the machine the workers share, so each worker had
   ``runs.per_worker_share_cores`` = (machine cores - those) / workers, at most ``ray.cpus_per_worker``, and
-  perfect scaling would give the baseline rate times that share over ``ray.cpus_per_worker``. What remains
+  perfect scaling would give the baseline rate times that share over the baseline's threads. What remains
   is what Ray costs inside the workers and through the collectives (a rank that loses its core for a moment
   stalls its peers).
 - ``zero3_vs_zero0_bytes_per_rank``: bytes rank 0 holds for weights + optimizer state (fp32 masters and Adam
@@ -78,7 +78,7 @@ def _time_local_steps(cfg: Config, steps: int, warmup: int = 3) -> float:
     # What a launcher would set; DeepSpeed reads LOCAL_RANK.
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=0, world_size=1)
-    torch.set_num_threads(cfg.ray.cpus_per_worker)
+    torch.set_num_threads(cfg.ray.worker_threads())
     try:
         plan = plan_batch(cfg.data.batch_size, cfg.data.batch_size, 1)
         step = TrainStep(cfg, plan, rank=0, device=torch.device("cpu"))
@@ -176,7 +176,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             shares.append(per_worker_share(cores[-1], rate.workers, cfg.ray.cpus_per_worker))
             overheads.append(1 - rate.steps_per_s / local)
             overheads_in_share.append(None if shares[-1] is None else
-                                      1 - rate.steps_per_s / (local * shares[-1] / cfg.ray.cpus_per_worker))
+                                      1 - rate.steps_per_s / (local * shares[-1] / cfg.ray.worker_threads()))
         zero_bytes = {}
         for stage in (0, 3):
             summary = _ray_run(_config(args, storage, f"zero{stage}_bytes", f"deepspeed.zero_stage={stage}",
@@ -198,7 +198,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                  "per_worker_share_cores": [None if c is None else round(c, 3) for c in shares],
                  "cores_used_by_role": [{role: round(used, 3) for role, used in c.items()} for c in cores]},
         "workers": cfg.ray.num_workers,
-        "threads_per_worker": cfg.ray.cpus_per_worker,
+        "threads_per_worker": cfg.ray.worker_threads(),
         "global_batch": global_batch_size(cfg),
         "zero0_bytes_per_rank": zero_bytes[0],
         "zero3_bytes_per_rank": zero_bytes[3],
