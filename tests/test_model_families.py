@@ -14,8 +14,8 @@ from vjepa_ray.config import ConfigError, load_config
 from vjepa_ray.eval import loop
 from vjepa_ray.export import main as export_main
 from vjepa_ray.models import build_encoder, build_models, load_pretrained, load_pretrained_predictor
-from vjepa_ray.models.pos_embed import sincos_3d
 from vjepa_ray.models.hf import read_hf_folder
+from vjepa_ray.models.pos_embed import sincos_3d
 from vjepa_ray.models.predictor import Predictor
 from vjepa_ray.models.pretrained import build_empty, load_state_checked
 from vjepa_ray.models.rope import Rotary3D, rotate
