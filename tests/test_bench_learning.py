@@ -7,6 +7,7 @@ import argparse
 import numpy as np
 
 from vjepa_ray.bench import learning
+from vjepa_ray.recipe.schedules import ema_momentum_at, lr_at
 
 
 def test_toy_run_reports_each_grid_point_as_the_mean_of_its_probe_initialisations(tmp_path):
@@ -29,3 +30,21 @@ def test_toy_run_reports_each_grid_point_as_the_mean_of_its_probe_initialisation
         assert result[f"{encoder}_top1"] == max(means.values())
     assert len(result["pretrain_loss_first_last"]) == 2
     assert result["settings"]["probe_seeds"] == 2
+    assert result["settings"]["schedule"] == "cosine"  # V-JEPA 1's, the default family's
+
+
+def _parsed(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    learning.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_pretraining_follows_the_familys_schedule_unless_one_is_given():
+    lr = 1.5e-4
+    cosine = learning.pretrain_optimization(_parsed())
+    constant = learning.pretrain_optimization(_parsed("--family", "vjepa2"))
+    assert (cosine.schedule, constant.schedule) == ("cosine", "constant")
+    last = constant.total_steps - 1
+    assert lr_at(last, constant) == lr and ema_momentum_at(last, constant) == 0.998  # held after the warmup
+    assert lr_at(last, cosine) < lr / 10 and ema_momentum_at(last, cosine) > 0.9999
+    assert learning.pretrain_optimization(_parsed("--family", "vjepa2", "--schedule", "cosine")).schedule == "cosine"

@@ -14,6 +14,7 @@ from vjepa_ray.config import ConfigError, load_config
 from vjepa_ray.eval import loop
 from vjepa_ray.export import main as export_main
 from vjepa_ray.models import build_encoder, build_models, load_pretrained, load_pretrained_predictor
+from vjepa_ray.models.hf import read_hf_folder
 from vjepa_ray.models.pos_embed import sincos_3d
 from vjepa_ray.models.predictor import Predictor
 from vjepa_ray.models.pretrained import build_empty, load_state_checked
@@ -331,3 +332,23 @@ def test_our_weights_round_trip_through_a_hugging_face_folder_that_transformers_
     with torch.no_grad():
         assert (encoder(x) - hf_features(reread, x)).abs().max() <= 1e-4
     assert export_main(["to-hf", "--input", str(ours), "--output", str(back), *config[1:]]) == 1  # vjepa1: refused
+
+
+def test_our_vjepa2_predictor_equals_hugging_faces_at_the_same_token_ids(tmp_path):
+    """Hugging Face's predictor runs the release's math (context and mask tokens sorted by token id, rotated by
+    their ids); ours, given the same weights, ids and mask token, predicts the same features."""
+    model, folder = hf_model(tmp_path)
+    _, _, weights = read_hf_folder(folder)
+    predictor = Predictor((2, 2, 2), 192, 48, 2, num_heads=4, num_mask_tokens=10, family="vjepa2")
+    predictor.load_state_dict(weights, strict=True)
+    gen = torch.Generator().manual_seed(0)
+    # Unsorted ids, targets interleaved with the context: the sort must not leak into positions.
+    ids = torch.stack([torch.randperm(8, generator=gen) for _ in range(2)])
+    context_ids, target_ids = ids[:, :5], ids[:, 5:]
+    encoder_out = torch.randn(2, 8, 192, generator=gen)
+    with torch.no_grad():
+        # Hugging Face gathers the context from the full sequence and uses mask token 1 by default.
+        expected = model.predictor(encoder_out, [context_ids], [target_ids]).last_hidden_state
+        ours = predictor(torch.gather(encoder_out, 1, context_ids.unsqueeze(-1).expand(-1, -1, 192)), context_ids,
+                         target_ids, mask_index=1)
+    assert (ours - expected).abs().max() <= 1e-4

@@ -40,6 +40,10 @@ from vjepa_ray.video.labelled_synthetic import MOTION_CLASSES, make_labelled_mot
 
 log = logging.getLogger(__name__)
 
+# Each family's own pretraining schedule: V-JEPA 1 decays its LR along a cosine (and grows the EMA momentum),
+# V-JEPA 2 holds both after the warmup.
+FAMILY_SCHEDULES = {"vjepa1": "cosine", "vjepa2": "constant"}
+
 
 class _SettingsFile(argparse.Action):
     """``--config FILE``: a YAML mapping of this figure's options (``steps: 2000``); later flags win."""
@@ -81,14 +85,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--pred-dim", type=int, default=48)
     a("--pred-depth", type=int, default=2)
     a("--family", default="vjepa1", choices=TRAINABLE_FAMILIES,
-      help="model.family: vjepa1 (sin-cos tables) or vjepa2 (rotary embeddings); the schedule is the same")
+      help="model.family: vjepa1 (sin-cos tables) or vjepa2 (rotary embeddings)")
     # Pretraining.
+    a("--schedule", choices=("cosine", "constant"),
+      help="optimization.schedule (default: the family's recipe, FAMILY_SCHEDULES); the JSON's settings say which")
     a("--steps", type=int, default=600)
     a("--batch", type=int, default=32)
     # A larger learning rate can collapse the target's features onto a few directions (the JSON's
     # feature_effective_rank shows it) and leave probes below random init; this one keeps the rank growing.
     a("--lr", type=float, default=1.5e-4)
-    a("--ema", type=float, nargs=2, default=[0.998, 1.0], help="the recipe's momentum, start and end")
+    a("--ema", type=float, nargs=2, default=[0.998, 1.0],
+      help="the EMA momentum, start and end (the constant schedule holds the start)")
     # Probes: the grid of learning rates x weight decays, all trained in one pass. On these small
     # feature sets the attentive probe's query learns slowly, hence the high learning rates and many epochs.
     a("--probe-epochs", type=int, default=60)
@@ -119,6 +126,17 @@ def _build_encoder(args: argparse.Namespace) -> VisionTransformer:
                              depth=args.depth, num_heads=args.heads, family=args.family)
 
 
+def pretrain_optimization(args: argparse.Namespace) -> OptimizationConfig:
+    """The pretraining schedules: ``--schedule``, or the family's own (``FAMILY_SCHEDULES``).
+
+    A short run: schedules end with training (no 1.25x stretch) and weight decay stays at the start value.
+    """
+    return OptimizationConfig(schedule=args.schedule or FAMILY_SCHEDULES[args.family], total_steps=args.steps,
+                              warmup_steps=max(1, args.steps // 10), schedule_scale=1.0, start_lr=args.lr / 10,
+                              lr=args.lr, final_lr=args.lr / 100, weight_decay=0.04, final_weight_decay=0.04,
+                              ema=list(args.ema))
+
+
 def _pretrain(args: argparse.Namespace, clips: torch.Tensor, encoder: VisionTransformer) -> tuple[
         VisionTransformer, list[float]]:
     """V-JEPA pretraining in this process; returns the target (EMA) encoder and the loss curve."""
@@ -127,10 +145,7 @@ def _pretrain(args: argparse.Namespace, clips: torch.Tensor, encoder: VisionTran
     predictor = Predictor(encoder.grid, args.embed_dim, args.pred_dim, args.pred_depth, num_heads=args.heads,
                           num_mask_tokens=len(masks), family=args.family).to(args.device)
     target = copy.deepcopy(encoder).requires_grad_(False)
-    # A short run: schedules end with training (no 1.25x stretch) and weight decay stays at the start value.
-    opt_cfg = OptimizationConfig(total_steps=args.steps, warmup_steps=max(1, args.steps // 10), schedule_scale=1.0,
-                                 start_lr=args.lr / 10, lr=args.lr, final_lr=args.lr / 100, weight_decay=0.04,
-                                 final_weight_decay=0.04, ema=list(args.ema))
+    opt_cfg = pretrain_optimization(args)
     module = JepaModule(encoder, predictor)
     train_step = JepaStep(module, target, adamw(module.named_parameters(), opt_cfg),
                           MaskCollator(masks, encoder.grid), opt_cfg, args.seed, args.device, family=args.family)
@@ -234,6 +249,7 @@ def run(args: argparse.Namespace) -> dict:
     probe_s = time.perf_counter() - t0
 
     settings = {k: v for k, v in vars(args).items() if k not in ("figure", "workdir", "config")}
+    settings["schedule"] = pretrain_optimization(args).schedule
     return {
         "pretrained_top1": max(results["pretrained"].values()),
         "random_init_top1": max(results["random_init"].values()),
