@@ -38,16 +38,18 @@ log = logging.getLogger(__name__)
 
 RUN_ID_FILE = "mlflow_run_id"
 PARENT_RUN_TAG = "mlflow.parentRunId"
+# MLflow 3's UI opens an experiment of this kind on its training runs (else on GenAI traces).
+EXPERIMENT_KIND_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 # The longest the driver waits for the logger at the end of a run (its pending calls, then the run's end).
 FINISH_TIMEOUT_S = 10.0
-# The longest the driver waits for the run's id (the logger's start, then one attempt at the server).
-START_TIMEOUT_S = 30.0
+# The longest a trial's logger waits for the sweep's logger to answer with the parent run's id.
+PARENT_TIMEOUT_S = 60.0
 # After a failed call the logger counts calls as not logged, without trying, for this long.
 RETRY_AFTER_S = 30.0
 # mlflow's defaults (120 s per request, 7 retries with backoff) would hold the logger for minutes per call.
 # The logger's process sets these unless its environment has them (the driver passes its own on).
-HTTP_ENV = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
-            "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+# No retries within a call: the logger's own pause (RETRY_AFTER_S) is the retry.
+HTTP_ENV = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
 # Errors the server answers with (a value it refuses): counted, but the server is there.
 _REJECTIONS = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST"}
 # mlflow's limits per log_batch request and per parameter value.
@@ -58,14 +60,15 @@ _PARAM_VALUE_CHARS = 6000
 
 @dataclasses.dataclass(frozen=True)
 class MlflowTarget:
-    """Where a run logs: the server, the experiment, and the parent run of a sweep's trial."""
+    """Where a run logs: the server, the experiment, and for a sweep's trial the logger of the sweep's run
+    (a ``RunLogger`` actor), which the trial's logger asks for the parent run's id."""
 
     uri: str
     experiment: str
-    parent_run_id: str | None = None
+    parent: Any = None
 
-    def child_of(self, run_id: str) -> MlflowTarget:
-        return dataclasses.replace(self, parent_run_id=run_id)
+    def child_of(self, parent_logger: Any) -> MlflowTarget:
+        return dataclasses.replace(self, parent=parent_logger)
 
 
 def target_from_command(cfg: Config) -> MlflowTarget | None:
@@ -199,8 +202,8 @@ class RunLogger:
         else:
             experiment = self.client.get_experiment_by_name(self.target.experiment)
             experiment_id = (experiment.experiment_id if experiment is not None
-                             else self.client.create_experiment(self.target.experiment))
-            tags = {**self.tags, **({PARENT_RUN_TAG: self.target.parent_run_id} if self.target.parent_run_id else {})}
+                             else self.client.create_experiment(self.target.experiment, tags=EXPERIMENT_KIND_TAGS))
+            tags = {**self.tags, **({PARENT_RUN_TAG: self._parent_run_id()} if self.target.parent is not None else {})}
             self.run_id = self.client.create_run(experiment_id, run_name=self.run_name, tags=tags).info.run_id
             runs.write_bytes(run_id_file, self.run_id.encode())
         # A parameter keeps its first value in MLflow: a restart with changed settings cannot log them again.
@@ -210,6 +213,14 @@ class RunLogger:
             log.warning("MLflow run %s keeps its first values of %s", self.run_id, ", ".join(changed))
         new = {key: value for key, value in self.params.items() if key not in logged}
         self._call("params", len(new), lambda: self._batches(list(new.items()), _PARAMS_PER_BATCH, "params"))
+
+    def _parent_run_id(self) -> str:
+        import ray
+
+        run_id = ray.get(self.target.parent.get_run_id.remote(), timeout=PARENT_TIMEOUT_S)
+        if run_id is None:
+            raise RuntimeError("the sweep's own MLflow run could not be made")
+        return run_id
 
     def _resumed_run(self, run_id_file: str):
         """The run a previous start of this run folder logged to, if the server has it."""
@@ -247,8 +258,8 @@ class MlflowCallback(UserCallback):
 
 class MlflowRun:
     """A run's MLflow logging, seen from its driver. Cheap to make; ``start`` (with Ray connected) starts the
-    ``RunLogger`` actor on this node, after which every call returns at once except ``get_run_id`` and
-    ``finish``, which wait at most ``FINISH_TIMEOUT_S``."""
+    ``RunLogger`` actor on this node, after which every call returns at once except ``finish``, which waits
+    at most ``FINISH_TIMEOUT_S``."""
 
     def __init__(self, target: MlflowTarget, run_name: str, params: dict[str, Any] | None = None,
                  tags: dict[str, str] | None = None):
@@ -256,7 +267,6 @@ class MlflowRun:
         self.extra_params = {key: str(value) for key, value in (params or {}).items()}
         self.tags = tags or {}
         self.logger = None
-        self.wait_s = 0.0
 
     def start(self, cfg: Config, folder: str) -> None:
         """Starts logging the run in ``folder``: its parameters are ``cfg`` flattened and this run's own."""
@@ -278,16 +288,16 @@ class MlflowRun:
     def log_artifact(self, name: str, data: bytes) -> None:
         self.logger.log_artifact.remote(name, data)
 
-    def get_run_id(self) -> str | None:
-        """The MLflow run's id, or None when the server could not be reached."""
-        return self._wait(self.logger.get_run_id.remote(), None, START_TIMEOUT_S)
-
     def finish(self, status: str) -> dict[str, Any]:
         """Ends the run; returns ``{run_id, not_logged: {kind: count}, error, wait_s}`` and logs one line."""
-        outcome = self._wait(self.logger.finish.remote(status),
-                             {"run_id": None, "not_logged": {"run": 1}, "error": "the logger did not answer"},
-                             FINISH_TIMEOUT_S)
-        outcome["wait_s"] = round(self.wait_s, 2)
+        import ray
+
+        started = time.perf_counter()
+        try:
+            outcome = ray.get(self.logger.finish.remote(status), timeout=FINISH_TIMEOUT_S)
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
+            outcome = {"run_id": None, "not_logged": {"run": 1}, "error": "the logger did not answer"}
+        outcome["wait_s"] = round(time.perf_counter() - started, 2)
         missing = {kind: n for kind, n in outcome["not_logged"].items() if n}
         if missing:
             log.warning("MLflow run %s at %s: not logged: %s (%s)", outcome["run_id"], self.target.uri,
@@ -297,27 +307,15 @@ class MlflowRun:
                      self.target.experiment)
         return outcome
 
-    def _wait(self, ref, default: Any, timeout_s: float) -> Any:
-        import ray
-
-        started = time.perf_counter()
-        try:
-            return ray.get(ref, timeout=timeout_s)
-        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
-            return default
-        finally:
-            self.wait_s += time.perf_counter() - started
-
 
 def start_sweep(target: MlflowTarget | None, cfg: Config, folder: str) -> tuple[MlflowRun | None, MlflowTarget | None]:
-    """A sweep's parent run (None without a target), and the target its trials log to as its children
-    (None when the parent could not be made: the trials then log nothing, and the parent's outcome says so)."""
+    """A sweep's parent run and the target its trials log to as its children; (None, None) without a target.
+    Nothing waits for the server: each trial's logger asks the parent's for its run id."""
     if target is None:
         return None, None
     parent = MlflowRun(target, cfg.meta.name)
     parent.start(cfg, folder)
-    run_id = parent.get_run_id()
-    return parent, target.child_of(run_id) if run_id is not None else None
+    return parent, target.child_of(parent.logger)
 
 
 def finish_sweep(parent: MlflowRun, counts: dict[str, int], best: dict[str, Any] | None,
