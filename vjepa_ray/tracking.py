@@ -144,7 +144,7 @@ class RunLogger:
 
         now = int(time.time() * 1000)
         entries = [Metric(key, value, now, step) for key, value in scalars(metrics).items() if key != "step"]
-        self._call("metric_reports", 1, lambda: self._batches(entries, _METRICS_PER_BATCH, "metrics"))
+        self._call("metric_reports", 1, lambda: self._log_batches(entries, _METRICS_PER_BATCH, "metrics"))
 
     def log_artifact(self, name: str, data: bytes) -> None:
         def upload() -> None:
@@ -200,10 +200,11 @@ class RunLogger:
             self.client.update_run(resumed.info.run_id, status="RUNNING")
             self.run_id, logged = resumed.info.run_id, resumed.data.params
         else:
+            # The parent first: it also makes the experiment, which its trials would otherwise race to make.
+            tags = {**self.tags, **({PARENT_RUN_TAG: self._parent_run_id()} if self.target.parent is not None else {})}
             experiment = self.client.get_experiment_by_name(self.target.experiment)
             experiment_id = (experiment.experiment_id if experiment is not None
                              else self.client.create_experiment(self.target.experiment, tags=EXPERIMENT_KIND_TAGS))
-            tags = {**self.tags, **({PARENT_RUN_TAG: self._parent_run_id()} if self.target.parent is not None else {})}
             self.run_id = self.client.create_run(experiment_id, run_name=self.run_name, tags=tags).info.run_id
             runs.write_bytes(run_id_file, self.run_id.encode())
         # A parameter keeps its first value in MLflow: a restart with changed settings cannot log them again.
@@ -211,8 +212,10 @@ class RunLogger:
         if changed:
             self.not_logged["params"] += len(changed)
             log.warning("MLflow run %s keeps its first values of %s", self.run_id, ", ".join(changed))
-        new = {key: value for key, value in self.params.items() if key not in logged}
-        self._call("params", len(new), lambda: self._batches(list(new.items()), _PARAMS_PER_BATCH, "params"))
+        from mlflow.entities import Param
+
+        new = [Param(key, value) for key, value in self.params.items() if key not in logged]
+        self._call("params", len(new), lambda: self._log_batches(new, _PARAMS_PER_BATCH, "params"))
 
     def _parent_run_id(self) -> str:
         import ray
@@ -235,14 +238,10 @@ class RunLogger:
                 return None  # another server, or the run was deleted there: a new run
             raise
 
-    def _batches(self, entries: list, size: int, field: str) -> None:
-        from mlflow.entities import Param
-
+    def _log_batches(self, entries: list, size: int, field: str) -> None:
+        """``entries`` (mlflow Metric or Param) in requests of at most ``size``, the server's limit."""
         for start in range(0, len(entries), size):
-            chunk = entries[start:start + size]
-            if field == "params":
-                chunk = [Param(key, value) for key, value in chunk]
-            self.client.log_batch(self.run_id, **{field: chunk})
+            self.client.log_batch(self.run_id, **{field: entries[start:start + size]})
 
 
 class MlflowCallback(UserCallback):
