@@ -245,14 +245,24 @@ class RunLogger:
 
 
 class MlflowCallback(UserCallback):
-    """Sends rank 0's metrics of every ``ray.train.report`` to the run's logger, without waiting for it."""
+    """Sends rank 0's metrics of every ``ray.train.report`` to the run's logger, without waiting for it.
+
+    It runs in the Train controller, where an exception would end the training run: tracking must not.
+    """
 
     def __init__(self, logger):
         self.logger = logger
+        self._failed = False
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        if metrics and "step" in metrics[0]:
+        if not metrics or "step" not in metrics[0]:
+            return
+        try:
             self.logger.log_metrics.remote(metrics[0], int(metrics[0]["step"]))
+        except Exception:
+            if not self._failed:
+                self._failed = True
+                log.exception("cannot hand a report to the MLflow logger; training goes on without it")
 
 
 class MlflowRun:
