@@ -155,7 +155,11 @@ def mlflow_server(tmp_path_factory) -> str:
         yield url
     finally:
         os.killpg(server.pid, signal.SIGTERM)  # its own session: the server and the workers it started
-        server.wait(timeout=60)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
 
 
 def mlflow_api(uri: str, endpoint: str, body: dict | None = None, **query) -> dict:

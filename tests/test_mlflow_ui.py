@@ -39,9 +39,9 @@ def chromium_or_skip() -> str:
     return executable
 
 
-def top1_shown_per_run(page, uri: str, experiment_id: str, parent_name: str) -> dict[str, float]:
+def top1_shown_per_run(page, uri: str, experiment_id: str, parent_name: str) -> dict[str, str]:
     """Opens the experiment's runs table, unfolds the parent run's children and shows the ``probe_top1``
-    column; returns ``{run name: top-1 shown}`` for every run in the table."""
+    column; returns ``{run name: the top-1 cell's text}`` for every run in the table."""
     page.goto(f"{uri}/#/experiments/{experiment_id}/runs", timeout=UI_TIMEOUT_MS)
     parent = page.locator("[role=row]", has_text=parent_name).first
     parent.wait_for(timeout=UI_TIMEOUT_MS)
@@ -60,7 +60,7 @@ def top1_shown_per_run(page, uri: str, experiment_id: str, parent_name: str) -> 
         # ag-grid may split a row between pinned and scrolling containers: the row index joins them.
         index = links.nth(i).locator("xpath=ancestor::*[@role='row'][1]").get_attribute("row-index")
         cell = page.locator(f"[role=row][row-index='{index}'] [role=gridcell][col-id*='probe_top1']").first
-        shown[name] = float(cell.inner_text().strip())
+        shown[name] = cell.inner_text().strip()
     return shown
 
 
@@ -81,6 +81,6 @@ def test_mlflow_ui_lists_the_sweeps_trials_under_it_with_their_top1(tracked_swee
             browser.close()
     # The parent with the best top-1, and under it every trial with its own (the UI rounds to a few digits).
     assert set(shown) == {experiment["name"], *(r["trial_id"] for r in rows)}
-    assert shown[experiment["name"]] == pytest.approx(max(float(r["probe_top1"]) for r in rows), abs=0.01)
+    assert float(shown[experiment["name"]]) == pytest.approx(max(float(r["probe_top1"]) for r in rows), abs=0.01)
     for row in rows:
-        assert shown[row["trial_id"]] == pytest.approx(float(row["probe_top1"]), abs=0.01)
+        assert float(shown[row["trial_id"]]) == pytest.approx(float(row["probe_top1"]), abs=0.01)
