@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-SHARED_VIDEOS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "videos"
+REPO = Path(__file__).resolve().parents[1]
+SHARED_VIDEOS = REPO.parent / "shared" / "data" / "videos"
 
 
 def _start_local_ray():
@@ -122,6 +131,78 @@ def ray_s3(s3_bucket):
         yield _start_local_ray()
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> str:
+    """``mlflow server`` on a loopback port (sqlite backend, one worker) for the whole session; its URL."""
+    pytest.importorskip("mlflow")
+    folder = tmp_path_factory.mktemp("mlflow")
+    url = f"http://127.0.0.1:{_free_port()}"
+    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1],
+               "--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+               "--artifacts-destination", str(folder / "artifacts")]
+    with open(folder / "server.log", "w") as log:
+        server = subprocess.Popen(command, cwd=folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300  # its first start creates the database (~20 s on an idle 2-core machine)
+        while True:
+            assert server.poll() is None, f"mlflow server exited: see {folder / 'server.log'}"
+            assert time.monotonic() < deadline, f"mlflow server did not answer: see {folder / 'server.log'}"
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=5):
+                    break
+            except OSError:
+                time.sleep(1)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # its own session: the server and the workers it started
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+def mlflow_api(uri: str, endpoint: str, body: dict | None = None, **query) -> dict:
+    """One call of an MLflow server's REST API (POST with a JSON ``body``, else GET with ``query``)."""
+    url = f"{uri}/api/2.0/mlflow/{endpoint}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def sweep_overrides(tmp: Path, name: str, *extra: str) -> list[str]:
+    """jobs/tune_demo.yaml cut down to a few steps per trial and a tiny probe set, in ``tmp``."""
+    return [f"meta.name={name}", f"ray.storage_path={tmp / 'runs'}", f"data.paths=[{tmp / 'videos'}]",
+            "data.synthetic_videos=8", "data.batch_size=2", "model.pred_depth=1",
+            "optimization.total_steps=6", "optimization.warmup_steps=2", "logging.every_steps=3",
+            "checkpoint.every_steps=6", f"probe.train_manifest={tmp / 'labelled' / 'train.txt'}",
+            f"probe.val_manifest={tmp / 'labelled' / 'val.txt'}", "tune.synthetic_probe_videos=2",
+            "probe.epochs=2", "tune.grace_period=0", *extra]
+
+
+@pytest.fixture(scope="session")
+def tracked_sweep(mlflow_server, tmp_path_factory) -> SimpleNamespace:
+    """The 4-trial demo sweep (2 mask ratios x 2 learning rates), run once per session and tracked on
+    ``mlflow_server`` as experiment ``sweep4``: ``summary``, ``folder``, ``mlflow_uri``, ``experiment`` (the
+    experiment's ``name`` and ``experiment_id``)."""
+    import ray
+
+    from vjepa_ray import tracking
+    from vjepa_ray.config import load_config
+    from vjepa_ray.sweep import driver as sweep
+
+    tmp = tmp_path_factory.mktemp("tracked_sweep")
+    cfg = load_config(REPO / "jobs" / "tune_demo.yaml",
+                      sweep_overrides(tmp, "sweep4", f"logging.mlflow_uri={mlflow_server}"))
+    if not ray.is_initialized():
+        _start_local_ray()
+    summary = sweep.run(cfg, mlflow=tracking.target_from_command(cfg))
+    experiment = mlflow_api(mlflow_server, "experiments/get-by-name", experiment_name="sweep4")["experiment"]
+    return SimpleNamespace(summary=summary, folder=tmp / "runs" / "sweep4", mlflow_uri=mlflow_server,
+                           experiment=experiment)
 
 
 @pytest.fixture

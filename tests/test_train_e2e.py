@@ -21,8 +21,9 @@ from typing import Callable
 import psutil
 import pytest
 import torch
+from conftest import _free_port
 
-from vjepa_ray import export
+from vjepa_ray import export, tracking
 from vjepa_ray.config import Config, builtin_config_path, load_config
 from vjepa_ray.models.pretrained import strip_prefixes
 from vjepa_ray.recipe.step import JepaStep, MicroBatch, init_networks
@@ -213,8 +214,15 @@ def test_uneven_global_batch_split_over_3_workers_matches_reference(ray_local, t
     # 10 clips over 3 workers: shares 4, 3, 3, each as 2 micro batches ([2, 2], [2, 1], [2, 1]).
     cfg = tiny_config(tmp_path, "uneven", "ray.num_workers=3", "optimization.global_batch_size=10",
                       "data.batch_size=2", "optimization.total_steps=3", "checkpoint.every_steps=3")
-    summary = driver.run(cfg, stream_factory=SyntheticClipStream)
+    # Tracked on a server that cannot be reached (a closed loopback port): the run goes on regardless.
+    mlflow = tracking.MlflowRun(tracking.MlflowTarget(f"http://127.0.0.1:{_free_port()}", "uneven"), "uneven")
+    summary = driver.run(cfg, stream_factory=SyntheticClipStream, mlflow=mlflow)
     assert summary["status"] == "finished" and summary["world_sizes"] == [3]
+    outcome = mlflow.finish("FINISHED")
+    # The driver waited for the tracking at most ~10 s; the two reports (steps 2, 3) and summary.json were
+    # counted as not logged.
+    assert outcome["wait_s"] <= 10 and outcome["run_id"] is None
+    assert outcome["not_logged"]["metric_reports"] == 2 and outcome["not_logged"]["artifacts"] == 1
     metrics = json.loads((tmp_path / "uneven" / "summary.json").read_text())["metrics"]
     assert (metrics["global_batch"], metrics["micro_batch"], metrics["grad_accum"]) == (10, 2, 2)
     assert_target_matches_reference(summary["checkpoint"], reference_weights(cfg, 3, 3)["target_encoder"],

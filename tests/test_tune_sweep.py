@@ -1,7 +1,9 @@
 """Ray Tune sweeps end to end: short pretraining trials on Ray Train, then the probe, on this machine.
 
-Both tests use jobs/tune_demo.yaml cut down to a few steps; every trial pretrains the tiny model on one
-CPU worker (DeepSpeed, a Ray Data video stream) and trains a probe grid on a tiny labelled synthetic set.
+Both tests use jobs/tune_demo.yaml cut down to a few steps (conftest's ``sweep_overrides``); every trial
+pretrains the tiny model on one CPU worker (DeepSpeed, a Ray Data video stream) and trains a probe grid on a
+tiny labelled synthetic set. The 4-trial sweep (conftest's ``tracked_sweep``) is also tracked on an MLflow
+server, checked here over its REST API.
 """
 
 from __future__ import annotations
@@ -18,9 +20,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import mlflow_api, sweep_overrides
 
-from vjepa_ray.config import load_config
-from vjepa_ray.sweep import driver as sweep
 from vjepa_ray.sweep.trial import trial_starts
 
 pytestmark = pytest.mark.slow
@@ -29,20 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def sweep_overrides(tmp: Path, name: str, *extra: str) -> list[str]:
-    return [f"meta.name={name}", f"ray.storage_path={tmp / 'runs'}", f"data.paths=[{tmp / 'videos'}]",
-            "data.synthetic_videos=8", "data.batch_size=2", "model.pred_depth=1",
-            "optimization.total_steps=6", "optimization.warmup_steps=2", "logging.every_steps=3",
-            "checkpoint.every_steps=6", f"probe.train_manifest={tmp / 'labelled' / 'train.txt'}",
-            f"probe.val_manifest={tmp / 'labelled' / 'val.txt'}", "tune.synthetic_probe_videos=2",
-            "probe.epochs=2", "tune.grace_period=0", *extra]
-
-
-def test_four_trial_sweep_writes_table_best_and_plots(ray_local, tmp_path):
-    cfg = load_config(REPO / "jobs" / "tune_demo.yaml", sweep_overrides(tmp_path, "sweep4"))
-    summary = sweep.run(cfg)
-
-    folder = tmp_path / "runs" / "sweep4"
+def test_four_trial_sweep_writes_table_best_and_plots(tracked_sweep):
+    summary, folder = tracked_sweep.summary, tracked_sweep.folder
     assert summary["folder"] == str(folder)
     with open(folder / "results.csv") as f:
         rows = list(csv.DictReader(f))
@@ -76,6 +65,49 @@ def test_four_trial_sweep_writes_table_best_and_plots(ray_local, tmp_path):
         data = (folder / name).read_bytes()
         assert data[:8] == PNG_SIGNATURE and 10_000 < len(data) < 2_000_000
     assert trial_starts(str(folder)) == {r["trial_id"]: 1 for r in rows}
+    check_mlflow_runs(tracked_sweep.mlflow_uri, tracked_sweep.experiment, rows, summary)
+
+
+def check_mlflow_runs(uri: str, experiment: dict, rows: list[dict], summary: dict) -> None:
+    """The sweep as the server holds it: a finished parent run with the results, one finished child per trial
+    with its settings, its loss curve and its probe top-1s."""
+    found = mlflow_api(uri, "runs/search", {"experiment_ids": [experiment["experiment_id"]],
+                                            "max_results": 100})["runs"]
+    parent_of = {run["info"]["run_id"]: {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+                 .get("mlflow.parentRunId") for run in found}
+    (parent,) = [run for run in found if parent_of[run["info"]["run_id"]] is None]
+    children = [run for run in found if parent_of[run["info"]["run_id"]] == parent["info"]["run_id"]]
+    assert len(found) == 5 and len(children) == 4
+    assert summary["mlflow"]["run_id"] == parent["info"]["run_id"] and summary["mlflow"]["not_logged"] == {}
+    assert parent["info"]["run_name"] == experiment["name"] and parent["info"]["status"] == "FINISHED"
+    parent_metrics = {m["key"]: m["value"] for m in parent["data"]["metrics"]}
+    assert parent_metrics["probe_top1"] == max(float(r["probe_top1"]) for r in rows)
+    assert (parent_metrics["trials"], parent_metrics["finished"]) == (4, 4)
+    parent_files = {f["path"] for f in mlflow_api(uri, "artifacts/list", run_id=parent["info"]["run_id"])["files"]}
+    assert {"results.csv", "best.json", "top1_vs_mask_ratio.png"} <= parent_files
+
+    by_trial = {r["trial_id"]: r for r in rows}
+    assert {run["info"]["run_name"] for run in children} == set(by_trial)
+    for run in children:
+        row, run_id = by_trial[run["info"]["run_name"]], run["info"]["run_id"]
+        assert run["info"]["status"] == "FINISHED"
+        params = {p["key"]: p["value"] for p in run["data"]["params"]}
+        # The trial's settings, and its resolved config with them applied.
+        assert float(params["mask_ratio"]) == float(row["mask_ratio"])
+        assert float(params["optimization.lr"]) == float(row["optimization.lr"])
+        assert params["meta.name"] == row["trial_id"] and params["mask.1.spatial_scale"] == row["mask.1.spatial_scale"]
+        metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+        assert metrics["probe_top1"] == float(row["probe_top1"])
+        heads = {key: value for key, value in metrics.items() if key.startswith("probe_top1/")}
+        assert sorted(heads.values()) == sorted(float(v) for k, v in row.items() if k.startswith("top1["))
+        assert len(heads) == 3
+        # The pretraining curve: a loss at every report (steps 3 and 6), the last one the trial's final loss.
+        history = mlflow_api(uri, "metrics/get-history", run_id=run_id, metric_key="loss")["metrics"]
+        assert [m["step"] for m in sorted(history, key=lambda m: m["step"])] == [3, 6]
+        assert max(history, key=lambda m: m["step"])["value"] == pytest.approx(float(row["loss"]))
+        assert {"lr", "clips_per_s", "target_feature_std"} <= set(metrics)
+        files = {f["path"] for f in mlflow_api(uri, "artifacts/list", run_id=run_id)["files"]}
+        assert files == {"summary.json"}
 
 
 def _ray_processes(temp_root: str) -> list[psutil.Process]:

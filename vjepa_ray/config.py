@@ -331,6 +331,11 @@ class LoggingConfig:
     every_steps: int = 10
     # Warn when the spread of target features falls below this (a sign of collapse).
     collapse_std_threshold: float = 0.01
+    # An MLflow tracking server (e.g. http://mlflow:5000) that every run logs to; empty = MLFLOW_TRACKING_URI,
+    # or no tracking when that is unset too. Read once, by the command (vjepa_ray.tracking).
+    mlflow_uri: str = ""
+    # The MLflow experiment the runs go to; empty = meta.name.
+    mlflow_experiment: str = ""
 
     def validate(self, key: str) -> None:
         _SectionChecks(key).require(self.every_steps >= 1, "every_steps", "must be >= 1")

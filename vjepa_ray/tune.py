@@ -12,18 +12,29 @@ flight follow the cluster's resources unless ``tune.max_concurrent_trials`` says
 runs again (``tune.max_failures``) and its pretraining resumes from its last checkpoint. Running the same
 command again after the driver died resumes the sweep in ``<ray.storage_path>/<meta.name>``: finished
 trials are kept, the others run (again). The table, the best trial and the plots land in that folder.
+With ``logging.mlflow_uri`` (or ``MLFLOW_TRACKING_URI``) the sweep is an MLflow run there with one child run
+per trial (``vjepa_ray.tracking``).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+from vjepa_ray import tracking
 from vjepa_ray.cli import run_command
+from vjepa_ray.config import Config
 from vjepa_ray.sweep import driver as sweep
 
 PROG = "python -m vjepa_ray.tune"
 
 
+def tune(cfg: Config) -> dict[str, Any]:
+    # The tracking server is read here, once; the trials get it from the sweep.
+    return sweep.run(cfg, mlflow=tracking.target_from_command(cfg))
+
+
 def main(argv: list[str] | None = None) -> int:
-    summary = run_command(PROG, __doc__.splitlines()[0], argv, sweep.check_runnable, sweep.run)
+    summary = run_command(PROG, __doc__.splitlines()[0], argv, sweep.check_runnable, tune)
     print(f"{summary['trials']} trials: {summary['finished']} finished, {summary['stopped_early']} stopped early, "
           f"{summary['error']} failed")
     best = summary["best"]

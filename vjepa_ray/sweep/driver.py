@@ -15,7 +15,7 @@ from typing import Any
 
 from ray.tune import Callback
 
-from vjepa_ray import cluster, runs
+from vjepa_ray import cluster, runs, tracking
 from vjepa_ray.config import Config, ConfigError, to_dict
 from vjepa_ray.data.demo import prepare_demo_videos, prepare_probe_videos
 from vjepa_ray.sweep import results as tables
@@ -89,11 +89,11 @@ def _scheduler(cfg: Config):
                          grace_period=cfg.tune.grace_period, reduction_factor=cfg.tune.reduction_factor)
 
 
-def _tuner(cfg: Config, axes: dict[str, list[Any]]):
+def _tuner(cfg: Config, axes: dict[str, list[Any]], mlflow: tracking.MlflowTarget | None):
     import ray
     from ray import tune
 
-    trainable = tune.with_resources(tune.with_parameters(run_trial, base=to_dict(cfg)),
+    trainable = tune.with_resources(tune.with_parameters(run_trial, base=to_dict(cfg), mlflow=mlflow),
                                     {"CPU": cfg.tune.driver_cpus})
     path = runs.run_dir(cfg)
     if tune.Tuner.can_restore(path):
@@ -159,14 +159,18 @@ def check_runnable(cfg: Config) -> dict[str, list]:
     return axes
 
 
-def run(cfg: Config) -> dict[str, Any]:
-    """Runs (or resumes) the sweep; writes and returns its results (paths, best trial, counts)."""
+def run(cfg: Config, mlflow: tracking.MlflowTarget | None = None) -> dict[str, Any]:
+    """Runs (or resumes) the sweep; writes and returns its results (paths, best trial, counts).
+
+    With ``mlflow`` the sweep is a parent run there and every trial a child run.
+    """
     axes = check_runnable(cfg)
     # Made here, once, rather than by trials racing each other to write them.
     prepare_demo_videos(cfg)
     prepare_probe_videos(cfg)
     cluster.connect(cfg)
-    grid = _tuner(cfg, axes).fit()
+    parent, trials_target = tracking.start_sweep(mlflow, cfg, runs.run_dir(cfg))
+    grid = _tuner(cfg, axes, trials_target).fit()
     rows = sorted((_row(cfg, result, axes) for result in grid), key=lambda r: r["trial_id"])
     best = tables.best_row(rows)
     best_cfg = None
@@ -175,4 +179,7 @@ def run(cfg: Config) -> dict[str, Any]:
         best_cfg = to_dict(trial_run_config(cfg, settings, best["trial_id"]))
     paths = tables.write_results(runs.run_dir(cfg), rows, list(axes), best_cfg)
     counts = {status: sum(r["status"] == status for r in rows) for status in ("finished", "stopped_early", "error")}
-    return {"trials": len(rows), **counts, "best": best, "files": paths, "folder": runs.run_dir(cfg)}
+    summary = {"trials": len(rows), **counts, "best": best, "files": paths, "folder": runs.run_dir(cfg)}
+    if parent is not None:
+        summary["mlflow"] = tracking.finish_sweep(parent, {"trials": len(rows), **counts}, best, paths)
+    return summary

@@ -11,7 +11,7 @@ import json
 import time
 from typing import Any
 
-from vjepa_ray import runs
+from vjepa_ray import runs, tracking
 from vjepa_ray.config import Config, from_dict
 from vjepa_ray.eval import driver as evaluation
 from vjepa_ray.sweep.results import head_column
@@ -27,10 +27,11 @@ def trial_run_config(base: Config, settings: dict[str, Any], trial_id: str) -> C
     return cfg
 
 
-def run_trial(config: dict[str, Any], base: dict[str, Any]) -> None:
+def run_trial(config: dict[str, Any], base: dict[str, Any], mlflow: tracking.MlflowTarget | None = None) -> None:
     """A Tune function trainable: pretrain with the trial's settings, then probe the frozen encoder.
 
-    ``config["settings"]`` is the trial's point of the grid; ``base`` the sweep's config (``to_dict``).
+    ``config["settings"]`` is the trial's point of the grid; ``base`` the sweep's config (``to_dict``);
+    ``mlflow`` the sweep's parent run, under which the trial logs its settings, curves and probe top-1s.
     """
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -40,11 +41,18 @@ def run_trial(config: dict[str, Any], base: dict[str, Any]) -> None:
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = trial_run_config(base_cfg, settings, trial_id)
     record_start(runs.run_dir(base_cfg), trial_id, settings)
-    summary = pretraining.run(cfg, callbacks=[TuneReportCallback()])
+    tracked = tracking.MlflowRun(mlflow, trial_id, params=settings) if mlflow is not None else None
+    summary = pretraining.run(cfg, callbacks=[TuneReportCallback()], mlflow=tracked)
     if summary["status"] != "finished":
+        if tracked is not None:
+            tracked.finish("FAILED")
         # Tune retries the trial (tune.max_failures); the retry resumes from the run's last checkpoint.
         raise RuntimeError(f"pretraining of trial {trial_id} failed: {summary['error']}")
-    ray.tune.report(trial_result(summary, evaluate_encoder(cfg, summary["checkpoint"])))
+    probes = evaluate_encoder(cfg, summary["checkpoint"])
+    if tracked is not None:
+        tracked.log_metrics(tracking.probe_metrics(probes["probes"]), summary["steps"])
+        tracked.finish("FINISHED")
+    ray.tune.report(trial_result(summary, probes))
 
 
 def trial_result(summary: dict[str, Any], probes: dict[str, Any]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vjepa_ray import cluster, runs
 from vjepa_ray.config import Config, ConfigError, to_dict
@@ -24,6 +24,9 @@ from vjepa_ray.train.ray_metrics import RESTARTS, RayMetricsCallback, restarts_g
 from vjepa_ray.train.recovery import check_run_folder
 from vjepa_ray.train.trainer import build_trainer
 from vjepa_ray.train.weights import read_initial_weights
+
+if TYPE_CHECKING:
+    from vjepa_ray.tracking import MlflowRun
 
 log = logging.getLogger(__name__)
 
@@ -124,13 +127,15 @@ def _last_result(folder: str):
 
 
 def run(cfg: Config, *, stream_factory: StreamFactory | None = None, verify_restore: bool = False,
-        extra_env: dict[str, str] | None = None, callbacks: list | None = None) -> dict[str, Any]:
+        extra_env: dict[str, str] | None = None, callbacks: list | None = None,
+        mlflow: MlflowRun | None = None) -> dict[str, Any]:
     """Trains as ``cfg`` says; returns the summary (also written to ``<run folder>/summary.json``).
 
     ``stream_factory`` replaces the Ray Data clip stream (see ``vjepa_ray.train.loop``); ``verify_restore``
     makes every restore check a digest of weights and Adam moments against the checkpoint's.
     ``callbacks`` (``ray.train.UserCallback``) join the run's own, e.g. a ``TuneReportCallback`` when a
-    Tune trial runs this.
+    Tune trial runs this. ``mlflow`` logs the run's parameters, every report and summary.json to MLflow;
+    its owner ends it (a sweep's trial adds its probe's results first).
     """
     import ray
     import ray.train
@@ -147,11 +152,14 @@ def run(cfg: Config, *, stream_factory: StreamFactory | None = None, verify_rest
     cluster.connect(cfg)
     tracker = _tracker(cfg.meta.name)
     folder, tensorboard = runs.run_dir(cfg), runs.tensorboard_dir(cfg)
+    callbacks = [TensorBoardCallback(tensorboard), RayMetricsCallback(cfg.meta.name), *(callbacks or [])]
+    if mlflow is not None:
+        mlflow.start(cfg, folder)
+        callbacks.append(mlflow.callback())
     trainer = build_trainer(
         cfg, train_func,
         {"cfg": to_dict(cfg), "stream_factory": stream_factory, "tracker": tracker, "verify_restore": verify_restore},
-        name=cfg.meta.name, callbacks=[TensorBoardCallback(tensorboard), RayMetricsCallback(cfg.meta.name),
-                                       *(callbacks or [])], extra_env=extra_env)
+        name=cfg.meta.name, callbacks=callbacks, extra_env=extra_env)
     low, high = cfg.ray.worker_range()
     log.info("run %s: %s workers, global batch %d, results in %s", cfg.meta.name,
              low if low == high else f"{low}-{high}", global_batch_size(cfg), folder)
@@ -183,4 +191,6 @@ def run(cfg: Config, *, stream_factory: StreamFactory | None = None, verify_rest
         "metrics": metrics,
     }
     summary["summary"] = runs.write_summary(folder, summary)
+    if mlflow is not None:
+        mlflow.log_artifact(runs.SUMMARY_FILE, runs.read_bytes(summary["summary"]))
     return summary
