@@ -1,7 +1,8 @@
 """Ray Tune sweeps end to end: short pretraining trials on Ray Train, then the probe, on this machine.
 
-Both tests use jobs/tune_demo.yaml cut down to a few steps; every trial pretrains the tiny model on one
-CPU worker (DeepSpeed, a Ray Data video stream) and trains a probe grid on a tiny labelled synthetic set.
+Both tests use jobs/tune_demo.yaml cut down to a few steps and one seed per grid point; every trial
+pretrains the demo's encoder on one CPU worker (DeepSpeed, a Ray Data video stream) and trains a probe grid
+on a tiny labelled synthetic set.
 """
 
 from __future__ import annotations
@@ -35,11 +36,11 @@ def sweep_overrides(tmp: Path, name: str, *extra: str) -> list[str]:
             "optimization.total_steps=6", "optimization.warmup_steps=2", "logging.every_steps=3",
             "checkpoint.every_steps=6", f"probe.train_manifest={tmp / 'labelled' / 'train.txt'}",
             f"probe.val_manifest={tmp / 'labelled' / 'val.txt'}", "tune.synthetic_probe_videos=2",
-            "probe.epochs=2", "tune.grace_period=0", *extra]
+            "probe.epochs=2", "tune.grace_period=0", "tune.mask_ratio=[0.5,0.8]", "tune.num_samples=1", *extra]
 
 
 def test_four_trial_sweep_writes_table_best_and_plots(ray_local, tmp_path):
-    cfg = load_config(REPO / "jobs" / "tune_demo.yaml", sweep_overrides(tmp_path, "sweep4"))
+    cfg = load_config(REPO / "jobs" / "tune_demo.yaml", sweep_overrides(tmp_path, "sweep4", "tune.lr=[1e-3,3e-4]"))
     summary = sweep.run(cfg)
 
     folder = tmp_path / "runs" / "sweep4"
@@ -57,15 +58,26 @@ def test_four_trial_sweep_writes_table_best_and_plots(ray_local, tmp_path):
                      for m in (0.5, 0.8))
         assert float(high["masked_fraction"]) > float(low["masked_fraction"])
         assert json.loads(high["mask.1.spatial_scale"])[0] > json.loads(low["mask.1.spatial_scale"])[0]
-    # Every trial trained the whole probe grid (3 learning rates) in its one probe pass; top-1 is a percentage.
+    # Every trial trained the whole probe grid in its one probe pass; top-1 is a percentage.
     heads = [c for c in rows[0] if c.startswith("top1[")]
-    assert len(heads) == 3
+    assert len(heads) == len(cfg.tune.probe_lr) * len(cfg.tune.probe_weight_decay) > 1
     for row in rows:
         top1 = [float(row[h]) for h in heads]
         assert all(0.0 <= t <= 100.0 for t in top1) and float(row["probe_top1"]) == max(top1)
-    # Four distinct results: distinct (settings, pretraining loss) per trial.
+    # Four distinct results: distinct (settings, pretraining loss) per trial; each with its seed and the
+    # collapse monitor at the end of its pretraining.
     assert len({(r["mask_ratio"], r["optimization.lr"], r["loss"]) for r in rows}) == 4
     assert len({r["loss"] for r in rows}) == 4
+    assert all(int(r["seed"]) == cfg.meta.seed and 0.0 < float(r["target_feature_std"]) < 10.0 for r in rows)
+    # One seed per grid point: the summary has a row per trial, its mean the trial's top-1 and no std.
+    with open(folder / "summary.csv") as f:
+        summary_rows = list(csv.DictReader(f))
+    assert list(summary_rows[0]) == ["mask_ratio", "optimization.lr", "top1_mean", "top1_std", "n"]
+    by_point = {(float(r["mask_ratio"]), float(r["optimization.lr"])): r for r in summary_rows}
+    assert set(by_point) == settings
+    for row in rows:
+        point = by_point[float(row["mask_ratio"]), float(row["optimization.lr"])]
+        assert (float(point["top1_mean"]), point["top1_std"], point["n"]) == (float(row["probe_top1"]), "", "1")
 
     table = json.loads((folder / "results.json").read_text())
     assert sorted(r["trial_id"] for r in table) == sorted(r["trial_id"] for r in rows)
