@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -113,11 +111,13 @@ def test_a_grid_without_axes_is_a_config_error():
     (["tune.mask_ratio=null", "tune.num_samples=1"], "tune: the grid is empty: give values to tune.mask_ratio, "
                                                      "tune.lr, tune.ema or tune.space, or tune.num_samples > 1"),
 ])
-def test_tune_command_names_the_bad_grid_key_in_one_line_and_exits_2(overrides, line):
-    proc = subprocess.run([sys.executable, "-m", "vjepa_ray.tune", "--config", str(REPO / "jobs" / "tune_demo.yaml"),
-                           *overrides, "--dry-run"], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
-    assert proc.stderr.splitlines() == [f"python -m vjepa_ray.tune: config error: {line}"]
+def test_tune_command_names_the_bad_grid_key_in_one_line_and_exits_2(overrides, line, capsys):
+    from vjepa_ray import tune
+
+    with pytest.raises(SystemExit) as info:
+        tune.main(["--config", str(REPO / "jobs" / "tune_demo.yaml"), *overrides, "--dry-run"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [f"python -m vjepa_ray.tune: config error: {line}"]
 
 
 @pytest.mark.parametrize("override", ["tune.mask_ratio=[1.2]", "tune.mask_ratio=[]", "tune.lr=[]",
