@@ -180,13 +180,13 @@ def sweep_overrides(tmp: Path, name: str, *extra: str) -> list[str]:
             "optimization.total_steps=6", "optimization.warmup_steps=2", "logging.every_steps=3",
             "checkpoint.every_steps=6", f"probe.train_manifest={tmp / 'labelled' / 'train.txt'}",
             f"probe.val_manifest={tmp / 'labelled' / 'val.txt'}", "tune.synthetic_probe_videos=2",
-            "probe.epochs=2", "tune.grace_period=0", *extra]
+            "probe.epochs=2", "tune.grace_period=0", "tune.mask_ratio=[0.5,0.8]", "tune.num_samples=1", *extra]
 
 
 @pytest.fixture(scope="session")
 def tracked_sweep(mlflow_server, tmp_path_factory) -> SimpleNamespace:
     """The 4-trial demo sweep (2 mask ratios x 2 learning rates), run once per session and tracked on
-    ``mlflow_server`` as experiment ``sweep4``: ``summary``, ``folder``, ``mlflow_uri``, ``experiment`` (the
+    ``mlflow_server`` as experiment ``sweep4``: ``cfg``, ``summary``, ``folder``, ``mlflow_uri``, ``experiment`` (the
     experiment's ``name`` and ``experiment_id``)."""
     import ray
 
@@ -196,12 +196,12 @@ def tracked_sweep(mlflow_server, tmp_path_factory) -> SimpleNamespace:
 
     tmp = tmp_path_factory.mktemp("tracked_sweep")
     cfg = load_config(REPO / "jobs" / "tune_demo.yaml",
-                      sweep_overrides(tmp, "sweep4", f"logging.mlflow_uri={mlflow_server}"))
+                      sweep_overrides(tmp, "sweep4", "tune.lr=[1e-3,3e-4]", f"logging.mlflow_uri={mlflow_server}"))
     if not ray.is_initialized():
         _start_local_ray()
     summary = sweep.run(cfg, mlflow=tracking.target_from_command(cfg))
     experiment = mlflow_api(mlflow_server, "experiments/get-by-name", experiment_name="sweep4")["experiment"]
-    return SimpleNamespace(summary=summary, folder=tmp / "runs" / "sweep4", mlflow_uri=mlflow_server,
+    return SimpleNamespace(cfg=cfg, summary=summary, folder=tmp / "runs" / "sweep4", mlflow_uri=mlflow_server,
                            experiment=experiment)
 
 

@@ -1,9 +1,9 @@
 """Ray Tune sweeps end to end: short pretraining trials on Ray Train, then the probe, on this machine.
 
-Both tests use jobs/tune_demo.yaml cut down to a few steps (conftest's ``sweep_overrides``); every trial
-pretrains the tiny model on one CPU worker (DeepSpeed, a Ray Data video stream) and trains a probe grid on a
-tiny labelled synthetic set. The 4-trial sweep (conftest's ``tracked_sweep``) is also tracked on an MLflow
-server, checked here over its REST API.
+Both tests use jobs/tune_demo.yaml cut down to a few steps and one seed per grid point (conftest's
+``sweep_overrides``); every trial pretrains the demo's encoder on one CPU worker (DeepSpeed, a Ray Data video
+stream) and trains a probe grid on a tiny labelled synthetic set. The 4-trial sweep (conftest's
+``tracked_sweep``) is also tracked on an MLflow server, checked here over its REST API.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def test_four_trial_sweep_writes_table_best_and_plots(tracked_sweep):
-    summary, folder = tracked_sweep.summary, tracked_sweep.folder
+    cfg, summary, folder = tracked_sweep.cfg, tracked_sweep.summary, tracked_sweep.folder
     assert summary["folder"] == str(folder)
     with open(folder / "results.csv") as f:
         rows = list(csv.DictReader(f))
@@ -46,15 +46,26 @@ def test_four_trial_sweep_writes_table_best_and_plots(tracked_sweep):
                      for m in (0.5, 0.8))
         assert float(high["masked_fraction"]) > float(low["masked_fraction"])
         assert json.loads(high["mask.1.spatial_scale"])[0] > json.loads(low["mask.1.spatial_scale"])[0]
-    # Every trial trained the whole probe grid (3 learning rates) in its one probe pass; top-1 is a percentage.
+    # Every trial trained the whole probe grid in its one probe pass; top-1 is a percentage.
     heads = [c for c in rows[0] if c.startswith("top1[")]
-    assert len(heads) == 3
+    assert len(heads) == len(cfg.tune.probe_lr) * len(cfg.tune.probe_weight_decay) > 1
     for row in rows:
         top1 = [float(row[h]) for h in heads]
         assert all(0.0 <= t <= 100.0 for t in top1) and float(row["probe_top1"]) == max(top1)
-    # Four distinct results: distinct (settings, pretraining loss) per trial.
+    # Four distinct results: distinct (settings, pretraining loss) per trial; each with its seed and the
+    # collapse monitor at the end of its pretraining.
     assert len({(r["mask_ratio"], r["optimization.lr"], r["loss"]) for r in rows}) == 4
     assert len({r["loss"] for r in rows}) == 4
+    assert all(int(r["seed"]) == cfg.meta.seed and 0.0 < float(r["target_feature_std"]) < 10.0 for r in rows)
+    # One seed per grid point: the summary has a row per trial, its mean the trial's top-1 and no std.
+    with open(folder / "summary.csv") as f:
+        summary_rows = list(csv.DictReader(f))
+    assert list(summary_rows[0]) == ["mask_ratio", "optimization.lr", "top1_mean", "top1_std", "n"]
+    by_point = {(float(r["mask_ratio"]), float(r["optimization.lr"])): r for r in summary_rows}
+    assert set(by_point) == settings
+    for row in rows:
+        point = by_point[float(row["mask_ratio"]), float(row["optimization.lr"])]
+        assert (float(point["top1_mean"]), point["top1_std"], point["n"]) == (float(row["probe_top1"]), "", "1")
 
     table = json.loads((folder / "results.json").read_text())
     assert sorted(r["trial_id"] for r in table) == sorted(r["trial_id"] for r in rows)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from vjepa_ray.sweep.mask_ratio import masked_fraction, spatial_scale_for_ratio
 from vjepa_ray.sweep.space import MASK_RATIO, check_axes, sweep_axes, token_grid, trial_config
 
 RECIPE_GRID = (8, 14, 14)  # 16 frames, tubelet 2, 224 px, patch 16
+REPO = Path(__file__).resolve().parents[1]
 
 
 def demo(*overrides: str):
@@ -86,6 +88,7 @@ def test_grid_axes_and_trial_configs():
     ("tune.space={mask.0.nope: [1]}", "tune.space.mask.0.nope"),
     ("tune.space={optimization.warmup_steps: [100000]}", "optimization.warmup_steps"),
     ("tune.space={optimization.lr: [1e-3]}", "tune.space.optimization.lr"),
+    ("tune.space={meta.seed: [1, 2]}", "tune.space.meta.seed"),
 ])
 def test_bad_axes_name_the_key(override, key):
     cfg = demo("tune.lr=[1e-3]", override)
@@ -94,7 +97,31 @@ def test_bad_axes_name_the_key(override, key):
     assert err.value.key == key
 
 
-@pytest.mark.parametrize("override", ["tune.mask_ratio=[1.2]", "tune.ema=[[0.9]]", "tune.probe_lr=[0]",
+def test_a_grid_without_axes_is_a_config_error():
+    cfg = demo()
+    with pytest.raises(ConfigError) as err:
+        check_axes(cfg, sweep_axes(cfg))
+    assert err.value.key == "tune"
+    check_axes(demo("tune.num_samples=2"), sweep_axes(demo("tune.num_samples=2")))  # seeds alone are a grid
+
+
+@pytest.mark.parametrize("overrides, line", [
+    (["tune.mask_ratio=[]"], "tune.mask_ratio: is empty: give it one or more values, or leave it out"),
+    (["tune.space={nope.key: [1]}"], "tune.space.nope.key: is not a config key"),
+    (["tune.mask_ratio=null", "tune.num_samples=1"], "tune: the grid is empty: give values to tune.mask_ratio, "
+                                                     "tune.lr, tune.ema or tune.space, or tune.num_samples > 1"),
+])
+def test_tune_command_names_the_bad_grid_key_in_one_line_and_exits_2(overrides, line, capsys):
+    from vjepa_ray import tune
+
+    with pytest.raises(SystemExit) as info:
+        tune.main(["--config", str(REPO / "jobs" / "tune_demo.yaml"), *overrides, "--dry-run"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [f"python -m vjepa_ray.tune: config error: {line}"]
+
+
+@pytest.mark.parametrize("override", ["tune.mask_ratio=[1.2]", "tune.mask_ratio=[]", "tune.lr=[]",
+                                      "tune.ema=[]", "tune.ema=[[0.9]]", "tune.probe_lr=[0]",
                                       "tune.space={optimization.lr: 3}", "tune.reduction_factor=1"])
 def test_bad_tune_section_is_a_config_error(override):
     with pytest.raises(ConfigError, match=r"^tune\."):
@@ -130,10 +157,16 @@ def _rows():
     ]
 
 
-def test_results_files_hold_every_trial_the_best_and_two_plots(tmp_path):
+def test_results_files_hold_every_trial_the_grid_points_the_best_and_two_plots(tmp_path):
     rows = _rows()
     paths = results.write_results(str(tmp_path), rows, [MASK_RATIO, "optimization.ema"], {"meta": {"name": "t1"}})
     assert sorted(paths) == sorted(results.RESULT_FILES)
+    with open(paths["summary.csv"]) as f:
+        summary = list(csv.DictReader(f))
+    assert list(summary[0]) == [MASK_RATIO, "optimization.ema", "top1_mean", "top1_std", "n"]
+    # Two grid points; 0.8 has one trial with a top-1 (t2 stopped early): a mean, no std.
+    assert [(r[MASK_RATIO], r["top1_mean"], r["top1_std"], r["n"]) for r in summary] == [
+        ("0.5", "0.4", "", "1"), ("0.8", "0.55", "", "1")]
     with open(paths["results.csv"]) as f:
         table = list(csv.DictReader(f))
     assert [r["trial_id"] for r in table] == ["t0", "t1", "t2"]
@@ -145,6 +178,30 @@ def test_results_files_hold_every_trial_the_best_and_two_plots(tmp_path):
     for name in ("top1_vs_mask_ratio.png", "top1_vs_probe_lr.png"):
         data = (tmp_path / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_summary_is_the_mean_and_sample_std_of_each_grid_points_seeds():
+    def trial(ratio, lr, seed, top1):
+        return {"trial_id": f"t{len(rows)}", MASK_RATIO: ratio, "optimization.lr": lr, "seed": seed,
+                "probe_top1": top1}
+
+    rows = []
+    for ratio, lr, seed, top1 in [(0.9, 1e-3, 0, 50.0), (0.3, 1e-3, 0, 20.0), (0.9, 1e-3, 1, 60.0),
+                                  (0.3, 1e-3, 1, 30.0), (0.9, 1e-3, 2, 70.0), (0.3, 1e-3, 2, None),
+                                  (0.3, 3e-4, 0, 40.0), (0.5, 1e-3, 0, None)]:
+        rows.append(trial(ratio, lr, seed, top1))
+    summary = results.summary_rows(rows, [MASK_RATIO, "optimization.lr"])
+    # By hand: 0.9 -> (50, 60, 70): mean 60, sample variance (100 + 0 + 100) / 2 = 100, std 10.
+    # 0.3 at lr 1e-3 -> (20, 30) and a trial without top-1: mean 25, variance (25 + 25) / 1, std sqrt(50).
+    assert summary == [
+        {MASK_RATIO: 0.3, "optimization.lr": 3e-4, "top1_mean": 40.0, "top1_std": None, "n": 1},
+        {MASK_RATIO: 0.3, "optimization.lr": 1e-3, "top1_mean": 25.0, "top1_std": 7.071, "n": 2},
+        {MASK_RATIO: 0.5, "optimization.lr": 1e-3, "top1_mean": None, "top1_std": None, "n": 0},
+        {MASK_RATIO: 0.9, "optimization.lr": 1e-3, "top1_mean": 60.0, "top1_std": 10.0, "n": 3},
+    ]
+    # Without the lr among the keys, the two lrs at 0.3 are one point: (40, 20, 30): mean 30, std 10.
+    assert results.summary_rows(rows, [MASK_RATIO])[0] == {MASK_RATIO: 0.3, "top1_mean": 30.0, "top1_std": 10.0,
+                                                            "n": 3}
 
 
 def test_best_row_skips_unfinished_trials_and_breaks_ties_by_loss():
@@ -167,7 +224,7 @@ def test_asha_compares_pretraining_loss_by_step_and_never_stops_a_trial_before_i
     from vjepa_ray.sweep.driver import asha_rungs, check_runnable
 
     short = ("optimization.total_steps=20", "optimization.warmup_steps=2", "logging.every_steps=5",
-             "probe.train_manifest=train.txt", "probe.val_manifest=val.txt")
+             "probe.train_manifest=train.txt", "probe.val_manifest=val.txt", "tune.lr=[1e-3]")
     assert asha_rungs(demo("tune.grace_period=10", *short)) == [10, 20]
     with pytest.raises(ConfigError, match="tune.grace_period"):
         check_runnable(demo("tune.grace_period=10", *short))
@@ -177,11 +234,13 @@ def test_asha_compares_pretraining_loss_by_step_and_never_stops_a_trial_before_i
     # Tune refuses a result without the scheduler's metric and time: the trial's last one (its probe) too.
     from vjepa_ray.sweep.trial import trial_result
 
-    last = trial_result({"steps": 300, "final_loss": 0.4, "checkpoint": "/runs/t/step_00000300"},
+    last = trial_result({"steps": 300, "final_loss": 0.4, "checkpoint": "/runs/t/step_00000300",
+                         "metrics": {"target_feature_std": 0.45}},
                         {"probes": [{"lr": 1e-3, "weight_decay": 0.01, "top1": 40.0},
                                     {"lr": 3e-4, "weight_decay": 0.01, "top1": 55.0}]})
     assert (last[asha._time_attr], last[asha._metric]) == (300, 0.4)
     assert (last["probe_top1"], last["probe_lr"]) == (55.0, 3e-4) and len(last["probe_heads"]) == 2
+    assert last["target_feature_std"] == 0.45  # the collapse monitor of the last pretraining report
 
 
 def test_trial_pretrains_in_its_own_folder_of_the_sweep(tmp_path):

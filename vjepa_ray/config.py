@@ -393,11 +393,12 @@ class SweepConfig:
     # ASHA: pretraining steps every trial runs before its loss is compared; 0 turns early stopping off.
     grace_period: int = 0
     reduction_factor: float = 2.0
-    # Expected masked fraction of each mask config (sets every config's spatial scale); [] keeps them.
-    mask_ratio: list[float] = field(default_factory=list)
-    lr: list[float] = field(default_factory=list)
+    # The axes; None = not swept. Expected masked fraction of each mask config (sets every config's spatial
+    # scale); None keeps them.
+    mask_ratio: list[float] | None = None
+    lr: list[float] | None = None
     # EMA momentum ranges, each [start, end].
-    ema: list[list[float]] = field(default_factory=list)
+    ema: list[list[float]] | None = None
     # The probe grid, trained in one pass per trial; [] = probe.lr / probe.weight_decay.
     probe_lr: list[float] = field(default_factory=list)
     probe_weight_decay: list[float] = field(default_factory=list)
@@ -408,7 +409,7 @@ class SweepConfig:
     # CPUs held by each trial's driver, which mostly waits: pretraining and probe run on their own workers.
     driver_cpus: float = 0.25
     # Local demo: when the probe manifests do not exist, write a labelled synthetic set with this many
-    # training videos per class into their folder (a quarter as many, at least 2, for validation).
+    # training videos per class into their folder, and as many for validation.
     synthetic_probe_videos: int = 0
 
     def validate(self, key: str) -> None:
@@ -417,10 +418,13 @@ class SweepConfig:
         check.require(self.max_concurrent_trials >= 0, "max_concurrent_trials", "must be >= 0 (0 = from the cluster)")
         check.require(self.grace_period >= 0, "grace_period", "must be >= 0 (0 = no early stopping)")
         check.require(self.reduction_factor > 1, "reduction_factor", "must be > 1")
-        check.require(all(0 < r < 1 for r in self.mask_ratio), "mask_ratio",
+        for name in ("mask_ratio", "lr", "ema"):
+            # An axis without values would leave the grid without a point, not the setting unswept.
+            check.require(getattr(self, name) != [], name, "is empty: give it one or more values, or leave it out")
+        check.require(all(0 < r < 1 for r in self.mask_ratio or ()), "mask_ratio",
                       f"values must be in (0, 1), got {self.mask_ratio}")
-        check.require(all(x > 0 for x in self.lr), "lr", f"values must be > 0, got {self.lr}")
-        for i, ema in enumerate(self.ema):
+        check.require(all(x > 0 for x in self.lr or ()), "lr", f"values must be > 0, got {self.lr}")
+        for i, ema in enumerate(self.ema or ()):
             check.range(f"ema.{i}", ema, 0.0, 1.0, low_open=False)
         check.require(all(x > 0 for x in self.probe_lr), "probe_lr", f"values must be > 0, got {self.probe_lr}")
         check.require(all(x >= 0 for x in self.probe_weight_decay), "probe_weight_decay",

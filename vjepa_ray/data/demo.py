@@ -37,5 +37,7 @@ def prepare_probe_videos(cfg: Config) -> None:
     from vjepa_ray.video.labelled_synthetic import make_labelled_motion_videos
 
     frames = cfg.data.frames_per_clip * cfg.data.frame_step
-    make_labelled_motion_videos(train.parent, count, max(2, count // 4), frames=frames, size=cfg.data.crop_size,
+    # As many validation videos as training ones: the val set's size decides how finely top-1 can tell two
+    # settings apart (at 20 videos a class, one video is half a point).
+    make_labelled_motion_videos(train.parent, count, count, frames=frames, size=cfg.data.crop_size,
                                 seed=cfg.meta.seed)

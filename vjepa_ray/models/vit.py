@@ -33,6 +33,8 @@ INIT_STD = 0.02
 # name -> (embed_dim, depth, num_heads, mlp_ratio), as in the reference's vit_* constructors. V-JEPA 1
 # ships vit_large/huge; 2.0 vit_large/huge/giant_xformers; 2.1 vit_base/large/giant_xformers/gigantic_xformers.
 MODEL_SPECS: dict[str, tuple[int, int, int, float]] = {
+    # Not in the reference: a CPU-sized encoder for the demos (the demo sweep, bench learning's default size).
+    "vit_micro": (96, 4, 3, 4.0),
     "vit_tiny": (192, 12, 3, 4.0),
     "vit_small": (384, 12, 6, 4.0),
     "vit_base": (768, 12, 12, 4.0),

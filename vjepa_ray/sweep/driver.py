@@ -20,7 +20,7 @@ from vjepa_ray.config import Config, ConfigError, to_dict
 from vjepa_ray.data.demo import prepare_demo_videos, prepare_probe_videos
 from vjepa_ray.sweep import results as tables
 from vjepa_ray.sweep.mask_ratio import masked_fraction
-from vjepa_ray.sweep.space import check_axes, sweep_axes, token_grid, trial_config
+from vjepa_ray.sweep.space import SEED, check_axes, grid_point_keys, sweep_axes, token_grid, trial_config
 from vjepa_ray.sweep.trial import run_trial, trial_run_config
 from vjepa_ray.train import driver as pretraining
 
@@ -113,7 +113,7 @@ def _tuner(cfg: Config, axes: dict[str, list[Any]], mlflow: tracking.MlflowTarge
     )
 
 
-def _row(cfg: Config, result, axes: dict[str, list[Any]]) -> dict[str, Any]:
+def _row(cfg: Config, result, keys: list[str]) -> dict[str, Any]:
     metrics = result.metrics or {}
     settings = (result.config or {}).get("settings", {})
     trial_id = metrics.get("trial_id") or PurePosixPath(result.path).name
@@ -127,11 +127,14 @@ def _row(cfg: Config, result, axes: dict[str, list[Any]]) -> dict[str, Any]:
     grid = token_grid(trial_cfg)
     fractions = [masked_fraction(m, grid) for m in trial_cfg.mask]
     row: dict[str, Any] = {"trial_id": trial_id, "status": status}
-    row.update({key: settings.get(key) for key in axes})
+    row.update({key: settings.get(key) for key in keys})
+    row["seed"] = trial_cfg.meta.seed
     row.update({f"mask.{i}.spatial_scale": m.spatial_scale for i, m in enumerate(trial_cfg.mask)})
     row["masked_fraction"] = round(sum(fractions) / len(fractions), 4)
     row["pretrain_steps"] = metrics.get("pretrain_steps", metrics.get("step"))
     row["loss"] = metrics.get("pretrain_loss", metrics.get("loss"))
+    # The collapse monitor (train.metrics), so that a grid point's top-1 is not read off a collapsed encoder.
+    row["target_feature_std"] = metrics.get("target_feature_std")
     for key in ("probe_top1", "probe_lr", "probe_weight_decay"):
         row[key] = metrics.get(key)
     row.update(metrics.get("probe_heads") or {})
@@ -171,13 +174,14 @@ def run(cfg: Config, mlflow: tracking.MlflowTarget | None = None) -> dict[str, A
     cluster.connect(cfg)
     parent, trials_target = tracking.start_sweep(mlflow, cfg, runs.run_dir(cfg))
     grid = _tuner(cfg, axes, trials_target).fit()
-    rows = sorted((_row(cfg, result, axes) for result in grid), key=lambda r: r["trial_id"])
+    keys = grid_point_keys(axes)
+    rows = sorted((_row(cfg, result, keys) for result in grid), key=lambda r: r["trial_id"])
     best = tables.best_row(rows)
     best_cfg = None
     if best is not None:
-        settings = {key: best[key] for key in axes}
+        settings = {key: best[key] for key in keys} | {SEED: best["seed"]}
         best_cfg = to_dict(trial_run_config(cfg, settings, best["trial_id"]))
-    paths = tables.write_results(runs.run_dir(cfg), rows, list(axes), best_cfg)
+    paths = tables.write_results(runs.run_dir(cfg), rows, keys, best_cfg)
     counts = {status: sum(r["status"] == status for r in rows) for status in ("finished", "stopped_early", "error")}
     summary = {"trials": len(rows), **counts, "best": best, "files": paths, "folder": runs.run_dir(cfg)}
     if parent is not None:

@@ -1,11 +1,13 @@
-"""The sweep's results, for people: a table of every trial, the best one, and two plots.
+"""The sweep's results, for people: a table of every trial, one of every grid point, the best trial, two plots.
 
 Rows are flat dicts (one per trial): ``trial_id``, ``status`` (``finished``, ``stopped_early`` by ASHA,
-or ``error``), one column per axis of the grid, what the trial's masks cover (``masked_fraction``), the
-pretraining's last ``step`` and ``loss``, the best probe of its grid (``probe_top1``, ``probe_lr``,
-``probe_weight_decay``) and every probe's top-1 (``top1[lr=...,wd=...]``), top-1 in percent. Files go into the sweep's
-folder (a local path or a URI, see ``vjepa_ray.runs``): ``results.csv``, ``results.json``, ``best.json``,
-``top1_vs_mask_ratio.png``, ``top1_vs_probe_lr.png``.
+or ``error``), one column per axis of the grid but the seed, the trial's ``seed``, what its masks cover
+(``masked_fraction``), the pretraining's last ``step`` and ``loss``, the collapse monitor at its end
+(``target_feature_std``), the best probe of its grid (``probe_top1``, ``probe_lr``, ``probe_weight_decay``)
+and every probe's top-1 (``top1[lr=...,wd=...]``), top-1 in percent. A grid point is a trial's settings
+without its seed; its summary row holds the mean and sample standard deviation of its trials' top-1.
+Files go into the sweep's folder (a local path or a URI, see ``vjepa_ray.runs``): ``results.csv``,
+``results.json``, ``summary.csv``, ``best.json``, ``top1_vs_mask_ratio.png``, ``top1_vs_probe_lr.png``.
 """
 
 from __future__ import annotations
@@ -15,11 +17,14 @@ import io
 import json
 import math
 import re
+import statistics
 from typing import Any, Iterable, Sequence
 
 from vjepa_ray import runs
+from vjepa_ray.sweep.space import MASK_RATIO
 
-RESULT_FILES = ("results.csv", "results.json", "best.json", "top1_vs_mask_ratio.png", "top1_vs_probe_lr.png")
+RESULT_FILES = ("results.csv", "results.json", "summary.csv", "best.json", "top1_vs_mask_ratio.png",
+                "top1_vs_probe_lr.png")
 _HEAD = re.compile(r"^top1\[lr=(?P<lr>[^,\]]+),wd=(?P<wd>[^\]]+)\]$")
 
 
@@ -41,6 +46,24 @@ def best_row(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     return max(scored, key=lambda r: (r["probe_top1"], -float(r.get("loss") or math.inf)))
 
 
+def summary_rows(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per grid point (its settings: the columns ``keys``), in the order of the settings: ``top1_mean``
+    and ``top1_std`` (sample standard deviation, ddof 1) of the best probe top-1 of its trials, and ``n``,
+    how many of its trials have one. With one such trial the std is None; with none, the mean too."""
+    points: dict[str, tuple[list[Any], list[float]]] = {}
+    for row in rows:
+        settings = [row.get(key) for key in keys]
+        # JSON names the point: settings may be lists (EMA ranges), which a dict key cannot be.
+        _, top1 = points.setdefault(json.dumps(settings), (settings, []))
+        if has_top1(row):
+            top1.append(float(row["probe_top1"]))
+    return [{**dict(zip(keys, settings)),
+             "top1_mean": round(statistics.fmean(top1), 3) if top1 else None,
+             "top1_std": round(statistics.stdev(top1), 3) if len(top1) > 1 else None,
+             "n": len(top1)}
+            for settings, top1 in sorted(points.values(), key=lambda point: point[0])]
+
+
 def columns(rows: Iterable[dict[str, Any]]) -> list[str]:
     """Every key of every row, in first-seen order (rows of stopped trials lack the probe's)."""
     out: dict[str, None] = {}
@@ -59,22 +82,28 @@ def to_csv(rows: Sequence[dict[str, Any]]) -> str:
     return text.getvalue()
 
 
-def plot_top1_vs_mask_ratio(rows: Sequence[dict[str, Any]]) -> bytes:
-    """PNG: each finished trial's best probe top-1 against its masked fraction (mean over mask configs)."""
+def plot_top1_vs_mask_ratio(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> bytes:
+    """PNG: probe top-1 against masking. With a ``mask_ratio`` axis among the grid point's ``keys``: each
+    point's mean with its sample standard deviation as error bars, one line per setting of the other axes,
+    and every trial as a dot. Without one: each trial's top-1 against its masked fraction."""
     fig, ax = _figure()
     scored = [r for r in rows if has_top1(r)]
-    x_key = "mask_ratio" if any("mask_ratio" in r for r in scored) else "masked_fraction"
-    xs = [float(r[x_key]) for r in scored]
-    ys = [float(r["probe_top1"]) for r in scored]
-    ax.scatter(xs, ys, color="tab:blue", zorder=3)
-    by_x: dict[float, list[float]] = {}
-    for x, y in zip(xs, ys):
-        by_x.setdefault(x, []).append(y)
-    if len(by_x) > 1:
-        line_x = sorted(by_x)
-        ax.plot(line_x, [max(by_x[x]) for x in line_x], color="tab:blue", alpha=0.5, label="best per ratio")
-        ax.legend()
-    ax.set_xlabel("mask ratio (requested)" if x_key == "mask_ratio" else "masked fraction (mean over mask configs)")
+    x_key = MASK_RATIO if MASK_RATIO in keys else "masked_fraction"
+    ax.scatter([float(r[x_key]) for r in scored], [float(r["probe_top1"]) for r in scored], color="tab:gray",
+               alpha=0.6, s=16, zorder=2, label="trials")
+    if x_key == MASK_RATIO:
+        others = [k for k in keys if k != MASK_RATIO]
+        lines: dict[str, list[dict[str, Any]]] = {}
+        for point in summary_rows(rows, keys):
+            if point["n"]:
+                lines.setdefault(_settings_text(point, others), []).append(point)
+        for label, points in lines.items():
+            ax.errorbar([p[MASK_RATIO] for p in points], [p["top1_mean"] for p in points],
+                        yerr=[p["top1_std"] or 0.0 for p in points], marker="o", capsize=4, zorder=3,
+                        label=f"mean ± std ({label})" if label else "mean ± std")
+    if scored:
+        ax.legend(fontsize=7, loc="best")
+    ax.set_xlabel("mask ratio (requested)" if x_key == MASK_RATIO else "masked fraction (mean over mask configs)")
     ax.set_ylabel("probe top-1 (%)")
     ax.set_title(f"probe top-1 vs masking ({len(scored)} trials)")
     return _png(fig, empty=not scored)
@@ -102,11 +131,11 @@ def plot_top1_vs_probe_lr(rows: Sequence[dict[str, Any]], axes: Sequence[str] = 
     return _png(fig, empty=not scored)
 
 
-def write_results(folder: str, rows: Sequence[dict[str, Any]], axes: Sequence[str],
+def write_results(folder: str, rows: Sequence[dict[str, Any]], keys: Sequence[str],
                   best_config: dict[str, Any] | None) -> dict[str, str]:
-    """Writes the five result files into ``folder``; returns ``{file name: path}``.
+    """Writes the result files (``RESULT_FILES``) into ``folder``; returns ``{file name: path}``.
 
-    ``axes``: the grid's keys (row columns) that name a trial in the plots' legends; ``best_config``: the
+    ``keys``: the columns that make a grid point (the swept settings but the seed); ``best_config``: the
     full config of the best trial, for ``best.json``.
     """
     best = best_row(rows)
@@ -114,9 +143,10 @@ def write_results(folder: str, rows: Sequence[dict[str, Any]], axes: Sequence[st
     contents = {
         "results.csv": to_csv(rows).encode(),
         "results.json": json.dumps(list(rows), indent=1).encode(),
+        "summary.csv": to_csv(summary_rows(rows, keys)).encode(),
         "best.json": json.dumps(best_doc, indent=1).encode(),
-        "top1_vs_mask_ratio.png": plot_top1_vs_mask_ratio(rows),
-        "top1_vs_probe_lr.png": plot_top1_vs_probe_lr(rows, axes),
+        "top1_vs_mask_ratio.png": plot_top1_vs_mask_ratio(rows, keys),
+        "top1_vs_probe_lr.png": plot_top1_vs_probe_lr(rows, [*keys, "seed"]),
     }
     paths = {}
     for name, data in contents.items():
@@ -126,8 +156,12 @@ def write_results(folder: str, rows: Sequence[dict[str, Any]], axes: Sequence[st
 
 
 def _label(row: dict[str, Any], axes: Sequence[str]) -> str:
-    settings = ", ".join(f"{k.split('.')[-1]}={_short(row[k])}" for k in axes if k in row)
+    settings = _settings_text(row, axes)
     return f"{row['trial_id']}" + (f" ({settings})" if settings else "")
+
+
+def _settings_text(row: dict[str, Any], keys: Sequence[str]) -> str:
+    return ", ".join(f"{k.split('.')[-1]}={_short(row[k])}" for k in keys if k in row)
 
 
 def _short(value: Any) -> str:

@@ -17,6 +17,8 @@ from vjepa_ray.config import Config, ConfigError, from_dict, to_dict
 from vjepa_ray.sweep.mask_ratio import apply_mask_ratio
 
 MASK_RATIO = "mask_ratio"
+# The axis of ``tune.num_samples``: repeats of a grid point with other seeds.
+SEED = "meta.seed"
 
 
 def token_grid(cfg: Config) -> tuple[int, int, int]:
@@ -36,12 +38,17 @@ def sweep_axes(cfg: Config) -> dict[str, list[Any]]:
     if t.ema:
         axes["optimization.ema"] = [list(e) for e in t.ema]
     for key, values in t.space.items():
-        if key in axes or key == MASK_RATIO:
+        if key in axes or key in (MASK_RATIO, SEED):
             raise ConfigError(f"tune.space.{key}", "is already an axis of its own in the tune section")
         axes[key] = list(values)
     if t.num_samples > 1:
-        axes["meta.seed"] = [cfg.meta.seed + i for i in range(t.num_samples)]
+        axes[SEED] = [cfg.meta.seed + i for i in range(t.num_samples)]
     return axes
+
+
+def grid_point_keys(axes: dict[str, list[Any]]) -> list[str]:
+    """The axes that make a grid point: every axis but the seed (a point's repeats differ only in it)."""
+    return [key for key in axes if key != SEED]
 
 
 def trial_config(base: Config, settings: dict[str, Any]) -> Config:
@@ -84,7 +91,11 @@ def _validated(tree: dict, settings: dict[str, Any]) -> Config:
 
 
 def check_axes(cfg: Config, axes: dict[str, list[Any]]) -> None:
-    """Every value of every axis makes a valid config on its own (raises ConfigError naming the key)."""
+    """The grid has an axis and every value of every axis makes a valid config on its own (raises
+    ConfigError naming the key)."""
+    if not axes:
+        raise ConfigError("tune", "the grid is empty: give values to tune.mask_ratio, tune.lr, tune.ema or "
+                                  "tune.space, or tune.num_samples > 1")
     for key, values in axes.items():
         for value in values:
             trial_config(cfg, {key: value})
