@@ -15,7 +15,10 @@ Figures, per rank:
   ``zero_to_fp32.py``, train state and config), and ``bytes_per_trained_parameter``: the total over the
   parameters this rank owns (trained / world size);
 - ``formula_bytes_per_rank`` (``zero3_checkpoint_bytes``) and ``measured_vs_formula`` by kind;
-- ``save_s``: seconds of the save (median over ``--repeats``), from a barrier to the rank's return.
+- ``save_s``: seconds of the save (median over ``--repeats``), from a barrier to the rank's return, and
+  ``save_mb_per_s`` (median over the ranks);
+- ``recipe_models``: the formula for ViT-L/H/g at the recipe's clip and predictor on 8, 32 and 128 ranks,
+  with the seconds a rank's save would take at ``save_mb_per_s``.
 
 Baseline, in the same run, alternated with the saves (ABBA): each rank writes the same number of bytes as
 one flat tensor with ``torch.save`` into the same filesystem (``plain_write_s``, ``plain_write_mb_per_s``),
@@ -51,7 +54,7 @@ log = logging.getLogger(__name__)
 
 # What every rank's ZeRO-3 model states hold per parameter tensor besides its buffers: the tensor's name, its
 # shape, and an empty placeholder in the module's state dict (``bench checkpoint`` measured 463 bytes on
-# ViT-tiny; names are longer in deeper models).
+# ViT-tiny and ViT-B with the recipe's predictor).
 METADATA_BYTES_PER_TENSOR = 460
 # fp32 master weights plus Adam's two moments, all fp32: DeepSpeed's optimizer state per trained parameter.
 OPTIMIZER_BYTES_PER_PARAMETER = 12
@@ -228,6 +231,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results = [json.loads((Path(workdir) / f"result_{r:05d}.json").read_text()) for r in range(args.world_size)]
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    log.info("saves took %s s, plain writes %s s", [r["save_s"] for r in results],
+             [r["plain_write_s"] for r in results])
     formula = zero3_checkpoint_bytes(sizes, args.world_size)
     owned = sizes.trained_total / args.world_size
     save_s = [statistics.median(r["save_s"]) for r in results]

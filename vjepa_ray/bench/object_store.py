@@ -111,6 +111,8 @@ def _phase(data, refs, streams: int, fraction: float, address: str, args: argpar
     # The plateau: the last _PLATEAU_S; how much it still grew over them says whether it is one.
     last = samples[-int(_PLATEAU_S / _SAMPLE_S):]
     plateau = statistics.fmean(last)
+    log.info("%d stream(s), fraction %g: %.0f MiB after %.0f s (peak %.0f MiB)", streams, fraction,
+             samples[-1] / 2**20, elapsed, max(samples) / 2**20)
     return {"streams": streams, "fraction": fraction, "budget_mib": round(budget / 2**20),
             "start_mib": round(start_bytes / 2**20, 1),
             "plateau_mib": round(plateau / 2**20, 1), "peak_mib": round(max(samples) / 2**20, 1),
