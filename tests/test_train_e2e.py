@@ -24,6 +24,7 @@ import torch
 from conftest import _free_port
 
 from vjepa_ray import export, tracking
+from vjepa_ray.bench.checkpoint import ModelSizes, zero3_checkpoint_bytes
 from vjepa_ray.config import Config, builtin_config_path, load_config
 from vjepa_ray.models.pretrained import strip_prefixes
 from vjepa_ray.recipe.step import JepaStep, MicroBatch, init_networks
@@ -237,6 +238,16 @@ def test_zero3_partitioned_ema_and_resharding_2_to_1_to_2(ray_local, tmp_path):
     assert first["status"] == "finished" and first["steps"] == 4
     # ZeRO-3: each rank saved its own partition of the target.
     assert len(list(Path(first["checkpoint"], "target_encoder").glob("shard_*_of_00002.pt"))) == 2
+    # Each rank's files are the size the sizing formula gives (README "Sizing a cluster"): its partition of the
+    # fp32 masters and Adam moments, of the EMA target, and the buffers and metadata every rank writes whole.
+    expected = zero3_checkpoint_bytes(ModelSizes.of(cfg), world_size=2)
+    state_dir = Path(first["checkpoint"], "deepspeed", "state")
+    for rank in range(2):
+        written = {"optimizer": state_dir / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt",
+                   "module": state_dir / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt",
+                   "ema_target": Path(first["checkpoint"], "target_encoder", f"shard_{rank:05d}_of_00002.pt")}
+        for kind, path in written.items():
+            assert path.stat().st_size == pytest.approx(expected[kind], rel=0.1 if kind == "module" else 0.01), kind
     losses = losses_from_tensorboard(first["tensorboard"])
     assert losses[-1][1] < losses[0][1]
     reference = reference_weights(cfg, 2, 4)
