@@ -76,10 +76,10 @@ def test_four_trial_sweep_writes_table_best_and_plots(tracked_sweep):
         data = (folder / name).read_bytes()
         assert data[:8] == PNG_SIGNATURE and 10_000 < len(data) < 2_000_000
     assert trial_starts(str(folder)) == {r["trial_id"]: 1 for r in rows}
-    check_mlflow_runs(tracked_sweep.mlflow_uri, tracked_sweep.experiment, rows, summary)
+    check_mlflow_runs(tracked_sweep.mlflow_uri, tracked_sweep.experiment, rows, summary, len(heads))
 
 
-def check_mlflow_runs(uri: str, experiment: dict, rows: list[dict], summary: dict) -> None:
+def check_mlflow_runs(uri: str, experiment: dict, rows: list[dict], summary: dict, probes: int) -> None:
     """The sweep as the server holds it: a finished parent run with the results, one finished child per trial
     with its settings, its loss curve and its probe top-1s."""
     found = mlflow_api(uri, "runs/search", {"experiment_ids": [experiment["experiment_id"]],
@@ -111,7 +111,7 @@ def check_mlflow_runs(uri: str, experiment: dict, rows: list[dict], summary: dic
         assert metrics["probe_top1"] == float(row["probe_top1"])
         heads = {key: value for key, value in metrics.items() if key.startswith("probe_top1/")}
         assert sorted(heads.values()) == sorted(float(v) for k, v in row.items() if k.startswith("top1["))
-        assert len(heads) == 3
+        assert len(heads) == probes
         # The pretraining curve: a loss at every report (steps 3 and 6), the last one the trial's final loss.
         history = mlflow_api(uri, "metrics/get-history", run_id=run_id, metric_key="loss")["metrics"]
         assert [m["step"] for m in sorted(history, key=lambda m: m["step"])] == [3, 6]
