@@ -14,7 +14,13 @@ import pytest
 from vjepa_ray import pretrain, runs
 from vjepa_ray.config import ConfigError, load_config, to_yaml
 from vjepa_ray.train import manifest, recovery
-from vjepa_ray.train.upload import StorageRefusedError, StorageUnreachableError, retry_while_unreachable
+from vjepa_ray.train.upload import (
+    IncompleteUploadError,
+    StorageRefusedError,
+    StorageUnreachableError,
+    missing_files,
+    retry_while_unreachable,
+)
 
 
 def _fake_checkpoint(folder: Path) -> Path:
@@ -84,6 +90,39 @@ def test_upload_retries_an_unreachable_store_with_bounded_backoff_and_gives_up_o
     with pytest.raises(StorageRefusedError, match="refused the write .*ACCESS_DENIED"):
         retry_while_unreachable(refused, "upload", retry_s=300, sleep=FakeClock().sleep)
     assert len(calls) == 1
+
+
+def test_a_copy_that_lost_a_file_is_found_out_and_retried(tmp_path):
+    """pyarrow can return from a copy whose multipart upload never completed (the store went away as it
+    closed the stream): the rank's files are listed in the copy and a missing or partial one is retried."""
+    from ray.train import Checkpoint
+
+    source = tmp_path / "rank1"
+    (source / "deepspeed").mkdir(parents=True)
+    (source / "deepspeed" / "optim_states.pt").write_bytes(b"x" * 1000)
+    (source / "rng.pt").write_bytes(b"r" * 10)
+    copy = tmp_path / "step_00000004"
+    (copy / "deepspeed").mkdir(parents=True)
+    (copy / "rng.pt").write_bytes(b"r" * 10)
+    (copy / "rank0_only.pt").write_bytes(b"0")  # another rank's file in the shared folder: not this rank's concern
+    source_ckpt, copy_ckpt = Checkpoint.from_directory(str(source)), Checkpoint.from_directory(str(copy))
+    assert missing_files(source_ckpt, copy_ckpt) == ["deepspeed/optim_states.pt"]
+    (copy / "deepspeed" / "optim_states.pt").write_bytes(b"x" * 999)
+    assert missing_files(source_ckpt, copy_ckpt) == ["deepspeed/optim_states.pt"]  # partial
+    (copy / "deepspeed" / "optim_states.pt").write_bytes(b"x" * 1000)
+    assert missing_files(source_ckpt, copy_ckpt) == []
+
+    clock, attempts = FakeClock(), []
+
+    def upload():  # the first copy comes back incomplete, the second whole
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise IncompleteUploadError("1 file(s) missing or partial after the copy: deepspeed/optim_states.pt")
+        return "persisted"
+
+    assert retry_while_unreachable(upload, "upload", retry_s=60, sleep=clock.sleep, clock=lambda: clock.now) \
+        == "persisted"
+    assert len(attempts) == 2 and clock.sleeps == [1]
 
 
 def _config(storage, name: str, *overrides: str):

@@ -6,6 +6,11 @@ ride out a hiccup, not an outage of half a minute. ``persist_checkpoint`` (passe
 runs Ray's own copy, ``StorageContext.persist_current_checkpoint``, and tries it again while the store is
 unreachable, waiting 1, 2, 4, ... up to 30 s in between, for at most ``checkpoint.upload_retry_s``. A refusal
 (HTTP 403, bad credentials) fails at once: retrying cannot fix it.
+
+A copy that returns is not taken on trust: when the store went away while pyarrow was completing a multipart
+upload, the copy has been seen to return without error and without the file (pyarrow ignores an error raised
+as it closes the stream). So each rank lists what reached the run folder and retries the copy, as for an
+unreachable store, while any of its own files is missing or of another size.
 """
 
 from __future__ import annotations
@@ -31,6 +36,10 @@ class StorageUnreachableError(OSError):
     """The store stayed unreachable for as long as the upload was allowed to retry."""
 
 
+class IncompleteUploadError(OSError):
+    """A copy returned, but some of its files are not in the store (or not whole): worth retrying."""
+
+
 def retry_while_unreachable(action: Callable[[], T], what: str, retry_s: float,
                             sleep: Callable[[float], None] = time.sleep,
                             clock: Callable[[], float] = time.monotonic) -> T:
@@ -45,7 +54,7 @@ def retry_while_unreachable(action: Callable[[], T], what: str, retry_s: float,
             if runs.is_refused(err):
                 raise StorageRefusedError(f"{what}: the store refused the write ({str(err).splitlines()[0]}); "
                                           "check the credentials and the bucket's policy") from err
-            if not runs.is_unreachable(err):
+            if not (isinstance(err, IncompleteUploadError) or runs.is_unreachable(err)):
                 raise
             if clock() + wait > deadline:
                 # Worded without pyarrow's error codes, which Ray Train would retry on again.
@@ -63,5 +72,30 @@ def persist_checkpoint(checkpoint, checkpoint_dir_name: str, *, retry_s: float):
     import ray.train
 
     storage = ray.train.get_context().get_storage()
-    return retry_while_unreachable(lambda: storage.persist_current_checkpoint(checkpoint, checkpoint_dir_name),
-                                   f"uploading checkpoint {checkpoint_dir_name}", retry_s)
+
+    def persist():
+        persisted = storage.persist_current_checkpoint(checkpoint, checkpoint_dir_name)
+        missing = missing_files(checkpoint, persisted)
+        if missing:
+            raise IncompleteUploadError(f"{len(missing)} file(s) missing or partial after the copy: "
+                                        f"{', '.join(missing[:3])}")
+        return persisted
+
+    return retry_while_unreachable(persist, f"uploading checkpoint {checkpoint_dir_name}", retry_s)
+
+
+def _file_sizes(filesystem, folder: str) -> dict[str, int]:
+    """Every file under ``folder`` of a pyarrow filesystem, by its path relative to ``folder``, with its size."""
+    import pyarrow.fs
+
+    infos = filesystem.get_file_info(pyarrow.fs.FileSelector(folder, recursive=True))
+    root = folder.rstrip("/") + "/"
+    return {info.path.removeprefix(root): info.size for info in infos if info.type == pyarrow.fs.FileType.File}
+
+
+def missing_files(source, copy) -> list[str]:
+    """The files of checkpoint ``source`` that checkpoint ``copy`` (the folder they were copied into, which
+    other ranks' files may share) lacks or holds at another size, by relative path."""
+    copied = _file_sizes(copy.filesystem, copy.path)
+    return sorted(path for path, size in _file_sizes(source.filesystem, source.path).items()
+                  if copied.get(path) != size)
