@@ -19,6 +19,7 @@ from vjepa_ray.models.pos_embed import sincos_3d
 from vjepa_ray.models.predictor import Predictor
 from vjepa_ray.models.pretrained import build_empty, load_state_checked
 from vjepa_ray.models.rope import Rotary3D, rotate
+from vjepa_ray.models.vit import VisionTransformer
 
 PREFIX = "module.backbone."
 
@@ -188,6 +189,27 @@ def test_vjepa2_predictor_rotates_instead_of_adding_a_table():
         swapped = predictor(context[:, [2, 0, 1]], ctx_idx[:, [2, 0, 1]], torch.tensor([[7, 1, 6]]), mask_index=9)
     torch.testing.assert_close(swapped, out[:, [2, 0, 1]], rtol=0, atol=1e-5)
     assert not torch.allclose(out[:, 0], out[:, 1], atol=1e-3)  # same mask token, told apart by position
+
+
+def test_vjepa2_models_start_with_the_release_depth_scaled_output_projections():
+    """V-JEPA 2's models keep the reference's ``_rescale_blocks``: block i's attn.proj and mlp.fc2 start
+    divided by sqrt(2 (i + 1)) of V-JEPA 1's (same seed, same draws); everything else is drawn alike."""
+    def build(family: str):
+        torch.manual_seed(0)
+        encoder = VisionTransformer(32, 4, 16, embed_dim=64, depth=3, num_heads=4, family=family)
+        torch.manual_seed(1)
+        return encoder.blocks, Predictor((2, 2, 2), 64, 32, 3, num_heads=4, family=family).predictor_blocks
+
+    for v1, v2 in zip(build("vjepa1"), build("vjepa2")):
+        for i, (b1, b2) in enumerate(zip(v1, v2)):
+            for name, p1 in b1.named_parameters():
+                scale = math.sqrt(2 * (i + 1)) if name in ("attn.proj.weight", "mlp.fc2.weight") else 1.0
+                torch.testing.assert_close(dict(b2.named_parameters())[name], p1 / scale, rtol=0, atol=0)
+    # 2.1's encoder (other draws: its image patch embedding) scales alike: block 12's spread is 1/sqrt(12) of block 1's.
+    blocks = build_encoder("vit_tiny", 4, 32, family="vjepa2_1").blocks
+    for name in ("attn", "mlp"):
+        first, last = ((b.attn.proj if name == "attn" else b.mlp.fc2).weight.std() for b in (blocks[0], blocks[-1]))
+        assert 0.9 < (last / first).item() * math.sqrt(12) < 1.1
 
 
 def release_file(tmp_path, family: str, name: str = "2.0.pt"):

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from vjepa_ray.models.pos_embed import Grid, sincos_3d
 from vjepa_ray.models.rope import Rotary3D
-from vjepa_ray.models.vit import LAYER_NORM_EPS, Block, check_index, init_weights_, run_blocks
+from vjepa_ray.models.vit import LAYER_NORM_EPS, Block, check_index, init_weights_, rescale_by_depth_, run_blocks
 
 # The families whose predictor is built here, so that build_models can pretrain them (2.1's encoder loads
 # and runs, but its multi-level predictor is not built).
@@ -60,6 +60,8 @@ class Predictor(nn.Module):
         self.predictor_norm = nn.LayerNorm(predictor_embed_dim, eps=LAYER_NORM_EPS)
         self.predictor_proj = nn.Linear(predictor_embed_dim, embed_dim)
         init_weights_(self)  # leaves the mask tokens at zero
+        if family != "vjepa1":
+            rescale_by_depth_(self.predictor_blocks)
 
     @property
     def num_mask_tokens(self) -> int:

@@ -127,12 +127,11 @@ def run_blocks(blocks: Sequence[nn.Module], x: torch.Tensor, activation_checkpoi
 
 
 def init_weights_(module: nn.Module) -> None:
-    """The initialisation V-JEPA 1 pretraining effectively uses.
+    """The initialisation every family starts from.
 
     Linear and Conv weights trunc_normal(std 0.02) (the bounds +-2 are absolute, so nothing is
-    truncated in practice), biases 0, LayerNorm 1/0. The reference also divides each block's
-    attn.proj and mlp.fc2 weights by sqrt(2 * layer_id), but V-JEPA 1's ``init_video_model`` then
-    re-initialises every Linear, which undoes it; so there is no depth rescaling here.
+    truncated in practice), biases 0, LayerNorm 1/0. The V-JEPA 2 families then scale their blocks'
+    output projections down with depth (:func:`rescale_by_depth_`).
     """
     for m in module.modules():
         if isinstance(m, (nn.Linear, nn.Conv3d)):
@@ -142,6 +141,18 @@ def init_weights_(module: nn.Module) -> None:
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+def rescale_by_depth_(blocks: Sequence[Block]) -> None:
+    """Divides block i's ``attn.proj`` and ``mlp.fc2`` weights by sqrt(2 (i + 1)), the reference's
+    ``_rescale_blocks``: the branches that write into the residual stream start smaller the deeper they
+    are. Both releases' models do it when built, but V-JEPA 1's ``init_video_model`` then re-initialises
+    every Linear, which undoes it; V-JEPA 2's no longer does. So only the V-JEPA 2 families rescale.
+    """
+    with torch.no_grad():
+        for i, block in enumerate(blocks):
+            block.attn.proj.weight.div_(math.sqrt(2.0 * (i + 1)))
+            block.mlp.fc2.weight.div_(math.sqrt(2.0 * (i + 1)))
 
 
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -234,6 +245,8 @@ class VisionTransformer(nn.Module):
         else:
             self.norm = nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS)
         init_weights_(self)
+        if family != "vjepa1":
+            rescale_by_depth_(self.blocks)
         if family == "vjepa2_1":
             # After init_weights_, which would not touch them anyway: 2.1 starts them near zero.
             self.img_mod_embed = nn.Parameter(torch.empty(1, 1, embed_dim).normal_(std=1e-6))
