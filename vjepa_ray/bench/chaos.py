@@ -151,9 +151,13 @@ class Disturber:
     def finish(self, timeout_s: float = 1800) -> dict[str, Any]:
         rc = self.driver.wait(timeout_s)
         self.elapsed_s += time.time() - self.started
-        summary = json.loads((self.run_dir / "summary.json").read_text())
+        summary_file = self.run_dir / "summary.json"
+        # A driver killed from outside (the machine out of memory, say) ends without writing a summary.
+        summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
         if rc != 0:
-            raise RuntimeError(f"run {self.cfg.meta.name} ended with {rc}: {summary.get('error')}; see {self.log_file}")
+            last_lines = self.log_file.read_text(errors="replace").strip().splitlines()[-3:]
+            raise RuntimeError(f"run {self.cfg.meta.name} ended with {rc}: "
+                               f"{summary.get('error') or ' | '.join(last_lines)}; see {self.log_file}")
         return summary
 
     def run(self, faults: list[str]) -> ChaosRun:

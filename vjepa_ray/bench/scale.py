@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import math
 import shutil
@@ -227,8 +228,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             try:
                 out["runs"].append(measure(cluster, storage, [*overrides, *batch], workers))
             except RuntimeError as err:  # e.g. workers killed by Ray's memory monitor: the count did not fit
-                log.warning("scale: %d workers failed: %s", workers, err)
                 out["runs"].append({"workers": workers, "status": "failed", "error": str(err)[:300]})
+            # Each count's figures as they come: the next, larger count may take the machine down with it.
+            log.info("scale: %s", json.dumps(out["runs"][-1]))
         if args.elastic and largest > per_node:
             elastic = [f"optimization.global_batch_size={largest * args.clips_per_worker}",
                        f"optimization.total_steps={args.elastic_steps}", "checkpoint.every_steps=3"]
