@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vjepa_ray.models.pretrained import read_checkpoint
-from vjepa_ray.models.vit import MLP, Block
+from vjepa_ray.models.vit import MLP, Block, rescale_by_depth_
 
 _INIT_STD = 0.02
 # nn.LayerNorm's default, which both releases' probes are built with.
@@ -118,9 +118,7 @@ class AttentiveClassifier(nn.Module):
         nn.init.trunc_normal_(self.pooler.query_tokens, std=_INIT_STD, a=-2 * _INIT_STD, b=2 * _INIT_STD,
                               generator=generator)
         # Keep the residual stream's variance from growing with depth (as the reference probes do).
-        for i, block in enumerate(self.pooler.blocks, start=1):
-            block.attn.proj.weight.div_(math.sqrt(2.0 * i))
-            block.mlp.fc2.weight.div_(math.sqrt(2.0 * i))
+        rescale_by_depth_(self.pooler.blocks)
         self.pooler.cross_attention_block.mlp.fc2.weight.div_(math.sqrt(2.0 * max(1, len(self.pooler.blocks))))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

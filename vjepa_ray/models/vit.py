@@ -146,8 +146,9 @@ def init_weights_(module: nn.Module) -> None:
 def rescale_by_depth_(blocks: Sequence[Block]) -> None:
     """Divides block i's ``attn.proj`` and ``mlp.fc2`` weights by sqrt(2 (i + 1)), the reference's
     ``_rescale_blocks``: the branches that write into the residual stream start smaller the deeper they
-    are. Both releases' models do it when built, but V-JEPA 1's ``init_video_model`` then re-initialises
-    every Linear, which undoes it; V-JEPA 2's no longer does. So only the V-JEPA 2 families rescale.
+    are. The attentive probe and the V-JEPA 2 families use it. V-JEPA 1's pretraining does not: both
+    releases' models rescale when built, but V-JEPA 1's ``init_video_model`` then re-initialises every
+    Linear, which undoes it, and V-JEPA 2's no longer does.
     """
     with torch.no_grad():
         for i, block in enumerate(blocks):
