@@ -48,3 +48,10 @@ def test_pretraining_follows_the_familys_schedule_unless_one_is_given():
     assert lr_at(last, constant) == lr and ema_momentum_at(last, constant) == 0.998  # held after the warmup
     assert lr_at(last, cosine) < lr / 10 and ema_momentum_at(last, cosine) > 0.9999
     assert learning.pretrain_optimization(_parsed("--family", "vjepa2", "--schedule", "cosine")).schedule == "cosine"
+
+
+def test_the_rotary_predictor_defaults_to_heads_of_the_releases_width():
+    assert learning.predictor_width(_parsed()) == 48
+    assert learning.predictor_width(_parsed("--family", "vjepa2")) == 96
+    assert 96 // 3 == 384 // 12  # the 2.0 release's predictor heads: 384 wide, 12 heads
+    assert learning.predictor_width(_parsed("--family", "vjepa2", "--pred-dim", "48")) == 48
