@@ -7,6 +7,7 @@ import argparse
 import numpy as np
 
 from vjepa_ray.bench import learning
+from vjepa_ray.models.rope import Rotary3D
 from vjepa_ray.recipe.schedules import ema_momentum_at, lr_at
 
 
@@ -52,6 +53,8 @@ def test_pretraining_follows_the_familys_schedule_unless_one_is_given():
 
 def test_the_rotary_predictor_defaults_to_heads_of_the_releases_width():
     assert learning.predictor_width(_parsed()) == 48
-    assert learning.predictor_width(_parsed("--family", "vjepa2")) == 96
-    assert 96 // 3 == 384 // 12  # the 2.0 release's predictor heads: 384 wide, 12 heads
+    rotary = _parsed("--family", "vjepa2")
+    head_dim = learning.predictor_width(rotary) // rotary.heads
+    assert head_dim == 384 // 12  # the 2.0 release's predictor: 384 wide, 12 heads
+    assert Rotary3D(head_dim).axis_dim // 2 == 5  # frequencies per axis, against 2 for 16-channel heads
     assert learning.predictor_width(_parsed("--family", "vjepa2", "--pred-dim", "48")) == 48
