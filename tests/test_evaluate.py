@@ -71,12 +71,17 @@ def image_manifests(tmp_path: Path) -> tuple[Path, Path]:
 
 def test_image_manifest_evaluates_end_to_end(tmp_path, checkpoint, image_manifests):
     cfg = load_config(None, tiny_overrides(tmp_path, checkpoint, *image_manifests, "probe.epochs=4",
-                                           "probe.lr=[3e-3,1e-4]", "probe.weight_decay=[0.01]"))
+                                           "probe.lr=[3e-3,1e-4]", "probe.weight_decay=[0.01]", "probe.num_inits=2"))
     before = {k: v.clone() for k, v in loop.load_encoder(cfg).state_dict().items()}
     outcome = loop.evaluate(cfg)
     results = outcome.results
     assert results["num_classes"] == 2 and results["val_examples"] == 8 and results["train_examples"] == 16
-    assert [p["lr"] for p in results["probes"]] == [3e-3, 1e-4]
+    # Two grid points, each the mean of two probes with their own initialisations.
+    assert len(outcome.bank.probes) == 4
+    seed = cfg.meta.seed
+    assert [(p["lr"], p["seeds"]) for p in results["probes"]] == [(3e-3, [seed, seed + 2]), (1e-4, [seed + 1, seed + 3])]
+    for point in results["probes"]:
+        assert point["top1"] == pytest.approx(sum(point["top1_inits"]) / 2, abs=1e-3)
     assert results["top1"] == max(p["top1"] for p in results["probes"])
     # Colour is all it takes: the better probe separates the classes.
     assert results["top1"] >= 87.5
@@ -141,6 +146,9 @@ def test_config_mistakes_name_the_key(tmp_path, checkpoint, image_manifests, cap
     cfg = load_config(None, tiny_overrides(tmp_path, checkpoint, *image_manifests, "probe.finetune=true",
                                            "probe.lr=[1e-3,1e-4]"))
     with pytest.raises(ConfigError, match="^probe.finetune"):
+        loop.check_runnable(cfg)
+    cfg.probe.lr, cfg.probe.num_inits = [1e-3], 2
+    with pytest.raises(ConfigError, match="^probe.finetune: .*probe.num_inits 1"):
         loop.check_runnable(cfg)
     with pytest.raises(SystemExit) as exit_info:
         evaluate.main(tiny_overrides(tmp_path, checkpoint, image_manifests[0], tmp_path / "none.txt"))

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from vjepa_ray.eval.labels import stratified_subset
-from vjepa_ray.eval.probes import ProbeBank, ProbeSpec, grid_specs
+from vjepa_ray.eval.probes import ProbeBank, ProbeSpec, grid_specs, mean_per_point
 from vjepa_ray.models.probe import AttentiveClassifier, load_official_probe
 
 D, HEADS, CLASSES = 32, 4, 5
@@ -194,6 +194,16 @@ def test_bank_probes_equal_each_trained_alone():
     for i in range(len(specs)):
         for j in range(i):
             assert not torch.allclose(together[i], together[j])
+
+
+def test_grid_points_average_their_initialisations():
+    specs = grid_specs([1e-2, 1e-3], [0.0], seed=10, inits=3)
+    # One initialisation is the plain grid; further ones continue its seeds, never reusing one.
+    assert specs[:2] == grid_specs([1e-2, 1e-3], [0.0], seed=10)
+    assert sorted(s.seed for s in specs) == list(range(10, 16))
+    points = mean_per_point(specs, [50.0, 20.0, 60.0, 30.0, 70.0, 10.0])
+    assert [(p["lr"], p["seeds"], p["top1_inits"], p["top1"]) for p in points] == [
+        (1e-2, [10, 12, 14], [50.0, 60.0, 70.0], 60.0), (1e-3, [11, 13, 15], [20.0, 30.0, 10.0], 20.0)]
 
 
 def test_bank_training_lowers_the_loss():

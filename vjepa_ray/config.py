@@ -351,6 +351,10 @@ class ProbeConfig:
     num_segments: int = 8
     num_views: int = 3
     num_blocks: int = 1
+    # Probes per (lr, weight_decay) point, each from its own initialisation; the point's top-1 is their mean.
+    # On small labelled sets one probe's top-1 moves by up to ~20 points with its initialisation alone
+    # (bench learning), more than most differences between encoders, so comparisons average several.
+    num_inits: int = 1
     label_fraction: float = 1.0
     finetune: bool = False
     # Fine-tuning: the encoder's LR is probe.lr x this, times layer_decay per block below the top.
@@ -376,6 +380,7 @@ class ProbeConfig:
         check.require(self.num_segments >= 1, "num_segments", "must be >= 1")
         check.require(self.num_views >= 1, "num_views", "must be >= 1")
         check.require(self.num_blocks >= 1, "num_blocks", "must be >= 1")
+        check.require(self.num_inits >= 1, "num_inits", "must be >= 1")
         check.require(self.num_classes >= 0, "num_classes", "must be >= 0 (0 = from the manifests)")
         check.require(self.num_heads >= 0, "num_heads", "must be >= 0 (0 = the encoder's)")
         check.require(self.finetune_lr_scale > 0, "finetune_lr_scale", "must be > 0")

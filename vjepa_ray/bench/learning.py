@@ -202,9 +202,7 @@ def _probe_top1(args: argparse.Namespace, train: tuple[torch.Tensor, torch.Tenso
     returns each grid point's val top-1 (percent) per initialisation."""
     (x_train, y_train), (x_val, y_val) = train, val
     steps_per_epoch = math.ceil(len(x_train) / args.probe_batch)
-    grid_size = len(args.probe_lr) * len(args.probe_wd)
-    specs = [spec for k in range(args.probe_seeds)
-             for spec in grid_specs(args.probe_lr, args.probe_wd, args.seed + k * grid_size)]
+    specs = grid_specs(args.probe_lr, args.probe_wd, args.seed, args.probe_seeds)
     bank = ProbeBank(lambda g: AttentiveClassifier(args.embed_dim, args.heads, num_classes, generator=g),
                      specs, args.probe_epochs * steps_per_epoch, args.device)
     y_train, y_val = y_train.to(args.device), y_val.to(args.device)

@@ -2,8 +2,9 @@
 
 ``evaluate`` is one worker's share (all of it in one process); ``train_func`` runs it on every Ray Train
 worker and hands rank 0's results back through a one-file checkpoint (``vjepa_ray.eval.driver`` starts
-them). Every (probe.lr, probe.weight_decay) pair is a probe; all of them train in the same pass, fed by
-one encoder forward per batch. Training uses one random crop of all ``probe.num_segments`` segments;
+them). Every (probe.lr, probe.weight_decay) pair is a grid point of ``probe.num_inits`` probes, each from its
+own initialisation, whose top-1s are averaged; all probes train in the same pass, fed by one encoder
+forward per batch. Training uses one random crop of all ``probe.num_segments`` segments;
 validation averages each probe's softmax over ``probe.num_views`` spatial views. Workers split the
 examples and average gradients.
 """
@@ -29,7 +30,7 @@ from vjepa_ray.config import Config, ConfigError, from_dict
 from vjepa_ray.data.sources import VideoRef, list_videos
 from vjepa_ray.eval.features import encode_views
 from vjepa_ray.eval.labels import stratified_subset
-from vjepa_ray.eval.probes import ProbeBank, cosine_lr, grid_specs
+from vjepa_ray.eval.probes import ProbeBank, cosine_lr, grid_specs, mean_per_point
 from vjepa_ray.eval.samples import SampleSpec, load_example, sample_spec
 from vjepa_ray.models.pretrained import encoder_from_state, read_checkpoint, state_from_checkpoint
 from vjepa_ray.models.probe import AttentiveClassifier
@@ -48,9 +49,10 @@ def check_runnable(cfg: Config) -> None:
     for key in ("checkpoint", "train_manifest", "val_manifest"):
         if not getattr(p, key):
             raise ConfigError(f"probe.{key}", "is empty")
-    if p.finetune and len(p.lr) * len(p.weight_decay) != 1:
+    if p.finetune and len(p.lr) * len(p.weight_decay) * p.num_inits != 1:
         raise ConfigError("probe.finetune", "fine-tuning trains the encoder, so it takes one probe: give one "
-                          f"probe.lr and one probe.weight_decay (got {len(p.lr)} and {len(p.weight_decay)})")
+                          f"probe.lr, one probe.weight_decay and probe.num_inits 1 (got {len(p.lr)}, "
+                          f"{len(p.weight_decay)} and {p.num_inits})")
 
 
 def encoder_state(cfg: Config) -> tuple[dict[str, torch.Tensor], str]:
@@ -181,7 +183,7 @@ def evaluate(cfg: Config, rank: int = 0, world_size: int = 1) -> ProbeRun:
     total_steps = p.epochs * steps_per_epoch
     heads = p.num_heads or encoder.num_heads
     bank = ProbeBank(lambda g: AttentiveClassifier(encoder.embed_dim, heads, num_classes, p.num_blocks, generator=g),
-                     grid_specs(p.lr, p.weight_decay, cfg.meta.seed), total_steps, device)
+                     grid_specs(p.lr, p.weight_decay, cfg.meta.seed, p.num_inits), total_steps, device)
     encoder_opt = None
     if p.finetune:
         encoder_opt = torch.optim.AdamW(layer_decay_groups(encoder, p.lr[0] * p.finetune_lr_scale,
@@ -235,8 +237,7 @@ def evaluate(cfg: Config, rank: int = 0, world_size: int = 1) -> ProbeRun:
         dist.all_gather_object(per_rank, examples.skipped)
         skipped = sum((Counter(counts) for counts in per_rank), Counter())
     top1 = (100.0 * correct / counted.clamp(min=1)).tolist()
-    probes = [{"lr": s.lr, "weight_decay": s.weight_decay, "seed": s.seed, "top1": round(t, 3)}
-              for s, t in zip(bank.specs, top1)]
+    probes = mean_per_point(bank.specs, top1)
     best = max(probes, key=lambda r: r["top1"])
     results = {"top1": best["top1"], "best": best, "probes": probes, "num_classes": num_classes,
             "train_examples": len(train_refs), "train_examples_full": full_train, "val_examples": int(counted.item()),

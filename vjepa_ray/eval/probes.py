@@ -34,10 +34,25 @@ class ProbeSpec:
         return f"lr={self.lr:g},wd={self.weight_decay:g}"
 
 
-def grid_specs(lrs: Sequence[float], weight_decays: Sequence[float], seed: int) -> list[ProbeSpec]:
-    """The lr x weight-decay grid; probe i is initialised from seed + i."""
+def grid_specs(lrs: Sequence[float], weight_decays: Sequence[float], seed: int, inits: int = 1) -> list[ProbeSpec]:
+    """The lr x weight-decay grid, ``inits`` probes per point: initialisation k of point i starts from
+    seed + k * points + i, so one initialisation is the plain grid on seeds seed, seed + 1, ..."""
     pairs = [(lr, wd) for lr in lrs for wd in weight_decays]
-    return [ProbeSpec(lr, wd, seed + i) for i, (lr, wd) in enumerate(pairs)]
+    return [ProbeSpec(lr, wd, seed + k * len(pairs) + i) for k in range(inits) for i, (lr, wd) in enumerate(pairs)]
+
+
+def mean_per_point(specs: Sequence[ProbeSpec], top1: Sequence[float]) -> list[dict]:
+    """Each grid point's probes, in grid order: ``lr``, ``weight_decay``, the ``seeds`` and ``top1_inits`` of its
+    initialisations and ``top1``, their mean."""
+    points: dict[tuple[float, float], dict] = {}
+    for spec, value in zip(specs, top1):
+        point = points.setdefault((spec.lr, spec.weight_decay), {
+            "lr": spec.lr, "weight_decay": spec.weight_decay, "seeds": [], "top1_inits": []})
+        point["seeds"].append(spec.seed)
+        point["top1_inits"].append(round(value, 3))
+    for point in points.values():
+        point["top1"] = round(sum(point["top1_inits"]) / len(point["top1_inits"]), 3)
+    return list(points.values())
 
 
 def cosine_lr(base_lr: float, step: int, total_steps: int) -> float:
