@@ -79,7 +79,8 @@ def test_image_manifest_evaluates_end_to_end(tmp_path, checkpoint, image_manifes
     # Two grid points, each the mean of two probes with their own initialisations.
     assert len(outcome.bank.probes) == 4
     seed = cfg.meta.seed
-    assert [(p["lr"], p["seeds"]) for p in results["probes"]] == [(3e-3, [seed, seed + 2]), (1e-4, [seed + 1, seed + 3])]
+    points = [(p["lr"], p["seeds"]) for p in results["probes"]]
+    assert points == [(3e-3, [seed, seed + 2]), (1e-4, [seed + 1, seed + 3])]
     for point in results["probes"]:
         assert point["top1"] == pytest.approx(sum(point["top1_inits"]) / 2, abs=1e-3)
     assert results["top1"] == max(p["top1"] for p in results["probes"])

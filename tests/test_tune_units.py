@@ -237,9 +237,10 @@ def test_asha_compares_pretraining_loss_by_step_and_never_stops_a_trial_before_i
     last = trial_result({"steps": 300, "final_loss": 0.4, "checkpoint": "/runs/t/step_00000300",
                          "metrics": {"target_feature_std": 0.45}},
                         {"probes": [{"lr": 1e-3, "weight_decay": 0.01, "top1": 40.0},
-                                    {"lr": 3e-4, "weight_decay": 0.01, "top1": 55.0}]})
+                                    {"lr": 3e-4, "weight_decay": 0.01, "top1": 55.0, "top1_inits": [50.0, 60.0]}]})
     assert (last[asha._time_attr], last[asha._metric]) == (300, 0.4)
     assert (last["probe_top1"], last["probe_lr"]) == (55.0, 3e-4) and len(last["probe_heads"]) == 2
+    assert last["probe_top1_inits"] == [50.0, 60.0]  # the best point's initialisations, whose mean it reports
     assert last["target_feature_std"] == 0.45  # the collapse monitor of the last pretraining report
 
 

@@ -135,7 +135,7 @@ def _row(cfg: Config, result, keys: list[str]) -> dict[str, Any]:
     row["loss"] = metrics.get("pretrain_loss", metrics.get("loss"))
     # The collapse monitor (train.metrics), so that a grid point's top-1 is not read off a collapsed encoder.
     row["target_feature_std"] = metrics.get("target_feature_std")
-    for key in ("probe_top1", "probe_lr", "probe_weight_decay"):
+    for key in ("probe_top1", "probe_top1_inits", "probe_lr", "probe_weight_decay"):
         row[key] = metrics.get(key)
     row.update(metrics.get("probe_heads") or {})
     if result.error is not None:

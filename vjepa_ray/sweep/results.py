@@ -3,8 +3,9 @@
 Rows are flat dicts (one per trial): ``trial_id``, ``status`` (``finished``, ``stopped_early`` by ASHA,
 or ``error``), one column per axis of the grid but the seed, the trial's ``seed``, what its masks cover
 (``masked_fraction``), the pretraining's last ``step`` and ``loss``, the collapse monitor at its end
-(``target_feature_std``), the best probe of its grid (``probe_top1``, ``probe_lr``, ``probe_weight_decay``)
-and every probe's top-1 (``top1[lr=...,wd=...]``), top-1 in percent. A grid point is a trial's settings
+(``target_feature_std``), the best point of its probe grid (``probe_top1``, the mean over ``probe.num_inits``
+initialisations, each one's in ``probe_top1_inits``; ``probe_lr``, ``probe_weight_decay``) and every point's
+top-1 (``top1[lr=...,wd=...]``), top-1 in percent. A grid point is a trial's settings
 without its seed; its summary row holds the mean and sample standard deviation of its trials' top-1.
 Files go into the sweep's folder (a local path or a URI, see ``vjepa_ray.runs``): ``results.csv``,
 ``results.json``, ``summary.csv``, ``best.json``, ``top1_vs_mask_ratio.png``, ``top1_vs_probe_lr.png``.

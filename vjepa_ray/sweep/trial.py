@@ -56,14 +56,16 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], mlflow: tracking.Mlf
 
 
 def trial_result(summary: dict[str, Any], probes: dict[str, Any]) -> dict[str, Any]:
-    """A trial's last result: its best probe, every probe's top-1, and the pretraining's outcome (with the
-    collapse monitor of its last report)."""
+    """A trial's last result: its best probe grid point, every point's top-1, and the pretraining's outcome
+    (with the collapse monitor of its last report)."""
     best = max(probes["probes"], key=lambda head: head["top1"])
     return {
         # Tune wants ASHA's metric in every result: the last pretraining report's step and loss again,
         # which ASHA has already weighed.
         "step": summary["steps"], "loss": summary["final_loss"],
         "probe_top1": best["top1"], "probe_lr": best["lr"], "probe_weight_decay": best["weight_decay"],
+        # The best point's initialisations (probe.num_inits), whose mean probe_top1 is: a probe's own spread.
+        "probe_top1_inits": best.get("top1_inits"),
         "probe_heads": {head_column(h["lr"], h["weight_decay"]): h["top1"] for h in probes["probes"]},
         "pretrain_steps": summary["steps"], "pretrain_loss": summary["final_loss"],
         "target_feature_std": summary["metrics"].get("target_feature_std"),
