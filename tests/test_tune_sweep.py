@@ -52,6 +52,10 @@ def test_four_trial_sweep_writes_table_best_and_plots(tracked_sweep):
     for row in rows:
         top1 = [float(row[h]) for h in heads]
         assert all(0.0 <= t <= 100.0 for t in top1) and float(row["probe_top1"]) == max(top1)
+        # The demo's grid points each average several probe initialisations; the row keeps each one's top-1.
+        inits = json.loads(row["probe_top1_inits"])
+        assert len(inits) == cfg.probe.num_inits > 1
+        assert float(row["probe_top1"]) == pytest.approx(sum(inits) / len(inits), abs=1e-3)
     # Four distinct results: distinct (settings, pretraining loss) per trial; each with its seed and the
     # collapse monitor at the end of its pretraining.
     assert len({(r["mask_ratio"], r["optimization.lr"], r["loss"]) for r in rows}) == 4
