@@ -33,6 +33,17 @@ def _start_local_ray():
     return ray
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _ray_down_before_exit():
+    """Shuts down the session's Ray cluster while the interpreter is whole: Ray's own atexit shutdown runs
+    during finalization, where its core worker's threads calling back into Python can crash the process
+    after every test has passed (a CI run once exited 139 that way)."""
+    yield
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
 @pytest.fixture
 def ray_local():
     """A local Ray cluster shared by the whole session; started on first use.
