@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -35,12 +36,15 @@ def _start_local_ray():
 
 @pytest.fixture(autouse=True, scope="session")
 def _ray_down_before_exit():
-    """Shuts down the session's Ray cluster while the interpreter is whole: Ray's own atexit shutdown runs
-    during finalization, where its core worker's threads calling back into Python can crash the process
-    after every test has passed (a CI run once exited 139 that way)."""
+    """Shuts down the session's Ray cluster while the interpreter is whole. A CI run once crashed (exit 139)
+    after every test had passed, in Python's shutdown. Two things run there otherwise: Ray's atexit shutdown,
+    and the finalizers of Ray Data iterators that tests left unfinished in reference cycles: ending one after
+    Ray is down calls Ray again, which starts a new cluster from inside the shutdown (seen hanging a script).
+    Collecting them first ends their executors on the live cluster."""
     yield
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
+        gc.collect()
         ray.shutdown()
 
 
