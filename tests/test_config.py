@@ -20,7 +20,7 @@ from vjepa_ray.config import (
     load_config,
     to_dict,
 )
-from vjepa_ray.models.vit import MODEL_SPECS
+from vjepa_ray.models.sizes import MODEL_SPECS
 
 
 def test_defaults_are_the_vitl16_recipe():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from vjepa_ray.config import MaskConfig
-from vjepa_ray.recipe.masks import MaskCollator, MultiBlockMaskGenerator, mask_token_indices
+from vjepa_ray.recipe.masks import MaskCollator, MultiBlockMaskGenerator
 
 SHORT = MaskConfig(num_blocks=8, spatial_scale=[0.15, 0.15])
 LONG = MaskConfig(num_blocks=2, spatial_scale=[0.7, 0.7])
@@ -135,13 +135,6 @@ def test_ranks_of_a_step_share_block_sizes_but_not_positions():
         # One block per clip: the target is exactly the block, so its length is the block's volume.
         assert len({masks[0][1].shape[1] for masks in per_rank}) == 1
         assert any(not torch.equal(per_rank[0][0][1], masks[0][1]) for masks in per_rank[1:])
-
-
-def test_mask_tokens_per_mask_config_for_vjepa1_and_per_clip_length_for_the_2_0_release():
-    assert mask_token_indices("vjepa1", 2, 0) == [0, 1]
-    assert mask_token_indices("vjepa2", 2, 0) == [0, 0] and mask_token_indices("vjepa2", 2, 3) == [3, 3]
-    with pytest.raises(ValueError, match="vjepa1 trains one clip length"):
-        mask_token_indices("vjepa1", 2, 1)
 
 
 def test_a_collator_on_another_grid_keeps_its_configs_and_block_scales():

@@ -261,7 +261,7 @@ def test_files_of_another_family_or_with_stray_keys_fail_naming_what_came(tmp_pa
         load_pretrained(path_2_1, model_name="vit_tiny", num_frames=4, crop_size=32, key="ema_encoder",
                         family="vjepa2")
     path_2_0, _, checkpoint = release_file(tmp_path, "vjepa2")
-    with pytest.raises(ValueError, match=r"(?s)missing.*norms_block.*as family vjepa2 or vjepa1"):
+    with pytest.raises(ValueError, match=r"(?s)missing.*norms_block.*as family vjepa1 or vjepa2"):
         load_pretrained(path_2_0, model_name="vit_tiny", num_frames=4, crop_size=32, family="vjepa2_1")
     # Only the two unused tables are ignored by name; any other stray tensor fails.
     checkpoint["target_encoder"] = {**checkpoint["encoder"], PREFIX + "pos_embed_extra": torch.zeros(1)}
@@ -277,7 +277,7 @@ def test_the_probe_loads_the_encoder_of_model_family(tmp_path, family):
     cfg = load_config(None, [f"model.family={family}", "model.name=vit_tiny", "data.frames_per_clip=4",
                              "data.crop_size=32", f"probe.checkpoint={path}", f"probe.checkpoint_key={key}"])
     loaded = loop.load_encoder(cfg)
-    assert loaded.family == family
+    assert loaded.family.name == family
     assert all(torch.equal(v, encoder.state_dict()[k]) for k, v in loaded.state_dict().items())
     groups = loop.layer_decay_groups(loaded, 1e-4, 0.05, layer_decay=0.5)
     assert sum(len(g["params"]) for g in groups) == len(list(loaded.parameters()))
@@ -328,7 +328,7 @@ def hf_features(model, x: torch.Tensor) -> torch.Tensor:
 def test_a_hugging_face_folder_loads_alone_with_the_same_features(tmp_path):
     model, folder = hf_model(tmp_path)
     encoder = load_pretrained(folder).eval()
-    assert (encoder.family, encoder.grid, len(encoder.blocks)) == ("vjepa2", (2, 2, 2), 12)
+    assert (encoder.family.name, encoder.grid, len(encoder.blocks)) == ("vjepa2", (2, 2, 2), 12)
     x = torch.randn(2, 3, 4, 32, 32)
     with torch.no_grad():
         assert (encoder(x) - hf_features(model, x)).abs().max() <= 1e-4

@@ -141,8 +141,7 @@ def test_clips_of_two_lengths_get_masks_on_their_grids_and_the_release_mask_toke
             token.normal_()
     module, target = JepaModule(encoder, predictor), copy.deepcopy(encoder).requires_grad_(False)
     train_step = RecordingStep(module, target, torch.optim.SGD(module.parameters()),
-                               MaskCollator(MASKS, encoder.grid), CONSTANT, SEED, family="vjepa2",
-                               clip_lengths=(4, 6))
+                               MaskCollator(MASKS, encoder.grid), CONSTANT, SEED, clip_lengths=(4, 6))
     short = random_clips(2)
     long = torch.randint(0, 256, (3, 6, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
     collator = MaskCollator(MASKS, encoder.grid)

@@ -28,8 +28,7 @@ def replay_from_init_weights(cfg: Config, world_size: int, steps: int) -> dict[s
     """The EMA target of the run, recomputed in this process from ``model.init_from``'s weights."""
     module, target = init_networks(cfg, read_initial_weights(cfg))
     step = JepaStep(module, target, adamw(module.named_parameters(), cfg.optimization),
-                    MaskCollator(cfg.mask, module.encoder.grid), cfg.optimization, cfg.meta.seed,
-                    family=cfg.model.family)
+                    MaskCollator(cfg.mask, module.encoder.grid), cfg.optimization, cfg.meta.seed)
     return reference_weights(cfg, world_size, steps, step)["target_encoder"]
 
 

@@ -169,13 +169,11 @@ class DataConfig:
         check.require(self.decode_timeout_s > 0, "decode_timeout_s", "must be > 0")
 
 
-MODEL_FAMILIES = ("vjepa1", "vjepa2", "vjepa2_1")
-
-
 @dataclass
 class ModelConfig:
-    # vjepa1: fixed sin-cos position tables (V-JEPA 1); vjepa2: 3D rotary embeddings in every attention
-    # block (V-JEPA 2.0); vjepa2_1: V-JEPA 2.1's encoder (hierarchical norms, modality embeddings).
+    # A registered family (vjepa_ray.models.families): vjepa1: fixed sin-cos position tables (V-JEPA 1);
+    # vjepa2: 3D rotary embeddings in every attention block (V-JEPA 2.0); vjepa2_1: V-JEPA 2.1's encoder
+    # (hierarchical norms, modality embeddings).
     family: str = "vjepa1"
     name: str = "vit_large"
     patch_size: int = 16
@@ -195,13 +193,13 @@ class ModelConfig:
     init_from: str = ""
 
     def validate(self, key: str) -> None:
-        # The model registry, imported on use: the schema module itself stays free of torch for the
+        # The registries, imported on use: the schema module itself stays free of torch for the
         # processes that only read configs (data tasks, the data doctor until it validates).
-        from vjepa_ray.models.vit import MODEL_SPECS
+        from vjepa_ray.models.families import FAMILIES
+        from vjepa_ray.models.sizes import MODEL_SPECS
 
         check = _SectionChecks(key)
-        check.require(self.family in MODEL_FAMILIES, "family",
-                      f"{self.family!r} is not one of {', '.join(MODEL_FAMILIES)}")
+        check.require(self.family in FAMILIES, "family", f"{self.family!r} is not one of {', '.join(FAMILIES)}")
         check.require(self.name in MODEL_SPECS, "name", f"{self.name!r} is not one of {', '.join(MODEL_SPECS)}")
         check.require(self.patch_size >= 1, "patch_size", "must be >= 1")
         check.require(self.tubelet_size >= 1, "tubelet_size", "must be >= 1")
@@ -491,13 +489,18 @@ class Config:
 
         Raises ConfigError naming the key.
         """
-        _require(self.model.family != "vjepa2_1", "model.family",
-                 "vjepa2_1 pretraining (2.1's multi-level predictor and distillation) is not supported; "
-                 "its encoders load for evaluate and export")
-        _require(len(self.data.clip_lengths()) == 1 or self.model.family != "vjepa1",
+        from vjepa_ray.models.families import FAMILIES, get_family, pretrainable_families
+
+        family = get_family(self.model.family)
+        _require(family.pretrainable, "model.family",
+                 f"{family.name} pretraining (its predictor) is not supported; its encoders load for evaluate and "
+                 f"export, and {', '.join(pretrainable_families())} pretrain")
+        tableless = [f"model.family={name}" for name, other in FAMILIES.items()
+                     if other.pretrainable and not other.positions.has_table]
+        _require(len(self.data.clip_lengths()) == 1 or not family.positions.has_table,
                  "data.frames_per_clip_per_source",
-                 f"clips of several lengths {list(self.data.clip_lengths())} need rotary positions "
-                 "(model.family=vjepa2): vjepa1's predictor has a fixed position table")
+                 f"clips of several lengths {list(self.data.clip_lengths())} need positions without a table "
+                 f"({' or '.join(tableless)}): {family.name}'s predictor has a fixed position table")
 
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config))

@@ -28,7 +28,8 @@ import yaml
 from vjepa_ray.config import MaskConfig, OptimizationConfig
 from vjepa_ray.data.sources import list_videos
 from vjepa_ray.eval.probes import ProbeBank, grid_specs
-from vjepa_ray.models.predictor import TRAINABLE_FAMILIES, Predictor
+from vjepa_ray.models.families import DEFAULT_FAMILY, get_family, pretrainable_families
+from vjepa_ray.models.predictor import Predictor
 from vjepa_ray.models.probe import AttentiveClassifier
 from vjepa_ray.models.vit import VisionTransformer
 from vjepa_ray.recipe.masks import MaskCollator
@@ -40,15 +41,12 @@ from vjepa_ray.video.labelled_synthetic import MOTION_CLASSES, make_labelled_mot
 
 log = logging.getLogger(__name__)
 
-# Each family's own pretraining schedule: V-JEPA 1 decays its LR along a cosine (and grows the EMA momentum),
-# V-JEPA 2 holds both after the warmup.
-FAMILY_SCHEDULES = {"vjepa1": "cosine", "vjepa2": "constant"}
-# Each family's predictor width (3 heads either way). A rotary head turns each axis at axis_dim / 2
-# frequencies (vjepa_ray.models.rope); 48 wide gives 16-channel heads and two frequencies, 1 and 1/100
-# rad per token, which cannot tell the 8 positions of this grid apart, so the predictor barely knows where its
-# targets are. 96 wide gives the 32-channel heads of the release's predictor (384 wide, 12 heads). The loss at
-# step 600: 0.71 at 48 wide, about 0.6 at 96 (README, "bench learning").
-FAMILY_PREDICTOR_WIDTHS = {"vjepa1": 48, "vjepa2": 96}
+# The predictor's width (3 heads either way): 48 with a position table, 96 with rotary positions. A rotary
+# head turns each axis at axis_dim / 2 frequencies (vjepa_ray.models.rope); 48 wide gives 16-channel heads
+# and two frequencies, 1 and 1/100 rad per token, which cannot tell the 8 positions of this grid apart, so the
+# predictor barely knows where its targets are. 96 wide gives the 32-channel heads of the release's predictor
+# (384 wide, 12 heads); README's "bench learning" has the losses of both.
+TABLE_PREDICTOR_WIDTH, ROTARY_PREDICTOR_WIDTH = 48, 96
 
 
 class _SettingsFile(argparse.Action):
@@ -88,13 +86,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--embed-dim", type=int, default=96)
     a("--depth", type=int, default=4)
     a("--heads", type=int, default=3)
-    a("--pred-dim", type=int, help="predictor width (default: the family's, FAMILY_PREDICTOR_WIDTHS)")
+    a("--pred-dim", type=int, help="predictor width (default: 48 for a position table, 96 for rotary positions)")
     a("--pred-depth", type=int, default=2)
-    a("--family", default="vjepa1", choices=TRAINABLE_FAMILIES,
-      help="model.family: vjepa1 (sin-cos tables) or vjepa2 (rotary embeddings)")
+    a("--family", default=DEFAULT_FAMILY.name, choices=pretrainable_families(),
+      help="model.family (vjepa_ray.models.families)")
     # Pretraining.
     a("--schedule", choices=("cosine", "constant"),
-      help="optimization.schedule (default: the family's recipe, FAMILY_SCHEDULES); the JSON's settings say which")
+      help="optimization.schedule (default: the family's recipe, Family.schedule); the JSON's settings say which")
     a("--steps", type=int, default=600)
     a("--batch", type=int, default=32)
     # A larger learning rate can collapse the target's features onto a few directions (the JSON's
@@ -133,18 +131,20 @@ def _build_encoder(args: argparse.Namespace) -> VisionTransformer:
 
 
 def pretrain_optimization(args: argparse.Namespace) -> OptimizationConfig:
-    """The pretraining schedules: ``--schedule``, or the family's own (``FAMILY_SCHEDULES``).
+    """The pretraining schedules: ``--schedule``, or the family's own (``Family.schedule``).
 
     A short run: schedules end with training (no 1.25x stretch) and weight decay stays at the start value.
     """
-    return OptimizationConfig(schedule=args.schedule or FAMILY_SCHEDULES[args.family], total_steps=args.steps,
+    return OptimizationConfig(schedule=args.schedule or get_family(args.family).schedule, total_steps=args.steps,
                               warmup_steps=max(1, args.steps // 10), schedule_scale=1.0, start_lr=args.lr / 10,
                               lr=args.lr, final_lr=args.lr / 100, weight_decay=0.04, final_weight_decay=0.04,
                               ema=list(args.ema))
 
 
 def predictor_width(args: argparse.Namespace) -> int:
-    return args.pred_dim or FAMILY_PREDICTOR_WIDTHS[args.family]
+    if args.pred_dim:
+        return args.pred_dim
+    return TABLE_PREDICTOR_WIDTH if get_family(args.family).positions.has_table else ROTARY_PREDICTOR_WIDTH
 
 
 def _pretrain(args: argparse.Namespace, clips: torch.Tensor, encoder: VisionTransformer) -> tuple[
@@ -158,7 +158,7 @@ def _pretrain(args: argparse.Namespace, clips: torch.Tensor, encoder: VisionTran
     opt_cfg = pretrain_optimization(args)
     module = JepaModule(encoder, predictor)
     train_step = JepaStep(module, target, adamw(module.named_parameters(), opt_cfg),
-                          MaskCollator(masks, encoder.grid), opt_cfg, args.seed, args.device, family=args.family)
+                          MaskCollator(masks, encoder.grid), opt_cfg, args.seed, args.device)
     rng = np.random.default_rng(args.seed)
     losses = []
     for step in range(args.steps):

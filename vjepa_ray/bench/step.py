@@ -31,7 +31,8 @@ from typing import Iterator
 import torch
 
 from vjepa_ray.config import load_config
-from vjepa_ray.models import MODEL_SPECS, TRAINABLE_FAMILIES
+from vjepa_ray.models import MODEL_SPECS
+from vjepa_ray.models.families import DEFAULT_FAMILY, pretrainable_families
 from vjepa_ray.recipe.objective import ClipGroup, JepaOutput, normalize_clips, target_features
 from vjepa_ray.recipe.step import JepaStep, MicroBatch
 
@@ -44,8 +45,8 @@ REFERENCE_GEMM_SIZE = 2048
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="vit_small", choices=MODEL_SPECS)
-    parser.add_argument("--family", default="vjepa1", choices=TRAINABLE_FAMILIES,
-                        help="model.family: vjepa1 (sin-cos table) or vjepa2 (rotary embeddings)")
+    parser.add_argument("--family", default=DEFAULT_FAMILY.name, choices=pretrainable_families(),
+                        help="model.family (vjepa_ray.models.families)")
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--crop", type=int, default=128)
     parser.add_argument("--batch", type=int, default=2)

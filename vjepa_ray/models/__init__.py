@@ -1,18 +1,20 @@
-"""V-JEPA models: the video ViT encoder, the predictor, and Meta's checkpoint layout."""
+"""V-JEPA models: the families, the video ViT encoder, the predictor, and Meta's checkpoint layout."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from vjepa_ray.models.predictor import TRAINABLE_FAMILIES, Predictor
+from vjepa_ray.models.families import FAMILIES, Family, get_family, register
+from vjepa_ray.models.predictor import Predictor
 from vjepa_ray.models.pretrained import load_pretrained, load_pretrained_predictor, official_checkpoint
-from vjepa_ray.models.vit import MODEL_SPECS, VisionTransformer, build_encoder
+from vjepa_ray.models.sizes import MODEL_SPECS
+from vjepa_ray.models.vit import VisionTransformer, build_encoder
 
 if TYPE_CHECKING:
     from vjepa_ray.config import Config
 
-__all__ = ["MODEL_SPECS", "TRAINABLE_FAMILIES", "Predictor", "VisionTransformer", "build_encoder", "build_models",
-           "load_pretrained", "load_pretrained_predictor", "official_checkpoint"]
+__all__ = ["FAMILIES", "MODEL_SPECS", "Family", "Predictor", "VisionTransformer", "build_encoder", "build_models",
+           "get_family", "load_pretrained", "load_pretrained_predictor", "official_checkpoint", "register"]
 
 
 def build_models(cfg: "Config") -> tuple[VisionTransformer, Predictor]:

@@ -19,11 +19,15 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from vjepa_ray.models.vit import LAYER_NORM_EPS, MODEL_SPECS
+from vjepa_ray.models.families import VJEPA2
+from vjepa_ray.models.sizes import MODEL_SPECS
+from vjepa_ray.models.vit import LAYER_NORM_EPS
 
 StateDict = Mapping[str, torch.Tensor]
 
-HF_MODEL_TYPE = "vjepa2"
+# transformers' VJEPA2Model is V-JEPA 2.0's model.
+HF_FAMILY = VJEPA2
+HF_MODEL_TYPE = HF_FAMILY.hf_model_type
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 # config.json values our models have and do not read from it: anything else is another model.
@@ -72,7 +76,7 @@ def config_overrides(config: Mapping[str, Any], source: str = CONFIG_FILE) -> li
     """Our config's ``key=value`` settings for the models a Hugging Face config describes."""
     if config.get("pred_mlp_ratio", 4.0) != 4.0:
         raise ValueError(f"{source}: expected pred_mlp_ratio 4.0, got {config['pred_mlp_ratio']}")
-    return ["model.family=vjepa2", f"model.name={model_name_of(config, source)}",
+    return [f"model.family={HF_FAMILY.name}", f"model.name={model_name_of(config, source)}",
             f"model.patch_size={config['patch_size']}", f"model.tubelet_size={config['tubelet_size']}",
             f"model.pred_embed_dim={config['pred_hidden_size']}",
             f"model.pred_depth={config['pred_num_hidden_layers']}",

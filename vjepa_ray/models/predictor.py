@@ -3,7 +3,7 @@
 Names follow the reference (predictor_embed, mask_tokens.{i}, predictor_pos_embed, predictor_blocks,
 predictor_norm, predictor_proj) so state dicts map 1:1 to Meta's checkpoints. V-JEPA 2.0's predictor is
 V-JEPA 1's with rotary embeddings (2.0's layout) in place of the table; 2.1's predictor (several output
-levels, distillation) is not built here.
+levels, distillation) is not built here (its family is not ``pretrainable``).
 """
 
 from __future__ import annotations
@@ -13,32 +13,33 @@ import math
 import torch
 import torch.nn as nn
 
-from vjepa_ray.models.pos_embed import Grid, sincos_3d
+from vjepa_ray.models.families import DEFAULT_FAMILY, Family, get_family, pretrainable_families
+from vjepa_ray.models.pos_embed import Grid
 from vjepa_ray.models.rope import Rotary3D
 from vjepa_ray.models.vit import LAYER_NORM_EPS, Block, check_index, init_weights_, rescale_by_depth_, run_blocks
-
-# The families whose predictor is built here, so that build_models can pretrain them (2.1's encoder loads
-# and runs, but its multi-level predictor is not built).
-TRAINABLE_FAMILIES = ("vjepa1", "vjepa2")
 
 
 class Predictor(nn.Module):
     """Narrow transformer over [context tokens, mask tokens at the target positions].
 
-    There is one learnable mask token per mask config (``mask_index`` picks it), zero-initialised as in
-    V-JEPA 1. Positions on the encoder's token ``grid``: ``family="vjepa1"`` adds a fixed sin-cos table of
-    the predictor's own width; ``"vjepa2"`` rotates queries and keys in every block instead.
+    There are ``num_mask_tokens`` learnable mask tokens (``mask_index`` picks one; the family's
+    ``mask_tokens`` rule says which for each mask config), zero-initialised as in V-JEPA 1. Positions on the
+    encoder's token ``grid`` follow the family's scheme at the predictor's own width: V-JEPA 1 adds a fixed
+    sin-cos table, 2.0 rotates queries and keys in every block instead.
     """
 
     def __init__(self, grid: Grid, embed_dim: int, predictor_embed_dim: int = 384, depth: int = 12, *,
                  num_heads: int, num_mask_tokens: int = 2, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 uniform_power: bool = True, activation_checkpointing: bool = False, family: str = "vjepa1"):
+                 uniform_power: bool = True, activation_checkpointing: bool = False,
+                 family: Family | str = DEFAULT_FAMILY):
         super().__init__()
-        if family not in TRAINABLE_FAMILIES:
-            raise ValueError(f"family: the predictor is built for {' and '.join(TRAINABLE_FAMILIES)}, got "
-                             f"{family!r} (2.1's multi-level predictor is not supported)")
+        family = get_family(family)
+        if not family.pretrainable:
+            raise ValueError(f"family: the predictor is built for {', '.join(pretrainable_families())}, got "
+                             f"{family.name!r}")
         if num_mask_tokens < 1:
             raise ValueError(f"num_mask_tokens: expected >= 1, got {num_mask_tokens}")
+        self.family = family
         self.grid: Grid = tuple(grid)
         self.num_patches = math.prod(self.grid)
         self.embed_dim, self.predictor_embed_dim = embed_dim, predictor_embed_dim
@@ -48,19 +49,16 @@ class Predictor(nn.Module):
         self.predictor_embed = nn.Linear(embed_dim, predictor_embed_dim)
         self.mask_tokens = nn.ParameterList(
             nn.Parameter(torch.zeros(1, 1, predictor_embed_dim)) for _ in range(num_mask_tokens))
-        self.rope: Rotary3D | None = None
-        if family == "vjepa1":
-            # A buffer, not a frozen Parameter, for the reasons given on VisionTransformer.
-            self.register_buffer("predictor_pos_embed",
-                                 sincos_3d(predictor_embed_dim, *self.grid, uniform_power).unsqueeze(0))
-        else:
-            self.rope = Rotary3D(predictor_embed_dim // num_heads)
+        # A buffer, not a frozen Parameter, for the reasons given on VisionTransformer.
+        self.register_buffer("predictor_pos_embed", family.positions.table(predictor_embed_dim, self.grid,
+                                                                           uniform_power))
+        self.rope: Rotary3D | None = family.positions.rotary(predictor_embed_dim // num_heads)
         self.predictor_blocks = nn.ModuleList(
             Block(predictor_embed_dim, num_heads, mlp_ratio, qkv_bias) for _ in range(depth))
         self.predictor_norm = nn.LayerNorm(predictor_embed_dim, eps=LAYER_NORM_EPS)
         self.predictor_proj = nn.Linear(predictor_embed_dim, embed_dim)
         init_weights_(self)  # leaves the mask tokens at zero
-        if family != "vjepa1":
+        if family.depth_scaled_init:
             rescale_by_depth_(self.predictor_blocks)
 
     @property
@@ -75,7 +73,7 @@ class Predictor(nn.Module):
         (default: the predictor's); rotary positions take any grid, a position table only its own.
         """
         grid = self.grid if grid is None else tuple(grid)
-        if self.rope is None and grid != self.grid:
+        if self.predictor_pos_embed is not None and grid != self.grid:
             raise ValueError(f"grid: a predictor with a position table takes its own grid {self.grid}, got {grid}")
         if context.dim() != 3 or context.shape[-1] != self.embed_dim:
             raise ValueError(f"context: expected shape [B, Nc, {self.embed_dim}], got {list(context.shape)}")
@@ -90,14 +88,13 @@ class Predictor(nn.Module):
             raise ValueError(f"mask_index: expected an int in [0, {self.num_mask_tokens}), got {mask_index}")
 
         x = self.predictor_embed(context)
-        mask_token = self.mask_tokens[mask_index]
-        rope = None
-        if self.rope is None:
+        queries = self.mask_tokens[mask_index].expand(batch, target_idx.shape[1], -1)
+        if self.predictor_pos_embed is not None:
             pos = self.predictor_pos_embed[0]
             x = x + pos[context_idx].to(x.dtype)
-            queries = mask_token + pos[target_idx]
-        else:
-            queries = mask_token.expand(batch, target_idx.shape[1], -1)
+            queries = queries + pos[target_idx]
+        rope = None
+        if self.rope is not None:
             rope = self.rope.tables(torch.cat([context_idx, target_idx], dim=1), grid)
         # Only the query rows are output, so the last block computes only those.
         x = run_blocks(self.predictor_blocks, torch.cat([x, queries.to(x.dtype)], dim=1),

@@ -18,7 +18,7 @@ a file looks like when that is what differs. Two exceptions, both about the fixe
   kept. That is exact (the table is a function of the size alone) and is what the reference's
   evaluation code ends up with when it loads such a checkpoint.
 - The 2.0 release's files still carry these tables although its rotary models do not use them (Meta's
-  own loader says so); a rotary model ignores exactly these two keys.
+  own loader says so); a model ignores exactly the keys its family names (``Family.ignored_keys``).
 """
 
 from __future__ import annotations
@@ -32,19 +32,18 @@ from typing import Any, Callable, TypeVar
 import torch
 import torch.nn as nn
 
-from vjepa_ray.models.hf import is_hf_folder, model_name_of, read_hf_folder
+from vjepa_ray.models.families import DEFAULT_FAMILY, FAMILIES, Family, get_family
+from vjepa_ray.models.hf import HF_FAMILY, is_hf_folder, model_name_of, read_hf_folder
 from vjepa_ray.models.pos_embed import infer_sincos_grid, sincos_3d
+from vjepa_ray.models.positions import FIXED_TABLES
 from vjepa_ray.models.predictor import Predictor
-from vjepa_ray.models.vit import MODEL_SPECS, VisionTransformer, build_encoder
+from vjepa_ray.models.sizes import MODEL_SPECS
+from vjepa_ray.models.vit import VisionTransformer, build_encoder
 
 logger = logging.getLogger(__name__)
 
 OFFICIAL_PREFIX = "module.backbone."
 MODEL_KEYS = ("encoder", "predictor", "target_encoder")
-FIXED_TABLES = ("pos_embed", "predictor_pos_embed")
-V2_PREDICTOR_HEADS = 12  # src/hub/backbones.py
-# Parameter prefixes only V-JEPA 2.1's encoder has.
-V2_1_MODULES = ("norms_block.", "patch_embed_img.", "img_mod_embed", "video_mod_embed")
 _MAX_LISTED = 20
 
 StateDict = Mapping[str, torch.Tensor]
@@ -143,10 +142,9 @@ def load_state_checked(module: nn.Module, state: StateDict, source: str = "check
     """
     own = module.state_dict()
     state = dict(state)
-    if getattr(module, "rope", None) is not None:
-        for name in FIXED_TABLES:
-            if state.pop(name, None) is not None:
-                logger.info("%s: ignoring %s: %s uses rotary embeddings", source, name, type(module).__name__)
+    for name in module.family.ignored_keys:
+        if state.pop(name, None) is not None:
+            logger.info("%s: ignoring %s, which family %s does not use", source, name, module.family.name)
     for name in FIXED_TABLES:
         if name in state and name in own and state[name].shape != own[name].shape:
             grid = infer_sincos_grid(state[name], module.uniform_power)
@@ -173,14 +171,11 @@ def load_state_checked(module: nn.Module, state: StateDict, source: str = "check
 def _mismatch_hints(module: nn.Module, state: StateDict) -> list[str]:
     """What a file that does not fit looks like, where its keys tell: another family, another mask-token count."""
     hints = []
-    family = getattr(module, "family", None)
-    has_2_1_modules = any(key.startswith(V2_1_MODULES) for key in state)
-    if family in ("vjepa1", "vjepa2") and has_2_1_modules:
-        hints.append("  the file holds V-JEPA 2.1's encoder (norms_block, patch_embed_img, modality embeddings): "
-                     "load it as family vjepa2_1 (model.family=vjepa2_1)")
-    elif family == "vjepa2_1" and not has_2_1_modules and "norm.weight" in state:
-        hints.append("  the file holds a V-JEPA 1 or 2.0 encoder (a final norm, no norms_block): "
-                     "load it as family vjepa2 or vjepa1 (model.family)")
+    if isinstance(module, VisionTransformer) and not module.family.marks(state):
+        others = [family.name for family in FAMILIES.values() if family.marks(state)]
+        if others:
+            hints.append(f"  the file holds the encoder of family {' or '.join(others)}: load it as family "
+                         f"{' or '.join(others)} (model.family)")
     if isinstance(module, Predictor):
         count = sum(1 for key in state if key.startswith("mask_tokens."))
         if count and count != module.num_mask_tokens:
@@ -191,29 +186,32 @@ def _mismatch_hints(module: nn.Module, state: StateDict) -> list[str]:
 
 def load_pretrained(path: str | os.PathLike, model_name: str | None = None, num_frames: int | None = None,
                     crop_size: int | None = None, key: str | None = None, patch_size: int = 16,
-                    tubelet_size: int = 2, family: str | None = None, **encoder_kwargs: Any) -> VisionTransformer:
+                    tubelet_size: int = 2, family: Family | str | None = None,
+                    **encoder_kwargs: Any) -> VisionTransformer:
     """An encoder of ``family`` built for ``num_frames`` x ``crop_size`` clips, with the weights under ``key``.
 
     ``path`` is a checkpoint file (defaults: ``vit_large``, V-JEPA 1, 16 frames of 224 px) or a Hugging Face
     V-JEPA 2 folder, whose ``config.json`` gives the model (family ``vjepa2``, size, patch, tubelet, and the
     default clip size); a ``model_name`` or ``family`` given for a folder must agree with it. For a file, the
-    default key is the EMA encoder, which the reference evaluates: ``target_encoder``, or for
-    ``family="vjepa2_1"`` 2.1's ``ema_encoder`` where the file has one (its distilled models; their
-    ``target_encoder`` may be the teacher).
+    default key is the EMA encoder, which the reference evaluates: the first of the family's
+    ``encoder_keys`` that the file has (``target_encoder``; 2.1's distilled models have ``ema_encoder``, and
+    their ``target_encoder`` may be the teacher).
     """
     if is_hf_folder(path):
         config, state, _ = read_hf_folder(path)
         folder_name = model_name_of(config, str(path))
-        for arg, given, expected in (("model_name", model_name, folder_name), ("family", family, "vjepa2")):
+        given_family = None if family is None else get_family(family).name
+        for arg, given, expected in (("model_name", model_name, folder_name),
+                                     ("family", given_family, HF_FAMILY.name)):
             if given is not None and given != expected:
                 raise ValueError(f"{path}: {arg}: the folder holds {expected!r}, got {given!r}")
         return encoder_from_state(state, str(path), folder_name, num_frames or config["frames_per_clip"],
                                   crop_size or config["crop_size"], config["patch_size"], config["tubelet_size"],
-                                  family="vjepa2", **encoder_kwargs)
-    family = family or "vjepa1"
+                                  family=HF_FAMILY, **encoder_kwargs)
+    family = get_family(family or DEFAULT_FAMILY)
     checkpoint = read_checkpoint(path)
     if key is None:
-        key = "ema_encoder" if family == "vjepa2_1" and "ema_encoder" in checkpoint else "target_encoder"
+        key = next((k for k in family.encoder_keys if k in checkpoint), family.encoder_keys[-1])
     state = state_from_checkpoint(checkpoint, key, str(path))
     return encoder_from_state(state, f"{path}[{key}]", model_name or "vit_large", num_frames or 16,
                               crop_size or 224, patch_size, tubelet_size, family=family, **encoder_kwargs)
@@ -231,13 +229,14 @@ def encoder_from_state(state: StateDict, source: str, model_name: str = "vit_lar
 
 def load_pretrained_predictor(path: str | os.PathLike, model_name: str = "vit_large", num_frames: int = 16,
                               crop_size: int = 224, key: str = "predictor", patch_size: int = 16,
-                              tubelet_size: int = 2, num_heads: int | None = None, family: str = "vjepa1",
-                              **predictor_kwargs: Any) -> Predictor:
+                              tubelet_size: int = 2, num_heads: int | None = None,
+                              family: Family | str = DEFAULT_FAMILY, **predictor_kwargs: Any) -> Predictor:
     """The predictor of a checkpoint; width, depth and mask-token count are read from the weights.
 
-    The head count is not in the weights: it defaults to the encoder's for V-JEPA 1 and to the 2.0
-    release's 12 for ``family="vjepa2"``.
+    The head count is not in the weights: it defaults to the family's ``predictor_heads`` (the 2.0
+    release's 12), else to the encoder's (V-JEPA 1).
     """
+    family = get_family(family)
     if model_name not in MODEL_SPECS:
         raise ValueError(f"model name: expected one of {', '.join(MODEL_SPECS)}, got {model_name!r}")
     state = state_from_checkpoint(read_checkpoint(path), key, str(path))
@@ -248,7 +247,7 @@ def load_pretrained_predictor(path: str | os.PathLike, model_name: str = "vit_la
     depth = len({k.split(".")[1] for k in state if k.startswith("predictor_blocks.")})
     num_mask_tokens = sum(1 for k in state if k.startswith("mask_tokens."))
     grid = (num_frames // tubelet_size, crop_size // patch_size, crop_size // patch_size)
-    default_heads = V2_PREDICTOR_HEADS if family == "vjepa2" else spec_heads
+    default_heads = family.predictor_heads or spec_heads
     predictor = build_empty(Predictor, grid, embed_dim, predictor_dim, depth, num_heads=num_heads or default_heads,
                             num_mask_tokens=max(num_mask_tokens, 1), family=family, **predictor_kwargs)
     load_state_checked(predictor, state, f"{path}[{key}]")

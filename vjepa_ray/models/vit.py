@@ -1,11 +1,10 @@
-"""The V-JEPA video encoder: a pre-norm ViT over 3D patches (tubelets), in three families.
+"""The V-JEPA video encoder: a pre-norm ViT over 3D patches (tubelets), built for a model family.
 
-- ``vjepa1``: a fixed sin-cos position table added to the patch embeddings.
-- ``vjepa2``: no table; 3D rotary embeddings in every attention block (2.0's frequency layout).
-- ``vjepa2_1``: 2.1's encoder: 2.1's rotary layout with positions interpolated to the 256 px grid,
-  a modality embedding added to the tokens, a second patch embedding (tubelet 1) for single-frame
-  inputs (images), and a LayerNorm at each of four depths (``norms_block``) whose last one takes the
-  place of the final ``norm``.
+The family (``vjepa_ray.models.families``) says how tokens learn their position (V-JEPA 1's sin-cos table,
+2.0's rotary embeddings, 2.1's interleaved and interpolated ones), whether the blocks start depth-scaled,
+and what 2.1 adds: a modality embedding added to the tokens, a second patch embedding (tubelet 1) for
+single-frame inputs (images), and a LayerNorm at each of four depths (``norms_block``) whose last one takes
+the place of the final ``norm``.
 
 Module and parameter names follow the reference code (patch_embed.proj, pos_embed, blocks.i.{norm1,
 attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}, norm, and 2.1's patch_embed_img, img_mod_embed,
@@ -23,28 +22,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from vjepa_ray.config import MODEL_FAMILIES
-from vjepa_ray.models.pos_embed import Grid, resize_table, sincos_3d
-from vjepa_ray.models.rope import INTERPOLATED_PIXELS, RopeTables, Rotary3D, rotate
+from vjepa_ray.models.families import DEFAULT_FAMILY, Family, get_family
+from vjepa_ray.models.pos_embed import Grid, resize_table
+from vjepa_ray.models.rope import RopeTables, Rotary3D, rotate
+from vjepa_ray.models.sizes import MODEL_SPECS
 
 LAYER_NORM_EPS = 1e-6
 INIT_STD = 0.02
-
-# name -> (embed_dim, depth, num_heads, mlp_ratio), as in the reference's vit_* constructors. V-JEPA 1
-# ships vit_large/huge; 2.0 vit_large/huge/giant_xformers; 2.1 vit_base/large/giant_xformers/gigantic_xformers.
-MODEL_SPECS: dict[str, tuple[int, int, int, float]] = {
-    # Not in the reference: a CPU-sized encoder for the demos (the demo sweep, bench learning's default size).
-    "vit_micro": (96, 4, 3, 4.0),
-    "vit_tiny": (192, 12, 3, 4.0),
-    "vit_small": (384, 12, 6, 4.0),
-    "vit_base": (768, 12, 12, 4.0),
-    "vit_large": (1024, 24, 16, 4.0),
-    "vit_huge": (1280, 32, 16, 4.0),
-    "vit_giant": (1408, 40, 16, 48 / 11),
-    # V-JEPA 2's released ViT-g: V-JEPA 1's giant with 22 heads.
-    "vit_giant_xformers": (1408, 40, 22, 48 / 11),
-    "vit_gigantic_xformers": (1664, 48, 26, 64 / 13),
-}
 
 # 2.1's depths at which a LayerNorm taps the residual stream (``norms_block``), by encoder depth.
 HIERARCHICAL_LAYERS: dict[int, tuple[int, ...]] = {
@@ -197,26 +181,25 @@ class PatchEmbed3D(nn.Module):
 class VisionTransformer(nn.Module):
     """The encoder. ``forward(x [B, 3, T, H, W], keep [B, K] | None) -> [B, K or N, D]``.
 
-    ``family`` picks how tokens learn their position (see the module docstring). V-JEPA 1's position
-    table is a buffer (the reference uses a frozen Parameter): it is fixed, so keeping it out of
+    ``family`` (a ``Family`` or its name) picks the positions and the rest (see the module docstring). A
+    position table is a buffer (the reference uses a frozen Parameter): it is fixed, so keeping it out of
     ``parameters()`` keeps it out of the optimizer, weight decay, the EMA and ZeRO partitioning, while
-    ``state_dict()`` still carries it under ``pos_embed``. The rotary families need no table, so their
-    clips may have any number of frames and any crop.
+    ``state_dict()`` still carries it under ``pos_embed``. Families without a table take clips of any
+    number of frames and any crop.
     """
 
     def __init__(self, img_size: int, num_frames: int, patch_size: int = 16, tubelet_size: int = 2, *,
                  embed_dim: int, depth: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  in_chans: int = 3, uniform_power: bool = True, activation_checkpointing: bool = False,
-                 family: str = "vjepa1"):
+                 family: Family | str = DEFAULT_FAMILY):
         super().__init__()
-        if family not in MODEL_FAMILIES:
-            raise ValueError(f"family: expected one of {', '.join(MODEL_FAMILIES)}, got {family!r}")
+        family = get_family(family)
         if img_size <= 0 or img_size % patch_size:
             raise ValueError(f"img_size: expected a positive multiple of patch_size {patch_size}, got {img_size}")
         if num_frames <= 0 or num_frames % tubelet_size:
             raise ValueError(
                 f"num_frames: expected a positive multiple of tubelet_size {tubelet_size}, got {num_frames}")
-        if family == "vjepa2_1" and depth not in HIERARCHICAL_LAYERS:
+        if family.hierarchical_norms and depth not in HIERARCHICAL_LAYERS:
             raise ValueError(f"depth: V-JEPA 2.1's encoder is defined for depths "
                              f"{', '.join(map(str, HIERARCHICAL_LAYERS))}, got {depth}")
         self.family = family
@@ -229,33 +212,29 @@ class VisionTransformer(nn.Module):
         self.num_patches = math.prod(self.grid)
 
         self.patch_embed = PatchEmbed3D(patch_size, tubelet_size, in_chans, embed_dim)
-        self.rope: Rotary3D | None = None
-        if family == "vjepa1":
-            self.register_buffer("pos_embed", sincos_3d(embed_dim, *self.grid, uniform_power).unsqueeze(0))
-        elif family == "vjepa2":
-            self.rope = Rotary3D(embed_dim // num_heads)
-        else:
-            self.rope = Rotary3D(embed_dim // num_heads, interleaved=True,
-                                 interpolate_to=INTERPOLATED_PIXELS // patch_size)
+        # A None buffer stays out of state_dict().
+        self.register_buffer("pos_embed", family.positions.table(embed_dim, self.grid, uniform_power))
+        self.rope: Rotary3D | None = family.positions.rotary(embed_dim // num_heads, patch_size)
+        if family.image_inputs:
             self.patch_embed_img = PatchEmbed3D(patch_size, 1, in_chans, embed_dim)
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias) for _ in range(depth))
-        if family == "vjepa2_1":
+        if family.hierarchical_norms:
             self.hierarchical_layers = HIERARCHICAL_LAYERS[depth]
             self.norms_block = nn.ModuleList(
                 nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS) for _ in self.hierarchical_layers)
         else:
             self.norm = nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS)
         init_weights_(self)
-        if family != "vjepa1":
+        if family.depth_scaled_init:
             rescale_by_depth_(self.blocks)
-        if family == "vjepa2_1":
+        if family.image_inputs:
             # After init_weights_, which would not touch them anyway: 2.1 starts them near zero.
             self.img_mod_embed = nn.Parameter(torch.empty(1, 1, embed_dim).normal_(std=1e-6))
             self.video_mod_embed = nn.Parameter(torch.empty(1, 1, embed_dim).normal_(std=1e-6))
 
     def is_image(self, x: torch.Tensor) -> bool:
         """2.1 reads a single-frame clip as an image: its own patch embedding (tubelet 1) and modality."""
-        return self.family == "vjepa2_1" and x.dim() == 5 and x.shape[2] == 1
+        return self.family.image_inputs and x.dim() == 5 and x.shape[2] == 1
 
     def input_grid(self, x: torch.Tensor) -> Grid:
         """Token grid of a clip; raises ValueError on a tensor that is not [B, C, T, H, W] as expected."""
@@ -279,9 +258,9 @@ class VisionTransformer(nn.Module):
             tokens = self.patch_embed_img(x) + self.img_mod_embed
         else:
             tokens = self.patch_embed(x)
-            if self.family == "vjepa1":
+            if self.pos_embed is not None:
                 tokens = tokens + resize_table(self.pos_embed, self.grid, grid).to(tokens.dtype)
-            elif self.family == "vjepa2_1":
+            if self.family.image_inputs:
                 tokens = tokens + self.video_mod_embed
         if keep is not None:
             check_index("keep", keep, x.shape[0], tokens.shape[1])
@@ -293,7 +272,7 @@ class VisionTransformer(nn.Module):
 
     def output_norm(self, layer: int) -> nn.LayerNorm:
         """The LayerNorm applied to block ``layer``'s output: ``norm``, or 2.1's norm at that depth."""
-        if self.family != "vjepa2_1":
+        if not self.family.hierarchical_norms:
             return self.norm
         if layer not in self.hierarchical_layers:
             raise ValueError(f"layer: V-JEPA 2.1 normalises the outputs of blocks {list(self.hierarchical_layers)}, "
@@ -327,7 +306,7 @@ class VisionTransformer(nn.Module):
 
 def build_encoder(name: str, num_frames: int, crop_size: int, patch_size: int = 16, tubelet_size: int = 2,
                   **kwargs) -> VisionTransformer:
-    """One of ``MODEL_SPECS``, for clips of ``num_frames`` x ``crop_size``^2; kwargs (e.g. ``family``) go to
+    """One of ``sizes.MODEL_SPECS``, for clips of ``num_frames`` x ``crop_size``^2; kwargs (e.g. ``family``) go to
     the encoder."""
     if name not in MODEL_SPECS:
         raise ValueError(f"model name: expected one of {', '.join(MODEL_SPECS)}, got {name!r}")

@@ -149,20 +149,3 @@ class MaskCollator:
             pairs.append(gen(batch_size, np.random.default_rng([*entropy, index, rank]), block))
         return pairs
 
-
-def mask_token_indices(family: str, num_masks: int, length_index: int) -> list[int]:
-    """The predictor's mask token for each mask config of clips of the ``length_index``-th clip length
-    (``DataConfig.clip_lengths``).
-
-    V-JEPA 1 (``vjepa1``) has one token per mask config. The 2.0 release (``vjepa2``) picks the token by
-    clip length, the same one for every mask config (its ``PredictorMultiSeqWrapper`` passes the length
-    group's index), while it allocates one per mask config and length; its recipes have one length (every
-    ``dataset_fpcs`` entry 16), so they train token 0 only. The release counts a length by its place among
-    the lengths present in the batch; here it is its place among the run's lengths, which is the same
-    whenever every length is in the batch, and does not move a length to another token when one is absent.
-    """
-    if family == "vjepa1":
-        if length_index:
-            raise ValueError(f"length_index: vjepa1 trains one clip length, got length {length_index}")
-        return list(range(num_masks))
-    return [length_index] * num_masks

@@ -4,8 +4,8 @@ A step takes the micro batches of one optimizer step. Each names the rank that d
 among that rank's micro batches, and its masks follow from them as in a distributed run: block sizes from
 ``(meta.seed, step, micro)``, shared by every rank, positions from those and the rank. A micro batch of
 clips of several lengths (``data.frames_per_clip_per_source``) comes as one tensor per length; each
-length gets masks on its own token grid from the same seed, and the predictor's mask token of that length
-(``masks.mask_token_indices``). So one process can
+length gets masks on its own token grid from the same seed, and the predictor's mask tokens that its family
+gives that length (``Family.mask_tokens``). So one process can
 replay the step of W ranks: given every rank's micro batches, it draws the same masks and, weighting and
 averaging the micro losses as DeepSpeed does, computes the same gradient.
 
@@ -28,7 +28,7 @@ from torch import nn
 from vjepa_ray.config import Config, OptimizationConfig
 from vjepa_ray.models import build_models
 from vjepa_ray.recipe.ema import ema_update_
-from vjepa_ray.recipe.masks import Grid, MaskCollator, mask_token_indices
+from vjepa_ray.recipe.masks import Grid, MaskCollator
 from vjepa_ray.recipe.objective import ClipGroup, JepaModule, JepaOutput, normalize_clips
 from vjepa_ray.recipe.optimizer import adamw, apply_schedules
 from vjepa_ray.recipe.schedules import ema_momentum_at, lr_at, weight_decay_at
@@ -119,18 +119,18 @@ class JepaStep:
 
     ``module`` holds the trained encoder and predictor, ``target_encoder`` the EMA copy of the encoder; the
     models run in ``dtype`` on ``device``. Masks come from ``collator`` seeded with ``seed`` (``meta.seed``),
-    on the token grid of each clip length. ``family`` (``model.family``) and ``clip_lengths``
-    (``DataConfig.clip_lengths``; empty: one length) choose the predictor's mask tokens.
+    on the token grid of each clip length. The models' family (``module.predictor.family``) and
+    ``clip_lengths`` (``DataConfig.clip_lengths``; empty: one length) choose the predictor's mask tokens.
     """
 
     def __init__(self, module: JepaModule, target_encoder: nn.Module, optimizer: torch.optim.Optimizer,
                  collator: MaskCollator, optimization: OptimizationConfig, seed: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, *,
-                 family: str = "vjepa1", clip_lengths: Sequence[int] = ()):
+                 clip_lengths: Sequence[int] = ()):
         self.module, self.target_encoder, self.optimizer = module, target_encoder, optimizer
         self.collator, self.optimization, self.seed = collator, optimization, seed
         self.device, self.dtype = torch.device(device), dtype
-        self.family, self.clip_lengths = family, tuple(clip_lengths)
+        self.family, self.clip_lengths = module.predictor.family, tuple(clip_lengths)
         self._collators: dict[Grid, MaskCollator] = {collator.grid: collator}
 
     @classmethod
@@ -140,7 +140,7 @@ class JepaStep:
         module, target = module.to(device), target.to(device)
         return cls(module, target, adamw(module.named_parameters(), cfg.optimization, fused=fused),
                    MaskCollator(cfg.mask, module.encoder.grid), cfg.optimization, cfg.meta.seed, device,
-                   family=cfg.model.family, clip_lengths=cfg.data.clip_lengths())
+                   clip_lengths=cfg.data.clip_lengths())
 
     def __call__(self, micro_batches: Sequence[MicroBatch], step: int, timer: PhaseTimer | None = None) -> StepOutput:
         """Optimizer step ``step`` (0-based) over ``micro_batches``, in their order."""
@@ -178,7 +178,7 @@ class JepaStep:
         if self.clip_lengths and frames not in self.clip_lengths:
             raise ValueError(f"clips: {frames} frames is not one of the run's clip lengths {self.clip_lengths}")
         length_index = self.clip_lengths.index(frames) if self.clip_lengths else 0
-        return ClipGroup(clips, masks, mask_token_indices(self.family, len(masks), length_index), grid)
+        return ClipGroup(clips, masks, self.family.mask_tokens(len(masks), length_index), grid)
 
     def forward(self, groups: list[ClipGroup]) -> JepaOutput:
         return self.module(groups, self.target_encoder)

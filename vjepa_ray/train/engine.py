@@ -154,7 +154,7 @@ class DeepSpeedStep(JepaStep):
     def __init__(self, engine, target: TargetEncoder, cfg: Config, device: torch.device, dtype: torch.dtype):
         super().__init__(engine.module, target.module, engine.optimizer,
                          MaskCollator(cfg.mask, engine.module.encoder.grid), cfg.optimization, cfg.meta.seed,
-                         device, dtype, family=cfg.model.family, clip_lengths=cfg.data.clip_lengths())
+                         device, dtype, clip_lengths=cfg.data.clip_lengths())
         self.engine, self.target = engine, target
 
     def forward(self, groups: list[ClipGroup]) -> JepaOutput:

@@ -17,7 +17,8 @@ import torch
 from vjepa_ray import runs
 from vjepa_ray.config import Config
 from vjepa_ray.models import build_models
-from vjepa_ray.models.hf import hf_config, is_hf_folder, read_hf_folder, write_hf_folder
+from vjepa_ray.models.families import get_family
+from vjepa_ray.models.hf import HF_FAMILY, hf_config, is_hf_folder, read_hf_folder, write_hf_folder
 from vjepa_ray.models.pretrained import (
     MODEL_KEYS,
     StateDict,
@@ -27,7 +28,7 @@ from vjepa_ray.models.pretrained import (
     read_checkpoint,
     state_from_checkpoint,
 )
-from vjepa_ray.models.vit import MODEL_SPECS
+from vjepa_ray.models.sizes import MODEL_SPECS
 from vjepa_ray.train.checkpoint import read_model_weights
 
 
@@ -99,10 +100,10 @@ def from_official_file(cfg: Config, source: str | os.PathLike, dest: str | os.Pa
 
 def to_hf_folder(cfg: Config, source: str | os.PathLike, dest: str | os.PathLike) -> None:
     """A ``VJEPA2Model`` folder of a run's target (EMA) encoder and its predictor. Hugging Face's model is
-    V-JEPA 2.0's, so the config's family must be ``vjepa2``."""
-    if cfg.model.family != "vjepa2":
-        raise ValueError(f"Hugging Face's VJEPA2Model is V-JEPA 2.0's model: expected model.family vjepa2, got "
-                         f"{cfg.model.family}")
+    V-JEPA 2.0's, so the config's family must be its (``hf.HF_FAMILY``)."""
+    if get_family(cfg.model.family) is not HF_FAMILY:
+        raise ValueError(f"Hugging Face's VJEPA2Model is V-JEPA 2.0's model: expected model.family "
+                         f"{HF_FAMILY.name}, got {cfg.model.family}")
     weights = verified_weights(cfg, read_training_weights(source), str(source))
     m, predictor = cfg.model, weights["predictor"]
     config = hf_config(model_name=m.name, patch_size=m.patch_size, tubelet_size=m.tubelet_size,
