@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 from vjepa_ray.models.families import FAMILIES, Family, get_family, register
 from vjepa_ray.models.predictor import Predictor
@@ -10,16 +10,14 @@ from vjepa_ray.models.pretrained import load_pretrained, load_pretrained_predict
 from vjepa_ray.models.sizes import MODEL_SPECS
 from vjepa_ray.models.vit import VisionTransformer, build_encoder
 
-if TYPE_CHECKING:
-    from vjepa_ray.config import Config
-
 __all__ = ["FAMILIES", "MODEL_SPECS", "Family", "Predictor", "VisionTransformer", "build_encoder", "build_models",
            "get_family", "load_pretrained", "load_pretrained_predictor", "official_checkpoint", "register"]
 
 
-def build_models(cfg: "Config") -> tuple[VisionTransformer, Predictor]:
-    """The encoder and predictor of a run: cfg.model, clip size from cfg.data, by default one mask token per
-    mask config and clip length (the 2.0 release's count).
+def build_models(cfg: Any) -> tuple[VisionTransformer, Predictor]:
+    """The encoder and predictor of a run's ``vjepa_ray.config.Config`` (the models import nothing from the
+    config layer above them): cfg.model, clip size from cfg.data, by default one mask token per mask config
+    and clip length (the 2.0 release's count).
 
     The target encoder is a deep copy of the encoder, made by the caller.
     """
