@@ -318,6 +318,9 @@ class CheckpointConfig:
     # RNG start afresh; world size, clip size and batch split may differ. Only the run's first start reads
     # it; a restart resumes the run's own checkpoint.
     start_from: str = ""
+    # Save a digest of the trained weights and Adam moments with every checkpoint, and fail a restore whose
+    # state differs from it. Costs a gather of every parameter at each save and restore.
+    verify_restore: bool = False
 
     def validate(self, key: str) -> None:
         check = _SectionChecks(key)
