@@ -355,8 +355,8 @@ class ProbeConfig:
     num_views: int = 3
     num_blocks: int = 1
     # Probes per (lr, weight_decay) point, each from its own initialisation; the point's top-1 is their mean.
-    # On small labelled sets one probe's top-1 moves by up to ~20 points with its initialisation alone
-    # (bench learning), more than most differences between encoders, so comparisons average several.
+    # On small labelled sets one probe's top-1 moves with its initialisation alone more than most differences
+    # between encoders (README, "Evaluation"), so comparisons average several.
     num_inits: int = 1
     label_fraction: float = 1.0
     finetune: bool = False

@@ -54,8 +54,7 @@ from vjepa_ray.models import MODEL_SPECS, build_models
 log = logging.getLogger(__name__)
 
 # What every rank's ZeRO-3 model states hold per parameter tensor besides its buffers: the tensor's name, its
-# shape, and an empty placeholder in the module's state dict (``bench checkpoint`` measured 463 bytes on
-# ViT-tiny and ViT-B with the recipe's predictor).
+# shape, and an empty placeholder in the module's state dict (this figure's ``measured_vs_formula`` checks it).
 METADATA_BYTES_PER_TENSOR = 460
 # fp32 master weights plus Adam's two moments, all fp32: DeepSpeed's optimizer state per trained parameter.
 OPTIMIZER_BYTES_PER_PARAMETER = 12
