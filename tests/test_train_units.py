@@ -260,7 +260,7 @@ def test_checkpointer_saves_and_restores_every_registered_component(one_rank, tm
 
 def test_checkpointer_restores_checkpoints_of_the_older_layouts(one_rank, tmp_path, caplog):
     """Before the data position had a file of its own, train_state.json held every rank's (and before that rank
-    0's alone); RNG files were pickled with numpy arrays."""
+    0's alone); RNG files were pickled with numpy arrays; a component registered since has no state there."""
     cfg = load_config(None, ["data.batch_size=2", "data.chunk_size=4"])
     folder = tmp_path / "old"
     (folder / "rng").mkdir(parents=True)
@@ -269,17 +269,18 @@ def test_checkpointer_restores_checkpoints_of_the_older_layouts(one_rank, tmp_pa
     (folder / TRAIN_STATE).write_text(json.dumps({"step": 4, "world_size": 1, "skipped_videos": 2,
                                                   "data_position": [{"epoch": 0, "chunk": 2}],
                                                   "state_digest": None}))
-    (folder / "counter.json").write_text('{"seen": 1}')
     legacy = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     torch.save(legacy, folder / "rng" / "rank_00000.pt")
     with pytest.raises(pickle.UnpicklingError):
         torch.load(folder / "rng" / "rank_00000.pt", weights_only=True)
-    state, stream = TrainState(), SyntheticClipStream(cfg.data, seed=3, rank=0, world_size=1)
+    state, stream, counter = TrainState(), SyntheticClipStream(cfg.data, seed=3, rank=0, world_size=1), Counter()
+    counter.seen = 3
     torch.manual_seed(5)
     expected = torch.rand(3)
     torch.manual_seed(5)
-    checkpointed(cfg, state, stream, Counter(), Blob(torch.zeros(2))).restore(folder, "old")
+    checkpointed(cfg, state, stream, counter, Blob(torch.zeros(2))).restore(folder, "old")
     assert (state.step, state.skipped_videos) == (4, 2)
+    assert counter.seen == 3 and "holds no counter (saved before it was registered)" in caplog.text
     assert stream.state_dict() == {"epoch": 0, "chunk": 2}
     assert torch.equal(torch.rand(3), expected)  # the rank kept its own RNG
     assert "older checkpoint format" in caplog.text

@@ -212,12 +212,17 @@ class Checkpointer:
         for component in components:
             if component.scope == "files":
                 component.state.load(folder)
-            elif component.scope == "per_rank":
+                continue
+            if component.scope == "per_rank":
                 state = _load_rank_file(folder / component.name / f"rank_{self.rank:05d}.pt")
-                if state is not None:
-                    component.state.load_state_dict(state)
             else:
-                component.state.load_state_dict(_read_json_state(folder, component.name))
+                state = _read_json_state(folder, component.name)
+                if state is None and self.rank == 0:
+                    # (A damaged checkpoint never gets here: its manifest names the missing file.)
+                    log.warning("%s holds no %s (saved before it was registered): it starts afresh", folder,
+                                component.name)
+            if state is not None:
+                component.state.load_state_dict(state)
 
 
 def _load_rank_file(path: Path) -> Any:
@@ -234,14 +239,13 @@ def _load_rank_file(path: Path) -> Any:
 
 
 def _read_json_state(folder: Path, name: str) -> Any:
-    """A ``shared`` or ``all_ranks`` component's state; for checkpoints written before the data streams'
-    positions had a file of their own, those positions from ``train_state.json``."""
+    """A ``shared`` or ``all_ranks`` component's state, or None when the checkpoint has none. Checkpoints written
+    before the data streams' positions had a file of their own kept them in ``train_state.json``."""
     path = folder / f"{name}.json"
     if path.exists():
         return json.loads(path.read_text())
-    position = json.loads((folder / TRAIN_STATE).read_text()).get(name)
-    if position is None:
-        raise FileNotFoundError(f"{path} is missing")
+    older = folder / TRAIN_STATE
+    position = json.loads(older.read_text()).get(name) if older.exists() else None
     # Older still: rank 0's (epoch, chunk) alone.
     return [position] if isinstance(position, dict) else position
 
