@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from vjepa_ray.config import ConfigError, DataConfig
-from vjepa_ray.data.pipeline import ClipStream, NoUsableVideosError, build_clip_dataset, resplit_chunk
+from vjepa_ray.data.pipeline import ClipStream, NoUsableVideosError, resplit_chunk
 from vjepa_ray.video.synthetic import make_moving_pattern_videos
 
 FRAMES, CROP, BATCH = 4, 32, 2
@@ -211,11 +211,22 @@ def test_fractional_train_workers_and_their_decoding_stay_on_their_labelled_node
     from vjepa_ray.config import load_config
     from vjepa_ray.train.trainer import build_trainer
 
+    def decoded_clips(data: DataConfig, seed: int) -> list[dict]:
+        """One epoch's clip rows as the stream's decode tasks give them, skip rows dropped."""
+        from vjepa_ray.data.pipeline import DecodeJob, _row, decode_dataset
+        from vjepa_ray.data.sources import epoch_order, list_videos
+
+        refs = list_videos(data.paths, data.weights)
+        order = epoch_order(refs, data.weights, seed, 0)
+        rows = [_row(refs[i], slot // data.chunk_size, slot) for slot, i in enumerate(order)]
+        return [row for row in decode_dataset(rows, DecodeJob.from_config(data, seed, 0), data).iter_rows()
+                if not row["skip_reason"]]
+
     def _record_nodes(config: dict) -> None:  # nested: pickled by value (tests/ is not importable)
         import ray.train
 
         rank = ray.train.get_context().get_world_rank()
-        rows = build_clip_dataset(DataConfig(**config["data"]), seed=rank).iter_rows()
+        rows = decoded_clips(DataConfig(**config["data"]), seed=rank)
         nodes = {"worker": ray.get_runtime_context().get_node_id(), "decode": sorted({r["decode_node"] for r in rows})}
         Path(config["out"], f"rank{rank}.json").write_text(json.dumps(nodes))
 
@@ -225,7 +236,7 @@ def test_fractional_train_workers_and_their_decoding_stay_on_their_labelled_node
     ray_multinode.wait_for_nodes()
     ray.init(address=ray_multinode.address, include_dashboard=False, log_to_driver=False)
     data = _data([video_dir], decode_label_selector={"node-type": "cpu"}, chunk_size=8)
-    rows = list(build_clip_dataset(data, seed=0).iter_rows())
+    rows = decoded_clips(data, seed=0)
     assert len(rows) == 8 and all(r["clip"].shape == (FRAMES, CROP, CROP, 3) for r in rows)
     assert {r["decode_node"] for r in rows} == {cpu_node.node_id}
 

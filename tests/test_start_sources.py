@@ -3,6 +3,7 @@ run's checkpoint), and the driver's checks of both before any worker starts. One
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,8 @@ from vjepa_ray.config import Config, ConfigError, builtin_config_path, load_conf
 from vjepa_ray.models.pretrained import official_checkpoint
 from vjepa_ray.recipe.step import init_networks
 from vjepa_ray.train import driver
-from vjepa_ray.train.checkpoint import CONFIG_FILE, TRAIN_STATE, TrainState, _load_keeping_position_tables
+from vjepa_ray.train.checkpoint import CONFIG_FILE, TRAIN_STATE, load_keeping_position_tables
+from vjepa_ray.train.state import TrainState
 from vjepa_ray.train.weights import read_initial_weights, write_training_weights
 
 
@@ -86,7 +88,7 @@ def test_init_from_that_does_not_fit_is_one_config_error_line(tmp_path):
 def fake_checkpoint(folder: Path, cfg: Config) -> Path:
     """What the driver reads of a training checkpoint: its marker and its config."""
     folder.mkdir(parents=True)
-    (folder / TRAIN_STATE).write_text(TrainState(step=4).to_json())
+    (folder / TRAIN_STATE).write_text(json.dumps(TrainState(step=4).state_dict()))
     (folder / CONFIG_FILE).write_text(to_yaml(cfg))
     return folder
 
@@ -126,12 +128,12 @@ def test_start_from_keeps_the_new_clip_sizes_position_tables_and_loads_the_rest_
     longer, _ = init_networks(tiny(tmp_path, "data.frames_per_clip=16", "data.crop_size=96"))
     tables = {k: v.clone() for k, v in longer.state_dict().items() if k.endswith("pos_embed")}
     assert tables and all(source.state_dict()[k].shape != v.shape for k, v in tables.items())
-    _load_keeping_position_tables(src=source.state_dict(), dst=longer)
+    load_keeping_position_tables(src=source.state_dict(), dst=longer)
     for key, value in longer.state_dict().items():
         assert torch.equal(value, tables[key] if key in tables else source.state_dict()[key]), key
     other, _ = init_networks(tiny(tmp_path, "model.pred_embed_dim=48"))
     with pytest.raises(RuntimeError, match="predictor.predictor_embed.weight"):
-        _load_keeping_position_tables(src=other.state_dict(), dst=longer)
+        load_keeping_position_tables(src=other.state_dict(), dst=longer)
 
 
 def test_init_from_a_hugging_face_folder_starts_with_its_features_and_the_target_as_its_encoder(tmp_path):

@@ -29,7 +29,7 @@ from vjepa_ray.config import Config, builtin_config_path, load_config
 from vjepa_ray.models.pretrained import strip_prefixes
 from vjepa_ray.recipe.step import JepaStep, MicroBatch, init_networks
 from vjepa_ray.train import driver
-from vjepa_ray.train.checkpoint import TRAIN_STATE
+from vjepa_ray.train.checkpoint import DIGEST_FILE, TRAIN_STATE
 from vjepa_ray.train.elastic import global_batch_size, plan_batch
 from vjepa_ray.train.ray_metrics import METRIC_NAMES, prometheus_name
 from vjepa_ray.train.synthetic_stream import SyntheticClipStream, synthetic_clips
@@ -44,7 +44,7 @@ def tiny_config(storage: Path, name: str, *overrides: str) -> Config:
         "deepspeed.precision=fp32", "optimization.clip_grad=0", "optimization.warmup_steps=2",
         "optimization.ema=[0.9,0.95]",
         "optimization.total_steps=8", "checkpoint.every_steps=4", "checkpoint.num_to_keep=5", "logging.every_steps=2",
-        "ray.max_failures=1",
+        "ray.max_failures=1", "checkpoint.verify_restore=true",
         *overrides])
 
 
@@ -98,7 +98,7 @@ def losses_from_tensorboard(folder: str) -> list[tuple[int, float]]:
 def run_in_background(cfg: Config) -> tuple[threading.Thread, list]:
     out: list = []
     thread = threading.Thread(target=lambda: out.append(
-        driver.run(cfg, stream_factory=SyntheticClipStream, verify_restore=True)), daemon=True)
+        driver.run(cfg, stream_factory=SyntheticClipStream)), daemon=True)
     thread.start()
     return thread, out
 
@@ -165,9 +165,9 @@ def watch_ray_metrics(run: str, thread: threading.Thread, ready: Callable[[dict[
 
 def resumed_digest_matches_saved(summary: dict, storage: Path, name: str) -> None:
     resumed = summary["starts"][-1]["step"]
-    saved = json.loads((storage / name / f"step_{resumed:08d}" / TRAIN_STATE).read_text())
+    saved = json.loads((storage / name / f"step_{resumed:08d}" / DIGEST_FILE).read_text())
     metrics = json.loads((storage / name / "summary.json").read_text())["metrics"]
-    assert metrics["restored_state_digest"] == saved["state_digest"] is not None
+    assert metrics["restored_state_digest"] == saved["sha256"] is not None
 
 
 def test_zero2_killed_worker_resumes_from_checkpoint_and_ema_matches_reference(ray_local, tmp_path):
@@ -234,7 +234,7 @@ def test_zero3_partitioned_ema_and_resharding_2_to_1_to_2(ray_local, tmp_path):
     name = "zero3"
     cfg = tiny_config(tmp_path, name, "deepspeed.zero_stage=3", "optimization.total_steps=4",
                       "logging.every_steps=1")
-    first = driver.run(cfg, stream_factory=SyntheticClipStream, verify_restore=True)
+    first = driver.run(cfg, stream_factory=SyntheticClipStream)
     assert first["status"] == "finished" and first["steps"] == 4
     # ZeRO-3: each rank saved its own partition of the target.
     assert len(list(Path(first["checkpoint"], "target_encoder").glob("shard_*_of_00002.pt"))) == 2
@@ -265,7 +265,7 @@ def test_zero3_partitioned_ema_and_resharding_2_to_1_to_2(ray_local, tmp_path):
     # The same run continues on one worker (ZeRO-3 state resharded through a universal checkpoint) ...
     second = driver.run(tiny_config(tmp_path, name, "deepspeed.zero_stage=3", "ray.num_workers=1",
                                       "optimization.global_batch_size=8", "optimization.total_steps=6"),
-                          stream_factory=SyntheticClipStream, verify_restore=True)
+                          stream_factory=SyntheticClipStream)
     assert second["status"] == "finished" and second["steps"] == 6
     assert second["starts"] == [{"world_size": 1, "step": 4}]
     resumed_digest_matches_saved(second, tmp_path, name)
@@ -274,7 +274,7 @@ def test_zero3_partitioned_ema_and_resharding_2_to_1_to_2(ray_local, tmp_path):
 
     # ... and back on two.
     third = driver.run(tiny_config(tmp_path, name, "deepspeed.zero_stage=3", "optimization.total_steps=8"),
-                         stream_factory=SyntheticClipStream, verify_restore=True)
+                         stream_factory=SyntheticClipStream)
     assert third["status"] == "finished" and third["starts"] == [{"world_size": 2, "step": 6}]
     resumed_digest_matches_saved(third, tmp_path, name)
     metrics = json.loads((tmp_path / name / "summary.json").read_text())["metrics"]

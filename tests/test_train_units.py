@@ -1,23 +1,28 @@
 """The Ray/DeepSpeed layer's pure parts, in one process: batch rule, engine config, EMA target, save schedule,
-synthetic stream, metrics."""
+checkpointer, synthetic stream, metrics."""
 
 from __future__ import annotations
 
 import copy
 import itertools
+import json
+import pickle
 import random
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from vjepa_ray.config import ConfigError, load_config
 from vjepa_ray.recipe.optimizer import apply_schedules
 from vjepa_ray.train import engine as eng
-from vjepa_ray.train.checkpoint import SaveSchedule, TrainState, restore_rng, rng_state, set_rng_state
+from vjepa_ray.train.checkpoint import CONFIG_FILE, TRAIN_STATE, Checkpointer, SaveSchedule
 from vjepa_ray.train.elastic import check_elastic_batch, plan_batch
+from vjepa_ray.train.manifest import problems
 from vjepa_ray.train.metrics import IntervalMeter, TensorBoardCallback, collapse_warning
+from vjepa_ray.train.state import RngState, TrainState
 from vjepa_ray.train.synthetic_stream import SyntheticClipStream
 from vjepa_ray.train.target_encoder import SHARD_DIR, TargetEncoder
 
@@ -177,11 +182,111 @@ def test_synthetic_stream_resumes_from_its_state_dict():
     assert not torch.equal(batches[0].clips, batches[1].clips)
 
 
-def test_train_state_keeps_every_ranks_position_and_reads_the_older_single_one():
-    state = TrainState(step=6, data_position=[{"epoch": 0, "chunk": 1, "batch": 1}] * 2)
-    assert TrainState.from_json(state.to_json()) == state
-    older = TrainState.from_json('{"step": 4, "data_position": {"epoch": 0, "chunk": 2}}')
-    assert older.data_position == [{"epoch": 0, "chunk": 2}]
+@pytest.fixture
+def one_rank(tmp_path):
+    """A gloo process group of one: the checkpointer's collectives, in this process."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+class Counter:
+    """A piece of run state the loop does not know about: registering it is all it takes."""
+
+    def __init__(self):
+        self.seen = 0
+
+    def state_dict(self):
+        return {"seen": self.seen}
+
+    def load_state_dict(self, state):
+        self.seen = state["seen"]
+
+
+class Blob:
+    """A component that writes its own files (as DeepSpeed's engine and the EMA target do)."""
+
+    def __init__(self, value: torch.Tensor):
+        self.value = value
+
+    def save(self, folder, rank):
+        (folder / "blob").mkdir()
+        torch.save(self.value, folder / "blob" / f"{rank}.pt")
+
+    def load(self, folder):
+        self.value = torch.load(folder / "blob" / "0.pt", weights_only=True)
+
+
+def checkpointed(cfg, state, stream, counter, blob) -> Checkpointer:
+    checkpointer = Checkpointer(cfg, rank=0, world_size=1)
+    checkpointer.register("blob", blob, "files")
+    checkpointer.register("rng", RngState(), "per_rank")
+    checkpointer.register("train_state", state, "shared")
+    checkpointer.register("data_position", stream, "all_ranks")
+    checkpointer.register("counter", counter)
+    return checkpointer
+
+
+def test_checkpointer_saves_and_restores_every_registered_component(one_rank, tmp_path):
+    cfg = load_config(None, ["data.batch_size=2", "data.chunk_size=4"])
+    stream = SyntheticClipStream(cfg.data, seed=3, rank=0, world_size=1)
+    batches = iter(stream)
+    next(batches), next(batches), next(batches)
+    state, counter = TrainState(step=3, world_sizes=[2, 1], last_loss=0.5), Counter()
+    counter.seen = 7
+    folder = tmp_path / "step_00000003"
+    folder.mkdir()
+    torch.manual_seed(1)
+    checkpointed(cfg, state, stream, counter, Blob(torch.arange(4.0))).write(folder)
+    drawn, following = torch.rand(3), next(batches)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "blob", CONFIG_FILE, "counter.json", "data_position.json", "manifest", "rng", TRAIN_STATE]
+    assert json.loads((folder / "counter.json").read_text()) == {"seen": 7}
+    assert problems(folder) == []
+
+    fresh_stream = SyntheticClipStream(cfg.data, seed=3, rank=0, world_size=1)
+    fresh = (TrainState(), Counter(), Blob(torch.zeros(4)))
+    checkpointed(cfg, fresh[0], fresh_stream, fresh[1], fresh[2]).restore(folder, folder.name)
+    assert fresh[0] == state and fresh[1].seen == 7 and torch.equal(fresh[2].value, torch.arange(4.0))
+    assert torch.equal(torch.rand(3), drawn)
+    assert torch.equal(next(iter(fresh_stream)).clips, following.clips)
+
+    # start_from loads only the components it names.
+    other = (TrainState(), Counter(), Blob(torch.zeros(4)))
+    checkpointed(cfg, other[0], SyntheticClipStream(cfg.data, 3, 0, 1), other[1], other[2]).start_from(
+        folder, ("blob",))
+    assert other[0] == TrainState() and other[1].seen == 0 and torch.equal(other[2].value, torch.arange(4.0))
+
+
+def test_checkpointer_restores_checkpoints_of_the_older_layouts(one_rank, tmp_path, caplog):
+    """Before the data position had a file of its own, train_state.json held every rank's (and before that rank
+    0's alone); RNG files were pickled with numpy arrays; a component registered since has no state there."""
+    cfg = load_config(None, ["data.batch_size=2", "data.chunk_size=4"])
+    folder = tmp_path / "old"
+    (folder / "rng").mkdir(parents=True)
+    (folder / "blob").mkdir()
+    torch.save(torch.ones(2), folder / "blob" / "0.pt")
+    (folder / TRAIN_STATE).write_text(json.dumps({"step": 4, "world_size": 1, "skipped_videos": 2,
+                                                  "data_position": [{"epoch": 0, "chunk": 2}],
+                                                  "state_digest": None}))
+    legacy = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    torch.save(legacy, folder / "rng" / "rank_00000.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(folder / "rng" / "rank_00000.pt", weights_only=True)
+    state, stream, counter = TrainState(), SyntheticClipStream(cfg.data, seed=3, rank=0, world_size=1), Counter()
+    counter.seen = 3
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    checkpointed(cfg, state, stream, counter, Blob(torch.zeros(2))).restore(folder, "old")
+    assert (state.step, state.skipped_videos) == (4, 2)
+    assert counter.seen == 3 and "holds no counter (saved before it was registered)" in caplog.text
+    assert stream.state_dict() == {"epoch": 0, "chunk": 2}
+    assert torch.equal(torch.rand(3), expected)  # the rank kept its own RNG
+    assert "older checkpoint format" in caplog.text
+    (folder / TRAIN_STATE).write_text('{"step": 4, "data_position": {"epoch": 0, "chunk": 1}}')
+    checkpointed(cfg, state, stream, Counter(), Blob(torch.zeros(2))).restore(folder, "old")
+    assert stream.state_dict() == {"epoch": 0, "chunk": 1}
 
 
 def test_interval_meter_means_and_collapse_warning():
@@ -216,35 +321,15 @@ def test_rng_file_loads_weights_only_and_restores_every_generator_exactly(tmp_pa
     torch.manual_seed(1), np.random.seed(2), random.seed(3)
     _draws()  # leaves a cached Gaussian in numpy and in python, which the state must carry too
     path = tmp_path / "rank_00000.pt"
-    torch.save(rng_state(), path)
+    torch.save(RngState().state_dict(), path)
     first = _draws()
-    set_rng_state(torch.load(path, map_location="cpu", weights_only=True))
+    RngState().load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     assert _draws() == first
     assert _draws() != first
 
 
-def test_rng_file_of_the_older_format_is_not_unpickled_and_the_rank_keeps_its_rng(tmp_path, caplog):
-    # Before RNG files held only tensors and plain values, numpy's state went in as an array.
-    (tmp_path / "rng").mkdir()
-    legacy = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    torch.save(legacy, tmp_path / "rng" / "rank_00000.pt")
-    torch.manual_seed(5)
-    expected = torch.rand(3)
-    torch.manual_seed(5)
-    restore_rng(tmp_path, 0)
-    assert torch.equal(torch.rand(3), expected)
-    assert "older checkpoint format" in caplog.text
-    # A file in today's format restores; a rank with no file keeps its RNG.
-    torch.save(rng_state(), tmp_path / "rng" / "rank_00000.pt")
-    drawn = torch.rand(3)
-    restore_rng(tmp_path, 0)
-    assert torch.equal(torch.rand(3), drawn)
-    restore_rng(tmp_path, 1)
-
-
-def test_workers_take_their_node_labels_resources_resize_interval_and_fault_hook_from_the_driver(monkeypatch):
-    from vjepa_ray.train.checkpoint import EXIT_IN_SAVE_ENV
-    from vjepa_ray.train.trainer import scaling_config, worker_env
+def test_workers_take_their_node_labels_resources_and_resize_interval_from_the_config():
+    from vjepa_ray.train.trainer import scaling_config
 
     cfg = load_config(None, ["ray.num_workers=[1,2]", "ray.worker_label_selector={vjepa-role: train}",
                              "ray.worker_resources={sim_gpu: 1}", "ray.elastic_resize_interval_s=5",
@@ -253,6 +338,3 @@ def test_workers_take_their_node_labels_resources_resize_interval_and_fault_hook
     assert scaling.label_selector == {"vjepa-role": "train"} and scaling.elastic_resize_monitor_interval_s == 5
     assert scaling.resources_per_worker == {"CPU": 0.25, "sim_gpu": 1}
     assert cfg.ray.worker_threads() == 1  # what Ray gives a worker of under one CPU
-    assert EXIT_IN_SAVE_ENV not in worker_env(cfg)
-    monkeypatch.setenv(EXIT_IN_SAVE_ENV, "/tmp/marker")
-    assert worker_env(cfg)[EXIT_IN_SAVE_ENV] == "/tmp/marker"

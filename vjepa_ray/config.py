@@ -316,6 +316,9 @@ class CheckpointConfig:
     # RNG start afresh; world size, clip size and batch split may differ. Only the run's first start reads
     # it; a restart resumes the run's own checkpoint.
     start_from: str = ""
+    # Save a digest of the trained weights and Adam moments with every checkpoint, and fail a restore whose
+    # state differs from it. Costs a gather of every parameter at each save and restore.
+    verify_restore: bool = False
 
     def validate(self, key: str) -> None:
         check = _SectionChecks(key)
@@ -350,8 +353,8 @@ class ProbeConfig:
     num_views: int = 3
     num_blocks: int = 1
     # Probes per (lr, weight_decay) point, each from its own initialisation; the point's top-1 is their mean.
-    # On small labelled sets one probe's top-1 moves by up to ~20 points with its initialisation alone
-    # (bench learning), more than most differences between encoders, so comparisons average several.
+    # On small labelled sets one probe's top-1 moves with its initialisation alone more than most differences
+    # between encoders (README, "Evaluation"), so comparisons average several.
     num_inits: int = 1
     label_fraction: float = 1.0
     finetune: bool = False

@@ -24,7 +24,9 @@ its checkpoint, and ``local_copy`` hands readers that need local files (DeepSpee
 from __future__ import annotations
 
 import json
+import os
 import posixpath
+import re
 import tempfile
 import uuid
 from collections.abc import Collection, Iterator
@@ -48,6 +50,7 @@ CHECKPOINT_PREFIX = "step_"
 CHECKPOINT_MARKER = "train_state.json"
 # Local files of runs whose folder is a URI (TensorBoard's event files while the run lasts).
 LOCAL_ROOT = "~/vjepa_runs"
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 
 
 def checkpoint_dir_name(step: int, taken: Collection[str] = ()) -> str:
@@ -62,8 +65,10 @@ def checkpoint_dir_name(step: int, taken: Collection[str] = ()) -> str:
     return name
 
 
-def is_uri(path: str) -> bool:
-    return "://" in str(path)
+def is_uri(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names a location by a scheme (``s3://``, ``gs://``, ``file://``, ...) rather than a local
+    path."""
+    return bool(_URI.match(str(path)))
 
 
 def storage_path(cfg: Config) -> str:

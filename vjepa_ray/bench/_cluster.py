@@ -144,13 +144,14 @@ class SimulatedCluster:
 
 
 class Driver:
-    """``python -m vjepa_ray.pretrain OVERRIDES`` on the cluster, in a process of its own (``env`` joins its
-    environment), its output appended to ``log_file``."""
+    """``python -m MODULE OVERRIDES`` on the cluster, in a process of its own (``env`` joins its environment), its
+    output appended to ``log_file``. ``module``: ``vjepa_ray.pretrain``, or a wrapper of it that takes the same
+    arguments (``vjepa_ray.bench._faults``)."""
 
     def __init__(self, cluster: SimulatedCluster, overrides: list[str], log_file: Path,
-                 env: Mapping[str, str] | None = None):
+                 env: Mapping[str, str] | None = None, module: str = "vjepa_ray.pretrain"):
         with log_file.open("a") as out:
-            self.process = subprocess.Popen([sys.executable, "-m", "vjepa_ray.pretrain", *overrides],
+            self.process = subprocess.Popen([sys.executable, "-m", module, *overrides],
                                             env={**os.environ, "RAY_ADDRESS": cluster.address, **(env or {})},
                                             stdout=out, stderr=subprocess.STDOUT)
 

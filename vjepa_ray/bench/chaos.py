@@ -8,7 +8,8 @@ process of its own, so that its driver can be killed and the same command run ag
 each injected at a random step after the first checkpoint of the worker group then running:
 
 - ``kill_worker``: SIGKILL of a Train worker.
-- ``kill_in_save``: a worker dies in the middle of writing a checkpoint (``checkpoint.EXIT_IN_SAVE_ENV``).
+- ``kill_in_save``: a worker dies in the middle of writing a checkpoint (injected by ``vjepa_ray.bench._faults``,
+  through which every driver starts).
 - ``remove_node``: a training node disappears (a fresh one joins, as an autoscaler would replace it).
 - ``preempt``: a training node is drained for preemption (``DRAIN_NODE_REASON_PREEMPTION``, 60 s deadline),
   and removed once the checkpoint the notice brought forward is registered.
@@ -53,8 +54,9 @@ from vjepa_ray.bench._cluster import (
     read_reports,
     registered_checkpoints,
 )
+from vjepa_ray.bench._faults import EXIT_IN_SAVE_ENV
 from vjepa_ray.config import Config, builtin_config_path, load_config
-from vjepa_ray.train.checkpoint import DEEPSPEED_DIR, DEEPSPEED_TAG, EXIT_IN_SAVE_ENV, TRAIN_STATE
+from vjepa_ray.train.checkpoint import DEEPSPEED_DIR, DEEPSPEED_TAG, TRAIN_STATE
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +148,8 @@ class Disturber:
     def start(self) -> None:
         self.started = time.time()
         self.driver = Driver(self.cluster, self.command, self.log_file, {
-            "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": PREEMPTION_POLL_S, EXIT_IN_SAVE_ENV: str(self.exit_in_save)})
+            "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": PREEMPTION_POLL_S, EXIT_IN_SAVE_ENV: str(self.exit_in_save)},
+            module="vjepa_ray.bench._faults")
 
     def finish(self, timeout_s: float = 1800) -> dict[str, Any]:
         rc = self.driver.wait(timeout_s)
@@ -277,7 +280,7 @@ def weights_equal(want_checkpoint: str, got_checkpoint: str) -> dict[str, bool]:
     """Per model of two training checkpoints: every tensor bitwise equal."""
     import torch
 
-    from vjepa_ray.train.checkpoint import read_model_weights
+    from vjepa_ray.train.weights import read_model_weights
 
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's checkpoint reader prints; stdout is the JSON
         want, got = read_model_weights(want_checkpoint), read_model_weights(got_checkpoint)

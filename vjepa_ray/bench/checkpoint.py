@@ -3,17 +3,18 @@
 ``--world-size`` processes (gloo on the CPU, no Ray) each build the training step's DeepSpeed ZeRO-3 engine
 and EMA target (``vjepa_ray.train.engine.TrainStep``) for ``--model``, take one optimizer step on synthetic
 clips (so that Adam's moments exist) and save a checkpoint exactly as training does
-(``vjepa_ray.train.checkpoint.save``: DeepSpeed's model and optimizer states, the EMA target's shard, RNG,
-manifest with per-file SHA-256, and on rank 0 the train state and config) into a node-local folder, as a
-Train worker does before Ray copies it to storage. A small clip (``--frames``, ``--crop``) keeps the step
+(``vjepa_ray.train.checkpoint.Checkpointer.write`` of the components ``vjepa_ray.train.loop.register_run_state``
+registers: DeepSpeed's model and optimizer states, the EMA target's shard, RNG, the data position, the train
+state, config and a manifest with per-file SHA-256) into a node-local folder, as a Train worker does before Ray
+copies it to storage. A small clip (``--frames``, ``--crop``) keeps the step
 cheap; the parameter count does not depend on it, only the fixed position tables (buffers) do.
 
 Figures, per rank:
 
 - ``bytes_per_rank``: bytes on disk by kind (``module``: DeepSpeed's model states; ``optimizer``: its
   optimizer states; ``ema_target``; ``rng``; ``manifest``; ``other``: ``latest``, DeepSpeed's copy of
-  ``zero_to_fp32.py``, train state and config), and ``bytes_per_trained_parameter``: the total over the
-  parameters this rank owns (trained / world size);
+  ``zero_to_fp32.py``, train state, data position and config), and ``bytes_per_trained_parameter``: the total
+  over the parameters this rank owns (trained / world size);
 - ``formula_bytes_per_rank`` (``zero3_checkpoint_bytes``) and ``measured_vs_formula`` by kind;
 - ``save_s``: seconds of the save (median over ``--repeats``), from a barrier to the rank's return, and
   ``save_mb_per_s`` (median over the ranks);
@@ -53,8 +54,7 @@ from vjepa_ray.models import MODEL_SPECS, build_models
 log = logging.getLogger(__name__)
 
 # What every rank's ZeRO-3 model states hold per parameter tensor besides its buffers: the tensor's name, its
-# shape, and an empty placeholder in the module's state dict (``bench checkpoint`` measured 463 bytes on
-# ViT-tiny and ViT-B with the recipe's predictor).
+# shape, and an empty placeholder in the module's state dict (this figure's ``measured_vs_formula`` checks it).
 METADATA_BYTES_PER_TENSOR = 460
 # fp32 master weights plus Adam's two moments, all fp32: DeepSpeed's optimizer state per trained parameter.
 OPTIMIZER_BYTES_PER_PARAMETER = 12
@@ -170,10 +170,11 @@ def _rank(rank: int, args: argparse.Namespace, port: int, workdir: str) -> None:
     """One rank: build, step, then ``--repeats`` rounds of a save and a plain write of as many bytes."""
     import torch.distributed as dist
 
-    from vjepa_ray.config import to_yaml
-    from vjepa_ray.train import checkpoint
+    from vjepa_ray.train.checkpoint import Checkpointer
     from vjepa_ray.train.elastic import global_batch_size, plan_batch
     from vjepa_ray.train.engine import TrainStep
+    from vjepa_ray.train.loop import register_run_state
+    from vjepa_ray.train.state import TrainState
     from vjepa_ray.train.synthetic_stream import SyntheticClipStream
 
     world_size = args.world_size
@@ -187,10 +188,12 @@ def _rank(rank: int, args: argparse.Namespace, port: int, workdir: str) -> None:
         plan = plan_batch(global_batch_size(cfg), cfg.data.batch_size, world_size)
         step = TrainStep(cfg, plan, rank, torch.device("cpu"))
         data = dataclasses.replace(cfg.data, batch_size=plan.micro_batch)
-        step(iter(SyntheticClipStream(data, cfg.meta.seed, rank, world_size)), 0)
-        state = checkpoint.TrainState(step=1, world_size=world_size, global_batch=plan.global_batch, zero_stage=3,
-                                      world_sizes=[world_size])
-        config_yaml = to_yaml(cfg)
+        stream = SyntheticClipStream(data, cfg.meta.seed, rank, world_size)
+        step(iter(stream), 0)
+        state = TrainState(step=1, world_size=world_size, global_batch=plan.global_batch, zero_stage=3,
+                           world_sizes=[world_size])
+        checkpointer = Checkpointer(cfg, rank, world_size)
+        register_run_state(checkpointer, step, stream, state, local_rank=rank)
         save_s: list[float] = []
         plain_s: list[float] = []
         sizes: dict[str, int] = {}
@@ -201,8 +204,8 @@ def _rank(rank: int, args: argparse.Namespace, port: int, workdir: str) -> None:
             for side in ("save", "plain") if r % 2 == 0 else ("plain", "save"):
                 dist.barrier()
                 if side == "save":
-                    save_s.append(_timed(functools.partial(checkpoint.save, folder, step.engine, step.target, state,
-                                                           rank, config_yaml)))
+                    folder.mkdir(parents=True)
+                    save_s.append(_timed(functools.partial(checkpointer.write, folder)))
                     if not sizes:
                         sizes = bytes_by_kind(folder)
                         flat = torch.zeros(sum(sizes.values()), dtype=torch.uint8)

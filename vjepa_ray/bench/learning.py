@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 # head turns each axis at axis_dim / 2 frequencies (vjepa_ray.models.rope); 48 wide gives 16-channel heads
 # and two frequencies, 1 and 1/100 rad per token, which cannot tell the 8 positions of this grid apart, so the
 # predictor barely knows where its targets are. 96 wide gives the 32-channel heads of the release's predictor
-# (384 wide, 12 heads); README's "bench learning" has the losses of both.
+# (384 wide, 12 heads); README ("Evaluation", bench learning) compares the two.
 TABLE_PREDICTOR_WIDTH, ROTARY_PREDICTOR_WIDTH = 48, 96
 
 

@@ -31,12 +31,12 @@ are split as usual. Two things void the bitwise promise for a chunk: a video ski
 decode dropped, or the reverse), and a changed video list or ``data.chunk_size`` (the positions then name
 other files).
 
-Ray Data's own answer to resuming training ingest, ``ray.train.DatasetCheckpointConfig`` (alpha, after
-Ray 2.60), records the ids of the rows consumed and filters them out of the re-read dataset; it works for
-any dataset with a unique id column but stores every consumed id. This stream keeps no ids: its decoding
-is a pure function of (``meta.seed``, epoch, chunk, slot), so a position per rank identifies the consumed
-clips. The two agree on what a resume means (each row trained once per epoch, the input re-read); the
-``slot`` column would be the id column should the stream move to Ray's mechanism.
+Ray Data's own answer to resuming training ingest, ``ray.train.DatasetCheckpointConfig``, records the ids of
+the rows consumed and filters them out of the re-read dataset; it works for any dataset with a unique id
+column but stores every consumed id. This stream keeps no ids: its decoding is a pure function of
+(``meta.seed``, epoch, chunk, slot), so a position per rank identifies the consumed clips. The two agree on
+what a resume means (each row trained once per epoch, the input re-read); the ``slot`` column would be the id
+column should the stream move to Ray's mechanism.
 
 Clip lengths. Each source (``data.paths`` entry) has its frames per clip
 (``data.frames_per_clip_per_source``, V-JEPA 2's ``dataset_fpcs``), and image sources give static clips of
@@ -210,11 +210,6 @@ def _clip_ids(clips: Iterable[Sequence[int]]) -> tuple[ClipId, ...]:
     return tuple((int(slot), int(k)) for slot, k in clips)
 
 
-def _drop_skip_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    keep = batch["skip_reason"] == ""
-    return {k: v[keep] for k, v in batch.items() if k not in ("skip_reason", "skip_detail")}
-
-
 def decode_dataset(rows: list[dict[str, Any]], job: DecodeJob, data: DataConfig,
                    label_selector: Optional[dict[str, str]] = None) -> "ray.data.Dataset":
     """Rows (one per file, in order) -> a Dataset of decoded clip rows and skip rows, in the same order."""
@@ -232,22 +227,6 @@ def decode_dataset(rows: list[dict[str, Any]], job: DecodeJob, data: DataConfig,
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     return ds
-
-
-def build_clip_dataset(data: DataConfig, seed: int, epoch: int = 0, *, refs: Optional[Sequence[VideoRef]] = None,
-                       filesystem: Optional[pafs.FileSystem] = None,
-                       label_selector: Optional[dict[str, str]] = None) -> "ray.data.Dataset":
-    """One epoch of decoded clips (bad videos dropped) as a Dataset, for ``TorchTrainer(datasets=...)``.
-
-    Columns ``clip`` (uint8 [T, crop, crop, 3]), ``chunk``, ``slot``, ``clip_index``, ``uri``,
-    ``decode_node``. Ray Data (through 2.60) cannot resume such a dataset mid-epoch and does not balance skipped
-    videos across workers; `ClipStream` does both.
-    """
-    refs = list(refs) if refs is not None else list_videos(data.paths, data.weights, filesystem)
-    order = epoch_order(refs, data.weights, seed, epoch)
-    rows = [_row(refs[i], slot // data.chunk_size, slot) for slot, i in enumerate(order)]
-    job = DecodeJob.from_config(data, seed, epoch, filesystem)
-    return decode_dataset(rows, job, data, label_selector).map_batches(_drop_skip_rows, batch_format="numpy")
 
 
 @dataclass

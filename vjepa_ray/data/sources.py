@@ -43,6 +43,7 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from vjepa_ray.config import ConfigError
+from vjepa_ray.runs import is_uri
 from vjepa_ray.video.decode import VideoSkip
 from vjepa_ray.video.image import IMAGE_EXTENSIONS
 
@@ -56,7 +57,6 @@ SHARD_EXTENSION = ".tar"
 _LABEL_MEMBER_EXTENSIONS = (".cls", ".label")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _BRACE_RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
-_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 # Object stores whose pyarrow path is "bucket/key" (no need to build a client just to parse a URI).
 _BUCKET_SCHEMES = frozenset({"s3", "gs", "gcs"})
 # Remote reads go through a read-ahead buffer: decoders issue many small reads, each a round trip.
@@ -78,10 +78,6 @@ class VideoRef:
 
     def __str__(self) -> str:
         return f"{self.uri}:{self.member}" if self.member else self.uri
-
-
-def is_uri(path: str) -> bool:
-    return bool(_URI.match(path))
 
 
 @functools.lru_cache(maxsize=16)

@@ -36,7 +36,7 @@ from vjepa_ray.models.pretrained import encoder_from_state, read_checkpoint, sta
 from vjepa_ray.models.probe import AttentiveClassifier
 from vjepa_ray.models.vit import VisionTransformer
 from vjepa_ray.recipe.optimizer import decays
-from vjepa_ray.train.checkpoint import read_model_weights
+from vjepa_ray.train.weights import read_model_weights
 from vjepa_ray.video.decode import VideoSkip
 from vjepa_ray.worker_env import configure_worker_logging
 

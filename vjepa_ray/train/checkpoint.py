@@ -1,51 +1,64 @@
-"""Training checkpoints: when a run saves, what every rank writes, and how a (re)started run reads it back.
+"""The checkpointer: it saves the run's registered state on schedule and restores it on a (re)start.
+
+Each piece of state is a component registered under a name, with a scope that says who holds it and so
+where it lives in the checkpoint folder:
+
+- ``"shared"``: the same on every rank (the run's counters): rank 0 writes ``<name>.json``, every rank loads it;
+- ``"per_rank"``: each rank's own (its RNG): ``<name>/rank_XXXXX.pt``; a rank new to the run keeps its own;
+- ``"all_ranks"``: each rank's own, loaded as every rank's together (the data streams' positions, which a
+  restart on another world size re-splits): rank 0 writes them all to ``<name>.json``;
+- ``"files"``: a component that writes and reads its own files under the folder, sharded as it likes
+  (DeepSpeed's engine, the EMA target).
+
+The first three expose ``state_dict()`` / ``load_state_dict()``; ``"files"`` components ``save(folder, rank)``
+and ``load(folder)``. Adding a piece of state to the run is one ``register`` call in the training loop.
 
 One checkpoint is one folder, assembled by Ray Train from every rank's local folder (``ray.train.report``
-copies all ranks' files into ``<storage>/<name>/<checkpoint_dir_name>``)::
+copies all ranks' files into ``<storage>/<name>/<checkpoint_dir_name>``). A run's holds::
 
     deepspeed/state/...          DeepSpeed's sharded engine state (model, optimizer, per-rank ZeRO files)
     target_encoder/shard_*.pt    the EMA target, fp32 (vjepa_ray.train.target_encoder)
     rng/rank_*.pt                each rank's torch / numpy / python RNG state
-    train_state.json             step, data position, world size, counters (rank 0)
+    train_state.json             step, world size, counters (rank 0)
+    data_position.json           every rank's place in its data stream (rank 0)
     config.yaml                  the run's config (rank 0)
+    state_digest.json            with ``checkpoint.verify_restore``: the digest of the trained state (rank 0)
     manifest/rank_*.json         every rank's files with their sizes and SHA-256 (vjepa_ray.train.manifest)
 
 A run that restarts with a different world size under ZeRO 1-3 cannot load DeepSpeed's partitioned files
 directly: the checkpoint is converted once per node to a universal checkpoint (``ds_to_universal``) in a
-temporary folder, which the new engine loads with ``checkpoint.load_universal``. That is why every save passes
-DeepSpeed the ``universal_checkpoint_info`` client state.
+temporary folder, which the new engine loads with ``checkpoint.load_universal`` (``needs_resharding`` says
+when). That is why every save passes DeepSpeed the ``universal_checkpoint_info`` client state.
+
+``save`` is the one place a checkpoint is written and handed to Ray Train; what a run keeps of its
+checkpoints (``checkpoint.num_to_keep``, Ray's) is decided after it.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import functools
 import hashlib
 import json
 import logging
-import os
 import pickle
-import random
 import shutil
 import tempfile
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal, Protocol
 
-import numpy as np
 import torch
 import torch.distributed as dist
-import yaml
-from omegaconf.errors import OmegaConfBaseException
 
 from vjepa_ray import runs
-from vjepa_ray.config import Config, ConfigError, from_dict
-from vjepa_ray.models import build_models
+from vjepa_ray.config import Config, to_yaml
 from vjepa_ray.models.pretrained import FIXED_TABLES
 from vjepa_ray.train import manifest
-from vjepa_ray.train.target_encoder import TargetEncoder
+from vjepa_ray.train.state import TrainState
+from vjepa_ray.train.upload import persist_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +66,23 @@ DEEPSPEED_DIR = "deepspeed"
 DEEPSPEED_TAG = "state"
 TRAIN_STATE = runs.CHECKPOINT_MARKER
 CONFIG_FILE = "config.yaml"
-EXIT_IN_SAVE_ENV = "VJEPA_RAY_FAULT_EXIT_IN_SAVE"  # see _exit_if_armed
+DIGEST_FILE = "state_digest.json"
+
+Scope = Literal["shared", "per_rank", "all_ranks", "files"]
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any) -> None: ...
+
+
+class FileState(Protocol):
+    """State written as files of its own (sharded tensors too large to gather on one rank)."""
+
+    def save(self, folder: Path, rank: int) -> None: ...
+
+    def load(self, folder: Path) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -69,98 +98,211 @@ class SaveSchedule:
         return preempted or step == self.total_steps or step % self.every_steps == 0
 
 
-@dataclass
-class TrainState:
-    """Counters that travel with a checkpoint (``train_state.json``)."""
+@dataclass(frozen=True)
+class _Component:
+    name: str
+    state: Any  # Stateful, or FileState for scope "files"
+    scope: Scope
 
-    step: int = 0
-    world_size: int = 1
-    global_batch: int = 0
-    zero_stage: int = 0
-    # Every rank's data stream state at the save, by rank (``ClipStream.state_dict()``).
-    data_position: list[dict[str, Any]] | None = None
-    skipped_videos: int = 0
-    last_loss: float | None = None
-    world_sizes: list[int] = field(default_factory=list)
-    # state_digest of weights and Adam moments at the save, when the run verifies its restores.
-    state_digest: str | None = None
 
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=1)
+class Checkpointer:
+    """What one rank saves and restores of the run, and when it saves.
 
-    @classmethod
-    def from_json(cls, text: str) -> "TrainState":
-        data = json.loads(text)
-        if isinstance(data.get("data_position"), dict):
-            # Checkpoints from before every rank's position was kept: rank 0's (epoch, chunk) alone.
-            data["data_position"] = [data["data_position"]]
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{key: value for key, value in data.items() if key in known})
+    Every rank holds one, registers the same components in the same order, and calls ``save`` and ``restore``
+    together (they hold collectives). ``damaged`` names checkpoints a restart skipped as damaged
+    (``vjepa_ray.train.recovery``): a new save must not take one's name.
+    """
+
+    def __init__(self, cfg: Config, rank: int, world_size: int):
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.schedule = SaveSchedule(cfg.checkpoint.every_steps, cfg.optimization.total_steps)
+        self.verify = cfg.checkpoint.verify_restore
+        self.components: list[_Component] = []
+        self.damaged: list[str] = []
+        # The digest of the state last restored, with ``checkpoint.verify_restore``.
+        self.restored_digest: str | None = None
+
+    def register(self, name: str, state: Stateful | FileState, scope: Scope = "shared") -> None:
+        if any(c.name == name for c in self.components):
+            raise ValueError(f"a component named {name!r} is registered already")
+        self.components.append(_Component(name, state, scope))
+
+    def due(self, step: int, preempted: bool = False) -> bool:
+        return self.schedule.due(step, preempted)
+
+    # Saving.
+
+    def save(self, step: int, metrics: dict[str, Any]) -> None:
+        """Writes every component into a node-local folder and reports it to Ray Train with ``metrics``, which
+        copies every rank's folder into the run's ``step_XXXXXXXX`` checkpoint. Every rank calls it."""
+        import ray.train
+
+        folder = node_local_tempdir(f"vjepa_ckpt_{step}_")
+        try:
+            digest = self.digest() if self.verify else None
+            if digest is not None:
+                metrics["saved_state_digest"] = digest
+            self.write(folder, digest)
+            dist.barrier()
+            upload = functools.partial(persist_checkpoint, retry_s=self.cfg.checkpoint.upload_retry_s)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
+                             checkpoint_dir_name=runs.checkpoint_dir_name(step, self.damaged),
+                             checkpoint_upload_fn=upload)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def write(self, folder: Path, digest: str | None = None) -> None:
+        """This rank's share of a checkpoint into its local ``folder``, the manifest last."""
+        for component in self.components:
+            if component.scope == "files":
+                component.state.save(folder, self.rank)
+            elif component.scope == "per_rank":
+                (folder / component.name).mkdir(exist_ok=True)
+                torch.save(component.state.state_dict(), folder / component.name / f"rank_{self.rank:05d}.pt")
+            elif component.scope == "all_ranks":
+                states: list[Any] = [None] * self.world_size
+                dist.all_gather_object(states, component.state.state_dict())
+                if self.rank == 0:
+                    (folder / f"{component.name}.json").write_text(json.dumps(states, indent=1))
+            elif self.rank == 0:
+                (folder / f"{component.name}.json").write_text(json.dumps(component.state.state_dict(), indent=1))
+        if self.rank == 0:
+            (folder / CONFIG_FILE).write_text(to_yaml(self.cfg))
+            if digest is not None:
+                (folder / DIGEST_FILE).write_text(json.dumps({"sha256": digest}))
+        manifest.write(folder, self.rank, self.world_size)
+
+    def digest(self) -> str | None:
+        """One digest over the components that can give one (``digest()``: the engine's weights and Adam
+        moments); None when none can. A collective under ZeRO-3."""
+        digests = [c.state.digest() for c in self.components if hasattr(c.state, "digest")]
+        if not digests:
+            return None
+        return digests[0] if len(digests) == 1 else hashlib.sha256("".join(digests).encode()).hexdigest()
+
+    # Restoring.
+
+    def needs_resharding(self, folder: str | Path) -> bool:
+        """Whether DeepSpeed's state in checkpoint ``folder`` must go through a universal checkpoint to load on
+        this world size: the engine is then built with ``load_universal``.
+
+        Partitioned state only loads on the world size that wrote it: ZeRO 1-3, and ZeRO-0 with bf16
+        (DeepSpeed's bf16 optimizer partitions the fp32 master weights like ZeRO-1).
+        """
+        saved = read_train_state(folder)
+        partitioned = (self.cfg.deepspeed.zero_stage > 0 or saved.zero_stage > 0
+                       or self.cfg.deepspeed.precision == "bf16")
+        return saved.world_size != self.world_size and partitioned
+
+    def restore(self, folder: str | Path, name: str) -> None:
+        """Loads every component from the run's own checkpoint ``folder`` (``name`` in the messages)."""
+        self._load(Path(folder), self.components)
+        if self.verify:
+            self.restored_digest = self.digest()
+            saved = _saved_digest(Path(folder))
+            if saved is not None and saved != self.restored_digest:
+                raise RuntimeError(f"the state restored from {name} differs from the one saved there")
+
+    def start_from(self, folder: str | Path, names: tuple[str, ...]) -> None:
+        """Loads only the components ``names`` from another run's checkpoint ``folder``
+        (``checkpoint.start_from``): its weights, optimizer state and EMA target, not its step, streams or RNG."""
+        self._load(Path(folder), [c for c in self.components if c.name in names])
+
+    def _load(self, folder: Path, components: list[_Component]) -> None:
+        for component in components:
+            if component.scope == "files":
+                component.state.load(folder)
+                continue
+            if component.scope == "per_rank":
+                state = _load_rank_file(folder / component.name / f"rank_{self.rank:05d}.pt")
+            else:
+                state = _read_json_state(folder, component.name)
+                if state is None and self.rank == 0:
+                    # (A damaged checkpoint never gets here: its manifest names the missing file.)
+                    log.warning("%s holds no %s (saved before it was registered): it starts afresh", folder,
+                                component.name)
+            if state is not None:
+                component.state.load_state_dict(state)
+
+
+def _load_rank_file(path: Path) -> Any:
+    """A rank's ``per_rank`` state, or None: a rank new to the run has none, and a file that needs the full
+    unpickler (RNG files from before they held only tensors and plain values) is not unpickled. The step draws
+    its masks and clips from explicit seeds, not from these generators, so the rank goes on with fresh ones."""
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        log.warning("%s needs the full unpickler (an older checkpoint format): this rank keeps its own state", path)
+        return None
+
+
+def _read_json_state(folder: Path, name: str) -> Any:
+    """A ``shared`` or ``all_ranks`` component's state, or None when the checkpoint has none. Checkpoints written
+    before the data streams' positions had a file of their own kept them in ``train_state.json``."""
+    path = folder / f"{name}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    older = folder / TRAIN_STATE
+    position = json.loads(older.read_text()).get(name) if older.exists() else None
+    # Older still: rank 0's (epoch, chunk) alone.
+    return [position] if isinstance(position, dict) else position
 
 
 def read_train_state(folder: str | Path) -> TrainState:
-    return TrainState.from_json((Path(folder) / TRAIN_STATE).read_text())
+    state = TrainState()
+    state.load_state_dict(json.loads((Path(folder) / TRAIN_STATE).read_text()))
+    return state
 
 
-def rng_state() -> dict[str, Any]:
-    """This process's torch, numpy, python (and CUDA) RNG states as tensors and plain Python values, so an
-    ``rng/rank_*.pt`` file loads with ``torch.load(..., weights_only=True)``."""
-    numpy_state = np.random.get_state(legacy=False)
-    # The Mersenne Twister's uint32 key as an int64 tensor: numpy arrays would need the full unpickler.
-    numpy_state["state"]["key"] = torch.from_numpy(numpy_state["state"]["key"].astype(np.int64))
-    return {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+def _saved_digest(folder: Path) -> str | None:
+    path = folder / DIGEST_FILE
+    return json.loads(path.read_text())["sha256"] if path.exists() else None
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restores what ``rng_state`` returned, exactly."""
-    torch.set_rng_state(state["torch"])
-    numpy_state = dict(state["numpy"])
-    numpy_state["state"] = {**numpy_state["state"], "key": numpy_state["state"]["key"].numpy().astype(np.uint32)}
-    np.random.set_state(numpy_state)
-    random.setstate(state["python"])
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def node_local_tempdir(prefix: str) -> Path:
+    """A fresh local folder for one rank's share of a checkpoint (kept until Ray has copied it)."""
+    return Path(tempfile.mkdtemp(prefix=prefix))
 
 
-def save(folder: str | Path, engine, target: TargetEncoder, state: TrainState, rank: int,
-         config_yaml: str) -> None:
-    """Every rank calls this (DeepSpeed's save holds collectives) into its own local ``folder``."""
-    folder = Path(folder)
-    # The universal-checkpoint info lets ds_to_universal re-shard ZeRO 1-2 optimizer state later.
-    engine.save_checkpoint(str(folder / DEEPSPEED_DIR), tag=DEEPSPEED_TAG,
-                           client_state={"universal_checkpoint_info": {}})
-    _exit_if_armed()
-    target.save(folder, rank)
-    (folder / "rng").mkdir(exist_ok=True)
-    torch.save(rng_state(), folder / "rng" / f"rank_{rank:05d}.pt")
-    if rank == 0:
-        (folder / TRAIN_STATE).write_text(state.to_json())
-        (folder / CONFIG_FILE).write_text(config_yaml)
-    manifest.write(folder, rank, state.world_size)
+class DeepSpeedState:
+    """The DeepSpeed engine's weights and optimizer state, in DeepSpeed's own sharded files (``deepspeed/``).
+
+    An engine built with ``load_universal`` (``Checkpointer.needs_resharding``) loads through a universal
+    conversion of the files. Position tables (fixed buffers, a function of the clip size alone) stay the
+    engine's own when a checkpoint's are of another clip size (``checkpoint.start_from`` another run's);
+    everything else loads strictly.
+    """
+
+    def __init__(self, engine, rank: int, local_rank: int):
+        self.engine, self.rank, self.local_rank = engine, rank, local_rank
+
+    def save(self, folder: Path, rank: int) -> None:
+        # The universal-checkpoint info lets ds_to_universal re-shard ZeRO 1-2 optimizer state later.
+        self.engine.save_checkpoint(str(folder / DEEPSPEED_DIR), tag=DEEPSPEED_TAG,
+                                    client_state={"universal_checkpoint_info": {}})
+
+    def load(self, folder: Path) -> None:
+        resharded = self.engine.load_universal_checkpoint()
+        with _deepspeed_state(folder, self.rank, self.local_rank, resharded) as deepspeed_dir:
+            load_path, _ = self.engine.load_checkpoint(str(deepspeed_dir), tag=DEEPSPEED_TAG,
+                                                       load_lr_scheduler_states=False,
+                                                       custom_load_fn=load_keeping_position_tables)
+        if load_path is None:
+            raise FileNotFoundError(f"DeepSpeed found no checkpoint in {deepspeed_dir}")
+
+    def digest(self) -> str:
+        return state_digest(self.engine)
 
 
-def _exit_if_armed() -> None:
-    """Fault injection (``python -m vjepa_ray.bench chaos`` and its test): while the file that
-    ``$VJEPA_RAY_FAULT_EXIT_IN_SAVE`` names exists, the first rank to reach here removes it and dies, half-way
-    through writing a checkpoint (DeepSpeed's shards written, the EMA target, RNG and manifest not), as a
-    worker lost in the middle of a save."""
-    marker = os.environ.get(EXIT_IN_SAVE_ENV)
-    if not marker:
-        return
-    try:
-        os.unlink(marker)
-    except FileNotFoundError:
-        return
-    log.warning("%s: exiting in the middle of a checkpoint save", EXIT_IN_SAVE_ENV)
-    os._exit(1)
-
-
-def needs_universal(saved: TrainState, world_size: int, cfg: Config) -> bool:
-    """DeepSpeed's partitioned state only loads on the world size that wrote it: ZeRO 1-3, and ZeRO-0 with
-    bf16 (DeepSpeed's bf16 optimizer partitions the fp32 master weights like ZeRO-1)."""
-    partitioned = cfg.deepspeed.zero_stage > 0 or saved.zero_stage > 0 or cfg.deepspeed.precision == "bf16"
-    return saved.world_size != world_size and partitioned
+def load_keeping_position_tables(src: dict[str, torch.Tensor], dst: torch.nn.Module) -> None:
+    """DeepSpeed's module load (``custom_load_fn``): a position table of another clip size is replaced by the
+    module's own, everything else loads with ``strict=True``."""
+    own = dst.state_dict()
+    state = {key: own[key] if key.rsplit(".", 1)[-1] in FIXED_TABLES and key in own
+             and value.shape != own[key].shape else value for key, value in src.items()}
+    dst.load_state_dict(state, strict=True)
 
 
 def _universal_folder(token: str) -> Path:
@@ -187,44 +329,6 @@ def _convert_to_universal(checkpoint_dir: str | Path, out: str | Path) -> Path:
     return out
 
 
-def restore(folder: str | Path, engine, target: TargetEncoder, rank: int, local_rank: int,
-            resharded: bool = False) -> TrainState:
-    """Loads engine, EMA target and this rank's RNG (a new rank keeps its fresh RNG) from ``folder``.
-
-    Every rank calls it. ``resharded`` (``needs_universal``): see ``_deepspeed_state``.
-    """
-    with _deepspeed_state(folder, rank, local_rank, resharded) as deepspeed_dir:
-        _load_engine(engine, deepspeed_dir)
-    target.load(folder)
-    restore_rng(folder, rank)
-    return read_train_state(folder)
-
-
-def start_from(folder: str | Path, engine, target: TargetEncoder, rank: int, local_rank: int,
-               resharded: bool = False) -> None:
-    """Loads another run's weights, optimizer state and EMA target from its checkpoint ``folder`` into this
-    run's first start (``checkpoint.start_from``), as the V-JEPA 2 release's anneal loads the pretraining
-    checkpoint: Adam's moments and step counts carry over, while this run keeps its own step (0), schedules,
-    data stream and RNG.
-
-    The clip size may differ from the source run's: the fixed sin-cos tables (buffers, a function of the
-    clip size alone) stay this run's, every other tensor loads strictly. Every rank calls it; ``resharded``
-    as in ``restore``.
-    """
-    with _deepspeed_state(folder, rank, local_rank, resharded) as deepspeed_dir:
-        _load_engine(engine, deepspeed_dir, custom_load_fn=_load_keeping_position_tables)
-    target.load(folder)
-
-
-def _load_keeping_position_tables(src: dict[str, torch.Tensor], dst: torch.nn.Module) -> None:
-    """DeepSpeed's module load (``custom_load_fn``) for ``start_from``: a position table of another clip size
-    is replaced by the module's own, everything else loads with ``strict=True``."""
-    own = dst.state_dict()
-    state = {key: own[key] if key.rsplit(".", 1)[-1] in FIXED_TABLES and key in own
-             and value.shape != own[key].shape else value for key, value in src.items()}
-    dst.load_state_dict(state, strict=True)
-
-
 @contextmanager
 def _deepspeed_state(folder: str | Path, rank: int, local_rank: int, resharded: bool) -> Iterator[Path]:
     """The folder DeepSpeed loads the state of checkpoint ``folder`` from: its own, or, ``resharded``, a
@@ -246,64 +350,6 @@ def _deepspeed_state(folder: str | Path, rank: int, local_rank: int, resharded: 
         dist.barrier()
         if local_rank == 0:
             shutil.rmtree(universal_dir, ignore_errors=True)
-
-
-def _load_engine(engine, deepspeed_dir: Path, custom_load_fn=None) -> None:
-    load_path, _ = engine.load_checkpoint(str(deepspeed_dir), tag=DEEPSPEED_TAG, load_lr_scheduler_states=False,
-                                          custom_load_fn=custom_load_fn)
-    if load_path is None:
-        raise FileNotFoundError(f"DeepSpeed found no checkpoint in {deepspeed_dir}")
-
-
-def check_start_from(cfg: Config) -> str:
-    """The training checkpoint ``checkpoint.start_from`` names (itself, or a run folder's), checked on the
-    driver to hold the parameters this run's config builds; raises ConfigError."""
-    source = cfg.checkpoint.start_from
-    try:
-        found = runs.find_checkpoint(source)
-        saved = from_dict(yaml.safe_load(runs.read_bytes(runs.join(found, CONFIG_FILE))))
-    except (OSError, ValueError, yaml.YAMLError, OmegaConfBaseException) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError("checkpoint.start_from", f"cannot start from {source}: {first}") from None
-    difference = _parameter_difference(saved, cfg)
-    if difference:
-        raise ConfigError("checkpoint.start_from", f"{found} holds another model than this run's "
-                          f"(its model.name {saved.model.name}, here {cfg.model.name}): {difference}")
-    return found if runs.is_uri(found) else str(Path(found).expanduser().resolve())
-
-
-def _parameter_difference(saved: Config, cfg: Config) -> str | None:
-    """The first parameter whose name or shape differs between the two configs' models, or None."""
-    def shapes(c: Config) -> dict[str, tuple[int, ...]]:
-        with torch.device("meta"):
-            encoder, predictor = build_models(c)
-        return {**{f"encoder.{n}": tuple(p.shape) for n, p in encoder.named_parameters()},
-                **{f"predictor.{n}": tuple(p.shape) for n, p in predictor.named_parameters()}}
-
-    theirs, ours = shapes(saved), shapes(cfg)
-    for name in dict.fromkeys([*ours, *theirs]):
-        if theirs.get(name) != ours.get(name):
-            there = list(theirs[name]) if name in theirs else "absent"
-            here = list(ours[name]) if name in ours else "absent"
-            return f"{name} is {there} there and {here} here"
-    return None
-
-
-def restore_rng(folder: str | Path, rank: int) -> None:
-    """This rank's saved RNG state, if the checkpoint has one (a rank new to the run keeps its fresh RNG)."""
-    rng_file = Path(folder) / "rng" / f"rank_{rank:05d}.pt"
-    if not rng_file.exists():
-        return
-    try:
-        saved = torch.load(rng_file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # Checkpoints from before RNG files held only tensors and plain values (numpy's state was an array).
-        # The step draws its masks and clips from explicit seeds, not from these generators, so the run goes
-        # on with fresh ones rather than unpickling in full.
-        log.warning("%s needs the full unpickler (an older checkpoint format): this rank keeps a fresh RNG",
-                    rng_file)
-        return
-    set_rng_state(saved)
 
 
 def state_digest(engine) -> str:
@@ -335,39 +381,3 @@ def state_digest(engine) -> str:
             if tensor is not None:
                 digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
-
-
-def read_model_weights(folder: str | Path) -> dict[str, dict[str, torch.Tensor]]:
-    """``encoder``, ``predictor`` and ``target_encoder`` (the EMA) state dicts of a training checkpoint, fp32.
-
-    ``folder`` is a local checkpoint folder (``vjepa_ray.runs`` finds a run's and copies a remote one here).
-
-    Encoder and predictor are DeepSpeed's fp32 master weights, gathered from every rank's partition; the
-    target comes from its own shards. The models are built from the checkpoint's ``config.yaml``.
-    """
-    from vjepa_ray.config import load_config
-
-    folder = Path(folder)
-    cfg = load_config(folder / CONFIG_FILE)
-    saved = read_train_state(folder)
-    deepspeed_dir = folder / DEEPSPEED_DIR
-    if saved.zero_stage > 0 or cfg.deepspeed.precision == "bf16":
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        module = get_fp32_state_dict_from_zero_checkpoint(str(deepspeed_dir), tag=DEEPSPEED_TAG)
-    else:
-        states = torch.load(deepspeed_dir / DEEPSPEED_TAG / "mp_rank_00_model_states.pt", map_location="cpu",
-                            weights_only=False)
-        module = {key: value.float() for key, value in states["module"].items()}
-    encoder, _ = build_models(cfg)
-    TargetEncoder.replicated(encoder, encoder).load(folder)
-    return {
-        "encoder": {k.removeprefix("encoder."): v for k, v in module.items() if k.startswith("encoder.")},
-        "predictor": {k.removeprefix("predictor."): v for k, v in module.items() if k.startswith("predictor.")},
-        "target_encoder": encoder.state_dict(),
-    }
-
-
-def node_local_tempdir(prefix: str) -> Path:
-    """A fresh local folder for one rank's share of a checkpoint (kept until Ray has copied it)."""
-    return Path(tempfile.mkdtemp(prefix=prefix))

@@ -17,13 +17,12 @@ from typing import TYPE_CHECKING, Any
 from vjepa_ray import cluster, runs
 from vjepa_ray.config import Config, ConfigError, to_dict
 from vjepa_ray.data.demo import prepare_demo_videos
-from vjepa_ray.train.checkpoint import check_start_from
 from vjepa_ray.train.elastic import check_elastic_batch, global_batch_size
 from vjepa_ray.train.loop import StreamFactory, train_func
 from vjepa_ray.train.ray_metrics import RESTARTS, RayMetricsCallback, restarts_gauge
 from vjepa_ray.train.recovery import check_run_folder
 from vjepa_ray.train.trainer import build_trainer
-from vjepa_ray.train.weights import read_initial_weights
+from vjepa_ray.train.weights import check_start_from, read_initial_weights
 
 if TYPE_CHECKING:
     from vjepa_ray.tracking import MlflowRun
@@ -126,13 +125,11 @@ def _last_result(folder: str):
         return None
 
 
-def run(cfg: Config, *, stream_factory: StreamFactory | None = None, verify_restore: bool = False,
-        extra_env: dict[str, str] | None = None, callbacks: list | None = None,
+def run(cfg: Config, *, stream_factory: StreamFactory | None = None, callbacks: list | None = None,
         mlflow: MlflowRun | None = None) -> dict[str, Any]:
     """Trains as ``cfg`` says; returns the summary (also written to ``<run folder>/summary.json``).
 
-    ``stream_factory`` replaces the Ray Data clip stream (see ``vjepa_ray.train.loop``); ``verify_restore``
-    makes every restore check a digest of weights and Adam moments against the checkpoint's.
+    ``stream_factory`` replaces the Ray Data clip stream (see ``vjepa_ray.train.loop``).
     ``callbacks`` (``ray.train.UserCallback``) join the run's own, e.g. a ``TuneReportCallback`` when a
     Tune trial runs this. ``mlflow`` logs the run's parameters, every report and summary.json to MLflow;
     its owner ends it (a sweep's trial adds its probe's results first).
@@ -158,8 +155,8 @@ def run(cfg: Config, *, stream_factory: StreamFactory | None = None, verify_rest
         callbacks.append(mlflow.callback())
     trainer = build_trainer(
         cfg, train_func,
-        {"cfg": to_dict(cfg), "stream_factory": stream_factory, "tracker": tracker, "verify_restore": verify_restore},
-        name=cfg.meta.name, callbacks=callbacks, extra_env=extra_env)
+        {"cfg": to_dict(cfg), "stream_factory": stream_factory, "tracker": tracker},
+        name=cfg.meta.name, callbacks=callbacks)
     low, high = cfg.ray.worker_range()
     log.info("run %s: %s workers, global batch %d, results in %s", cfg.meta.name,
              low if low == high else f"{low}-{high}", global_batch_size(cfg), folder)

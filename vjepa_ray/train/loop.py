@@ -2,8 +2,9 @@
 
 Every start of the worker group runs ``train_func`` again (after a failure, a lost node, an elastic
 resize or a driver restart). It rebuilds the models and the DeepSpeed engine for the current world size,
-restores the latest checkpoint if Ray hands one over (resharding DeepSpeed state through a universal
-checkpoint when the world size changed), and trains from the step it stopped at. All ranks follow the same
+registers every piece of run state with the checkpointer (``vjepa_ray.train.checkpoint``), restores the latest
+checkpoint if Ray hands one over (resharding DeepSpeed state through a universal checkpoint when the world size
+changed), and trains from the step it stopped at. All ranks follow the same
 step-based schedule of collectives, ``ray.train.report`` calls and checkpoints, which Ray and DeepSpeed
 need (both are barriers).
 """
@@ -11,24 +12,21 @@ need (both are barriers).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
-import shutil
 from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sequence
 
 import torch
-import torch.distributed as dist
 
 from vjepa_ray import runs
-from vjepa_ray.config import Config, DataConfig, from_dict, to_yaml
+from vjepa_ray.config import Config, DataConfig, from_dict
 from vjepa_ray.train import checkpoint as ckpt
 from vjepa_ray.train import recovery
 from vjepa_ray.train.elastic import BatchPlan, global_batch_size, plan_batch
 from vjepa_ray.train.engine import TrainStep, state_bytes
 from vjepa_ray.train.metrics import IntervalMeter, collapse_warning, format_progress
-from vjepa_ray.train.upload import persist_checkpoint
+from vjepa_ray.train.state import RngState, TrainState
 from vjepa_ray.train.weights import read_initial_weights
 from vjepa_ray.worker_env import configure_worker_logging
 
@@ -63,35 +61,46 @@ def clip_stream(data: DataConfig, seed: int, rank: int, world_size: int) -> Stre
 
 def train_func(config: dict[str, Any]) -> None:
     """Entry point of every Ray Train worker. ``config``: ``cfg`` (``to_dict`` of the Config) and
-    optionally ``stream_factory`` (default ``clip_stream``), ``tracker`` (a ``RunTracker`` actor) and
-    ``verify_restore`` (save a digest of weights and Adam moments with every checkpoint; fail a restore
-    whose state differs from it)."""
+    optionally ``stream_factory`` (default ``clip_stream``) and ``tracker`` (a ``RunTracker`` actor)."""
     configure_worker_logging()
     cfg = from_dict(config["cfg"])
-    run = Run(cfg, config.get("stream_factory") or clip_stream, config.get("tracker"),
-              bool(config.get("verify_restore", False)))
-    run.train()
+    Run(cfg, config.get("stream_factory") or clip_stream, config.get("tracker")).train()
+
+
+def register_run_state(checkpointer: ckpt.Checkpointer, step: TrainStep, stream: Stream, state: TrainState,
+                       local_rank: int) -> None:
+    """Everything a checkpoint of the run holds, in the order it is saved and restored. A new piece of run
+    state is one more line here."""
+    register = checkpointer.register
+    register("deepspeed", ckpt.DeepSpeedState(step.engine, checkpointer.rank, local_rank), "files")
+    register("target_encoder", step.target, "files")
+    register("rng", RngState(), "per_rank")
+    register("train_state", state, "shared")
+    register("data_position", stream, "all_ranks")
+
+
+# What ``checkpoint.start_from`` carries over from another run: its weights, optimizer state and EMA target.
+CARRIED_BY_START_FROM = ("deepspeed", "target_encoder")
 
 
 class Run:
     """One start of the training function on one rank."""
 
-    def __init__(self, cfg: Config, stream_factory: StreamFactory, tracker, verify_restore: bool):
+    def __init__(self, cfg: Config, stream_factory: StreamFactory, tracker):
         import ray.train
 
         self.cfg = cfg
         self.stream_factory = stream_factory
         self.tracker = tracker
-        self.verify_restore = verify_restore
-        self.restored_digest: str | None = None
-        # Damaged checkpoints this start skipped: a new save must not take one's name (runs.checkpoint_dir_name).
-        self.damaged: list[str] = []
         self.answered_notice = None  # the preemption notice (ray.train.PreemptionInfo) last checkpointed for
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
         self.local_rank = context.get_local_rank()
         self.device = self._device()
         self.plan: BatchPlan = plan_batch(global_batch_size(cfg), cfg.data.batch_size, self.world_size)
+        self.state = TrainState(world_size=self.world_size, global_batch=self.plan.global_batch,
+                                zero_stage=cfg.deepspeed.zero_stage)
+        self.checkpointer = ckpt.Checkpointer(cfg, self.rank, self.world_size)
 
     def _device(self) -> torch.device:
         if self.cfg.ray.use_gpu and torch.cuda.is_available():
@@ -102,8 +111,16 @@ class Run:
             return device
         return torch.device("cpu")
 
-    def _start(self) -> ckpt.TrainState:
-        """Builds the step and restores the latest checkpoint, if any; returns the state to go on from.
+    def _build(self, load_universal: bool = False, initial_weights=None) -> None:
+        """The step (engine and EMA target) and this rank's data stream, registered with the checkpointer."""
+        self.step = TrainStep(self.cfg, self.plan, self.rank, self.device, load_universal=load_universal,
+                              initial_weights=initial_weights)
+        data = dataclasses.replace(self.cfg.data, batch_size=self.plan.micro_batch)
+        self.stream = self.stream_factory(data, self.cfg.meta.seed, self.rank, self.world_size)
+        register_run_state(self.checkpointer, self.step, self.stream, self.state, self.local_rank)
+
+    def _start(self) -> None:
+        """Builds the step and the stream and restores the latest checkpoint, if any.
 
         A first start (Ray hands over no checkpoint) begins from ``checkpoint.start_from``'s state or
         ``model.init_from``'s weights when they are set, else from the seed's random initialisation.
@@ -114,45 +131,38 @@ class Run:
         with ExitStack() as stack:
             if latest is not None:
                 # Ray's latest, or the newest intact one before it when that one is damaged.
-                folder, name, self.damaged = recovery.open_intact(stack, latest, runs.run_dir(self.cfg), self.rank)
-                return self._resume(folder, name)
-            if self.cfg.checkpoint.start_from:
+                folder, name, self.checkpointer.damaged = recovery.open_intact(stack, latest, runs.run_dir(self.cfg),
+                                                                               self.rank)
+                self._resume(folder, name)
+            elif self.cfg.checkpoint.start_from:
                 self._start_from(stack.enter_context(runs.local_copy(self.cfg.checkpoint.start_from)))
             else:
                 weights = read_initial_weights(self.cfg) if self.cfg.model.init_from else None
                 if weights is not None and self.rank == 0:
                     log.info("starting from the weights in %s", self.cfg.model.init_from)
-                self.step = TrainStep(self.cfg, self.plan, self.rank, self.device, initial_weights=weights)
-        return ckpt.TrainState(world_size=self.world_size, global_batch=self.plan.global_batch,
-                               zero_stage=self.cfg.deepspeed.zero_stage)
+                self._build(initial_weights=weights)
 
-    def _resume(self, folder: Path, name: str) -> ckpt.TrainState:
+    def _resume(self, folder: Path, name: str) -> None:
         """The run's own checkpoint: everything, the step and the data position included."""
-        saved = ckpt.read_train_state(folder)
-        universal = ckpt.needs_universal(saved, self.world_size, self.cfg)
-        self.step = TrainStep(self.cfg, self.plan, self.rank, self.device, load_universal=universal)
-        state = ckpt.restore(folder, self.step.engine, self.step.target, self.rank, self.local_rank,
-                             resharded=universal)
-        if state.global_batch != self.plan.global_batch:
-            log.warning("global batch changed from %d (checkpoint) to %d (config)", state.global_batch,
+        universal = self.checkpointer.needs_resharding(folder)
+        self._build(load_universal=universal)
+        self.checkpointer.restore(folder, name)
+        saved, state = dataclasses.replace(self.state), self.state
+        if saved.global_batch != self.plan.global_batch:
+            log.warning("global batch changed from %d (checkpoint) to %d (config)", saved.global_batch,
                         self.plan.global_batch)
-        if self.verify_restore:
-            self.restored_digest = ckpt.state_digest(self.step.engine)
-            if state.state_digest is not None and state.state_digest != self.restored_digest:
-                raise RuntimeError(f"the state restored from {name} differs from the one saved there")
         if self.rank == 0:
-            log.info("resumed from %s at step %d (saved on %d worker(s), now %d%s)", name, state.step,
+            log.info("resumed from %s at step %d (saved on %d worker(s), now %d%s)", name, saved.step,
                      saved.world_size, self.world_size, ", resharded via a universal checkpoint" if universal else "")
         state.world_size, state.global_batch = self.world_size, self.plan.global_batch
         state.zero_stage = self.cfg.deepspeed.zero_stage
-        return state
 
     def _start_from(self, folder: Path) -> None:
         """Another run's checkpoint (``checkpoint.start_from``): its weights, EMA and optimizer state."""
         saved = ckpt.read_train_state(folder)
-        universal = ckpt.needs_universal(saved, self.world_size, self.cfg)
-        self.step = TrainStep(self.cfg, self.plan, self.rank, self.device, load_universal=universal)
-        ckpt.start_from(folder, self.step.engine, self.step.target, self.rank, self.local_rank, resharded=universal)
+        universal = self.checkpointer.needs_resharding(folder)
+        self._build(load_universal=universal)
+        self.checkpointer.start_from(folder, CARRIED_BY_START_FROM)
         if saved.global_batch != self.plan.global_batch:
             log.warning("global batch %d differs from the %d of the run started from", self.plan.global_batch,
                         saved.global_batch)
@@ -162,7 +172,8 @@ class Run:
                      ", resharded via a universal checkpoint" if universal else "")
 
     def train(self) -> None:
-        state = self._start()
+        self._start()
+        state = self.state
         resumed_step = state.step
         if not state.world_sizes or state.world_sizes[-1] != self.world_size:
             state.world_sizes.append(self.world_size)
@@ -172,22 +183,17 @@ class Run:
             log.info("batch rule: %s", self.plan.describe())
 
         cfg, total = self.cfg, self.cfg.optimization.total_steps
-        data = dataclasses.replace(cfg.data, batch_size=self.plan.micro_batch)
-        stream = self.stream_factory(data, cfg.meta.seed, self.rank, self.world_size)
-        if state.data_position is not None:
-            stream.load_state_dict(state.data_position)
-        batches = iter(stream)
-        saves = ckpt.SaveSchedule(cfg.checkpoint.every_steps, total)
+        batches = iter(self.stream)
         meter = IntervalMeter(len(cfg.mask))
         if state.step >= total:
-            self._report(state, {"step": state.step, "resumed_from_step": resumed_step}, checkpoint=False)
+            self._report({"step": state.step, "resumed_from_step": resumed_step}, checkpoint=False)
             return
         while state.step < total:
             out = self.step(batches, state.step, meter)
             state.step += 1
             step = state.step
             preempted = self._new_preemption_notice(step)
-            checkpoint = saves.due(step, preempted)
+            checkpoint = self.checkpointer.due(step, preempted)
             if step % cfg.logging.every_steps and not checkpoint:
                 continue
             metrics = meter.reduce(self.device)
@@ -200,14 +206,14 @@ class Run:
                            global_batch=self.plan.global_batch, micro_batch=self.plan.micro_batch,
                            grad_accum=self.plan.grad_accum, resumed_from_step=resumed_step,
                            state_bytes_per_rank=memory["total"], preemption_checkpoint=int(preempted))
-            if self.restored_digest is not None:
-                metrics["restored_state_digest"] = self.restored_digest
+            if self.checkpointer.restored_digest is not None:
+                metrics["restored_state_digest"] = self.checkpointer.restored_digest
             if self.rank == 0:
                 log.info(format_progress(metrics, total))
                 warning = collapse_warning(metrics["target_feature_std"], cfg.logging.collapse_std_threshold)
                 if warning:
                     log.warning(warning)
-            self._report(state, metrics, checkpoint=checkpoint, stream=stream)
+            self._report(metrics, checkpoint=checkpoint)
 
     def _new_preemption_notice(self, step: int) -> bool:
         """Whether a node of this worker group was drained for preemption since the last step and no checkpoint
@@ -229,26 +235,10 @@ class Run:
                         notice.preempted_node_ids, notice.deadline_ms)
         return True
 
-    def _report(self, state: ckpt.TrainState, metrics: dict[str, Any], checkpoint: bool,
-                stream: Stream | None = None) -> None:
+    def _report(self, metrics: dict[str, Any], checkpoint: bool) -> None:
         import ray.train
 
-        if not checkpoint:
+        if checkpoint:
+            self.checkpointer.save(self.state.step, metrics)
+        else:
             ray.train.report(metrics)
-            return
-        # Every rank's place in the stream: a restart on another world size splits what is left of the chunk.
-        positions: list[Any] = [None] * self.world_size
-        dist.all_gather_object(positions, stream.state_dict())
-        state.data_position = positions
-        folder = ckpt.node_local_tempdir(f"vjepa_ckpt_{state.step}_")
-        try:
-            if self.verify_restore:
-                state.state_digest = metrics["saved_state_digest"] = ckpt.state_digest(self.step.engine)
-            ckpt.save(folder, self.step.engine, self.step.target, state, self.rank, to_yaml(self.cfg))
-            dist.barrier()
-            upload = functools.partial(persist_checkpoint, retry_s=self.cfg.checkpoint.upload_retry_s)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
-                             checkpoint_dir_name=runs.checkpoint_dir_name(state.step, self.damaged),
-                             checkpoint_upload_fn=upload)
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)

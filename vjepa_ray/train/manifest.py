@@ -5,8 +5,8 @@ bytes and SHA-256), and Ray Train merges the shares into one folder, so the mani
 file; rank 0's also gives the world size, i.e. how many manifests there are. A truncated shard, a missing
 ``train_state.json`` or a rank whose upload never finished shows up as a difference.
 
-Not to be confused with ``TrainState.state_digest``: a digest of the trained values (weights and Adam moments)
-that a restore with ``verify_restore`` compares after loading.
+Not to be confused with ``state_digest.json``: a digest of the trained values (weights and Adam moments) that a
+restore with ``checkpoint.verify_restore`` compares after loading (``vjepa_ray.train.checkpoint``).
 """
 
 from __future__ import annotations

@@ -8,13 +8,11 @@ disagree. What a worker may ask of the cluster is decided in ``resources_per_wor
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from vjepa_ray import runs
 from vjepa_ray.config import Config
-from vjepa_ray.train.checkpoint import EXIT_IN_SAVE_ENV
 from vjepa_ray.worker_env import MALLOC_ENV
 
 
@@ -23,14 +21,13 @@ def resources_per_worker(cfg: Config) -> dict[str, float]:
     return {"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if cfg.ray.use_gpu else {}), **cfg.ray.worker_resources}
 
 
-def worker_env(cfg: Config, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+def worker_env(cfg: Config) -> dict[str, str]:
     """The environment of every worker process: DeepSpeed's accelerator and the allocator settings.
 
-    Thread counts are left to Ray, which sets ``OMP_NUM_THREADS`` to a worker's whole CPUs. The chaos
-    bench's fault injection (``EXIT_IN_SAVE_ENV``) passes from the driver's environment to the workers.
+    Thread counts are left to Ray, which sets ``OMP_NUM_THREADS`` to a worker's whole CPUs. Variables of the
+    job's runtime environment (``ray.init(runtime_env=...)``) join these.
     """
-    faults = {EXIT_IN_SAVE_ENV: os.environ[EXIT_IN_SAVE_ENV]} if EXIT_IN_SAVE_ENV in os.environ else {}
-    return {"DS_ACCELERATOR": "cuda" if cfg.ray.use_gpu else "cpu", **MALLOC_ENV, **faults, **(extra or {})}
+    return {"DS_ACCELERATOR": "cuda" if cfg.ray.use_gpu else "cpu", **MALLOC_ENV}
 
 
 def scaling_config(cfg: Config, elastic: bool = True):
@@ -47,11 +44,9 @@ def scaling_config(cfg: Config, elastic: bool = True):
 
 
 def build_trainer(cfg: Config, train_func: Callable[[dict[str, Any]], None], train_loop_config: dict[str, Any], *,
-                  name: str, elastic: bool = True, callbacks: Sequence[Any] = (),
-                  extra_env: Mapping[str, str] | None = None):
+                  name: str, elastic: bool = True, callbacks: Sequence[Any] = ()):
     """A ``TorchTrainer`` running ``train_func(train_loop_config)`` on every worker, its run ``name`` under
-    ``ray.storage_path``. ``callbacks`` are ``ray.train.UserCallback`` instances; ``extra_env`` joins the
-    workers' environment (``worker_env``)."""
+    ``ray.storage_path``. ``callbacks`` are ``ray.train.UserCallback`` instances."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -64,5 +59,5 @@ def build_trainer(cfg: Config, train_func: Callable[[dict[str, Any]], None], tra
             failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
             callbacks=list(callbacks),
-            worker_runtime_env={"env_vars": worker_env(cfg, extra_env)}),
+            worker_runtime_env={"env_vars": worker_env(cfg)}),
     )

@@ -1,8 +1,8 @@
 """Checkpoint uploads that outlast an outage of the store: Ray Train's own copy, retried with bounded backoff.
 
-In Ray 2.60 ``ray.train.report`` tries a checkpoint upload 3 times, about 1 and 2 s apart, when pyarrow
-reports a retryable AWS error, and pyarrow's S3 client retries each request within seconds: together they
-ride out a hiccup, not an outage of half a minute. ``persist_checkpoint`` (passed as ``checkpoint_upload_fn``)
+``ray.train.report`` retries a checkpoint upload a few times, seconds apart, when pyarrow reports a retryable
+AWS error, and pyarrow's S3 client retries each request within seconds: together they ride out a hiccup, not
+an outage of half a minute. ``persist_checkpoint`` (passed as ``checkpoint_upload_fn``)
 runs Ray's own copy, ``StorageContext.persist_current_checkpoint``, and tries it again while the store is
 unreachable, waiting 1, 2, 4, ... up to 30 s in between, for at most ``checkpoint.upload_retry_s``. A refusal
 (HTTP 403, bad credentials) fails at once: retrying cannot fix it.

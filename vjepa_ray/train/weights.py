@@ -1,8 +1,9 @@
-"""Our runs' weights in and out of Meta's released V-JEPA layout and Hugging Face's V-JEPA 2 folders, checked
-against the config's models.
+"""Our runs' weights in and out of training checkpoints, Meta's released V-JEPA layout and Hugging Face's V-JEPA 2
+folders, checked against the config's models.
 
 Both directions load every state dict strictly into the models the config describes before writing, so a
-file that does not fit fails here, listing the keys, rather than in whoever reads it next.
+file that does not fit fails here, listing the keys, rather than in whoever reads it next. A training
+checkpoint is read from its files alone (``read_model_weights``), without DeepSpeed engines or the checkpointer.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+import yaml
+from omegaconf.errors import OmegaConfBaseException
 
 from vjepa_ray import runs
-from vjepa_ray.config import Config
+from vjepa_ray.config import Config, ConfigError, from_dict, load_config
 from vjepa_ray.models import build_models
 from vjepa_ray.models.families import get_family
 from vjepa_ray.models.hf import HF_FAMILY, hf_config, is_hf_folder, read_hf_folder, write_hf_folder
@@ -29,7 +32,71 @@ from vjepa_ray.models.pretrained import (
     state_from_checkpoint,
 )
 from vjepa_ray.models.sizes import MODEL_SPECS
-from vjepa_ray.train.checkpoint import read_model_weights
+from vjepa_ray.train.checkpoint import CONFIG_FILE, DEEPSPEED_DIR, DEEPSPEED_TAG, read_train_state
+from vjepa_ray.train.target_encoder import TargetEncoder
+
+
+def read_model_weights(folder: str | os.PathLike) -> dict[str, dict[str, torch.Tensor]]:
+    """``encoder``, ``predictor`` and ``target_encoder`` (the EMA) state dicts of a training checkpoint, fp32.
+
+    ``folder`` is a local checkpoint folder (``vjepa_ray.runs`` finds a run's and copies a remote one here).
+
+    Encoder and predictor are DeepSpeed's fp32 master weights, gathered from every rank's partition; the
+    target comes from its own shards. The models are built from the checkpoint's ``config.yaml``.
+    """
+    folder = Path(folder)
+    cfg = load_config(folder / CONFIG_FILE)
+    saved = read_train_state(folder)
+    deepspeed_dir = folder / DEEPSPEED_DIR
+    if saved.zero_stage > 0 or cfg.deepspeed.precision == "bf16":
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        module = get_fp32_state_dict_from_zero_checkpoint(str(deepspeed_dir), tag=DEEPSPEED_TAG)
+    else:
+        states = torch.load(deepspeed_dir / DEEPSPEED_TAG / "mp_rank_00_model_states.pt", map_location="cpu",
+                            weights_only=False)
+        module = {key: value.float() for key, value in states["module"].items()}
+    encoder, _ = build_models(cfg)
+    TargetEncoder.replicated(encoder, encoder).load(folder)
+    return {
+        "encoder": {k.removeprefix("encoder."): v for k, v in module.items() if k.startswith("encoder.")},
+        "predictor": {k.removeprefix("predictor."): v for k, v in module.items() if k.startswith("predictor.")},
+        "target_encoder": encoder.state_dict(),
+    }
+
+
+def check_start_from(cfg: Config) -> str:
+    """The training checkpoint ``checkpoint.start_from`` names (itself, or a run folder's), checked on the
+    driver to hold the parameters this run's config builds; raises ConfigError."""
+    source = cfg.checkpoint.start_from
+    try:
+        found = runs.find_checkpoint(source)
+        saved = from_dict(yaml.safe_load(runs.read_bytes(runs.join(found, CONFIG_FILE))))
+    except (OSError, ValueError, yaml.YAMLError, OmegaConfBaseException) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError("checkpoint.start_from", f"cannot start from {source}: {first}") from None
+    difference = _parameter_difference(saved, cfg)
+    if difference:
+        raise ConfigError("checkpoint.start_from", f"{found} holds another model than this run's "
+                          f"(its model.name {saved.model.name}, here {cfg.model.name}): {difference}")
+    return found if runs.is_uri(found) else str(Path(found).expanduser().resolve())
+
+
+def _parameter_difference(saved: Config, cfg: Config) -> str | None:
+    """The first parameter whose name or shape differs between the two configs' models, or None."""
+    def shapes(c: Config) -> dict[str, tuple[int, ...]]:
+        with torch.device("meta"):
+            encoder, predictor = build_models(c)
+        return {**{f"encoder.{n}": tuple(p.shape) for n, p in encoder.named_parameters()},
+                **{f"predictor.{n}": tuple(p.shape) for n, p in predictor.named_parameters()}}
+
+    theirs, ours = shapes(saved), shapes(cfg)
+    for name in dict.fromkeys([*ours, *theirs]):
+        if theirs.get(name) != ours.get(name):
+            there = list(theirs[name]) if name in theirs else "absent"
+            here = list(ours[name]) if name in ours else "absent"
+            return f"{name} is {there} there and {here} here"
+    return None
 
 
 def read_training_weights(path: str | os.PathLike) -> dict[str, dict[str, torch.Tensor]]:

@@ -38,9 +38,9 @@ CRF = 23
 ENCODER_OPTIONS = {
     "preset": "fast",
     "crf": str(CRF),
-    # A prepared video is decoded ~100 times and encoded once: x264's fastdecode tune (no CABAC, no
-    # deblocking filter, no weighted prediction) made a clip ~30% cheaper to decode for ~25% more bytes
-    # (measured on bench data's 720p sources at 256 px).
+    # A prepared video is decoded many times and encoded once: x264's fastdecode tune (no CABAC, no
+    # deblocking filter, no weighted prediction) buys cheaper decoding with a few more bytes (README,
+    # "Decode CPUs per GPU").
     "tune": "fastdecode",
     "x264-params": "mbtree=0:threads=1:lookahead-threads=1:sliced-threads=0",
 }
