@@ -340,6 +340,9 @@ class LoggingConfig:
     mlflow_uri: str = ""
     # The MLflow experiment the runs go to; empty = meta.name.
     mlflow_experiment: str = ""
+    # Everything Ray and DeepSpeed print (the command line's --verbose); off: our lines, Ray's dashboard address,
+    # warnings and real failures.
+    verbose: bool = False
 
     def validate(self, key: str) -> None:
         _SectionChecks(key).require(self.every_steps >= 1, "every_steps", "must be >= 1")

@@ -36,7 +36,7 @@ import re
 import tarfile
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import BinaryIO, Iterator, Optional, Sequence, Union
+from typing import BinaryIO, Collection, Iterator, Optional, Sequence, Union
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -200,6 +200,25 @@ def list_videos(paths: Sequence[str], weights: Sequence[float] = (),
                               "shards, manifests)")
         refs.extend(found)
     return refs
+
+
+def check_sources(paths: Sequence[str], weights: Sequence[float] = (), *, skip: Collection[str] = (),
+                  remote: bool = True) -> None:
+    """What the driver checks before anything starts: every entry of ``paths`` (but those in ``skip``, and
+    URIs unless ``remote``) names videos, and at least one of the local files a manifest lists exists.
+
+    Entries are listed as training lists them, never decoded. Raises ConfigError naming ``data.paths``.
+    """
+    if not paths:
+        raise ConfigError("data.paths", "is empty; give directories, globs, manifests, URIs or tar shards")
+    for index, entry in enumerate(paths):
+        if entry in skip or (weights and weights[index] == 0) or (is_uri(str(entry)) and not remote):
+            continue
+        refs = list_videos([entry])
+        local = [ref.uri for ref in refs if not ref.member and not is_uri(ref.uri)]
+        if len(local) == len(refs) and not any(os.path.isfile(uri) for uri in local):
+            raise ConfigError("data.paths", f"{entry!r} lists {len(refs)} videos and none of them exists "
+                              f"(the first: {local[0]})")
 
 
 def _parse_label(text: Optional[str]) -> Label:

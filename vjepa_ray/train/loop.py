@@ -27,7 +27,7 @@ from vjepa_ray.train import checkpoint as ckpt
 from vjepa_ray.train import recovery
 from vjepa_ray.train.elastic import BatchPlan, global_batch_size, plan_batch
 from vjepa_ray.train.engine import TrainStep, state_bytes
-from vjepa_ray.train.metrics import IntervalMeter, collapse_warning, format_progress
+from vjepa_ray.train.metrics import Clock, IntervalMeter, collapse_warning, format_progress
 from vjepa_ray.train.upload import persist_checkpoint
 from vjepa_ray.train.weights import read_initial_weights
 from vjepa_ray.worker_env import configure_worker_logging
@@ -66,7 +66,7 @@ def train_func(config: dict[str, Any]) -> None:
     optionally ``stream_factory`` (default ``clip_stream``), ``tracker`` (a ``RunTracker`` actor) and
     ``verify_restore`` (save a digest of weights and Adam moments with every checkpoint; fail a restore
     whose state differs from it)."""
-    configure_worker_logging()
+    configure_worker_logging(config["cfg"]["logging"]["verbose"])
     cfg = from_dict(config["cfg"])
     run = Run(cfg, config.get("stream_factory") or clip_stream, config.get("tracker"),
               bool(config.get("verify_restore", False)))
@@ -179,6 +179,7 @@ class Run:
         batches = iter(stream)
         saves = ckpt.SaveSchedule(cfg.checkpoint.every_steps, total)
         meter = IntervalMeter(len(cfg.mask))
+        clock = Clock(state.step)
         if state.step >= total:
             self._report(state, {"step": state.step, "resumed_from_step": resumed_step}, checkpoint=False)
             return
@@ -203,7 +204,7 @@ class Run:
             if self.restored_digest is not None:
                 metrics["restored_state_digest"] = self.restored_digest
             if self.rank == 0:
-                log.info(format_progress(metrics, total))
+                log.info(format_progress(metrics, total, clock))
                 warning = collapse_warning(metrics["target_feature_std"], cfg.logging.collapse_std_threshold)
                 if warning:
                     log.warning(warning)
@@ -247,8 +248,10 @@ class Run:
             ckpt.save(folder, self.step.engine, self.step.target, state, self.rank, to_yaml(self.cfg))
             dist.barrier()
             upload = functools.partial(persist_checkpoint, retry_s=self.cfg.checkpoint.upload_retry_s)
+            name = runs.checkpoint_dir_name(state.step, self.damaged)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
-                             checkpoint_dir_name=runs.checkpoint_dir_name(state.step, self.damaged),
-                             checkpoint_upload_fn=upload)
+                             checkpoint_dir_name=name, checkpoint_upload_fn=upload)
+            if self.rank == 0:
+                log.info("checkpoint %s saved", name)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
