@@ -324,7 +324,7 @@ class ClipStream:
         self._done: Optional[ClipId] = None
         self._share: Optional[tuple[ClipId, ...]] = None
         self._unreported: Counter = Counter()
-        self._logged: set[str] = set()
+        self._logged: dict[str, str] = {}  # bad video -> why, each logged once
 
     @property
     def position(self) -> Position:
@@ -469,7 +469,7 @@ class ClipStream:
             return True
         self._unreported[item.reason] += 1
         if item.uri not in self._logged:
-            self._logged.add(item.uri)
+            self._logged[item.uri] = item.reason
             logger.warning("skipping video %s (%s): %s", item.uri, item.reason, item.detail)
         return False
 
@@ -508,7 +508,7 @@ class ClipStream:
                                self.rank, epoch, chunk, len(clips), tried)
                 return clips
             group *= 2
-        reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(self._unreported.items()))
+        reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(Counter(self._logged.values()).items()))
         raise NoUsableVideosError(
             "data.paths", f"none of the {len(self.refs)} videos could be decoded ({reasons}); to see why: "
             f"python -m vjepa_ray.data check {shlex.join(self.data.paths)}")
