@@ -119,10 +119,16 @@ def test_ray_noise_is_dropped_and_our_lines_kept():
              "Progress bars disabled. To enable, set `ray.data.DataContext...` = True`.",
              "[2026-12-07 17:42:51,445 E 7348 7514] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' "
              "and ID: 'f7' has constructor arguments in the object store and max_restarts > 0. If the ...",
+             "Failed to send resource request for train-eec3. If this only happens transiently during network "
+             "partition or CPU being overloaded, it's safe to ignore this error. If this error persists, file ...",
+             "Traceback (most recent call last):",
+             '  File "ray/_private/worker.py", line 3009, in get',
+             "    values, debugger_breakpoint = worker.get_objects(",
+             "ray.exceptions.GetTimeoutError: Get timed out: some object(s) not ready.",
              "vjepa_ray.train.loop: step 10/300  loss 0.7767",
              "vjepa_ray.data.pipeline: skipping video /x.mp4 (corrupt): moov atom not found"]
     console._print_forwarded(printed.append, False, {"lines": lines, "pid": 1, "is_err": True})
-    assert printed[0]["lines"] == lines[3:]
+    assert printed[0]["lines"] == lines[-2:]
     console._print_forwarded(printed.append, True, {"lines": lines, "pid": 1, "is_err": True})
     assert printed[1]["lines"] == lines
 

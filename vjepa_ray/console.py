@@ -16,12 +16,16 @@ import logging
 import re
 import time
 
-# Lines of forwarded output that only Ray's or DeepSpeed's developers act on.
+# Lines of forwarded output that only Ray's or DeepSpeed's developers act on; the traceback that follows such
+# a line goes with it.
 RAY_NOISE = re.compile("|".join([
     r"DeepSpeed \S+ built successfully",
     r"Progress bars disabled\. To enable",
     r"core_worker\.cc:\d+: Actor with class name: 'PreemptionWatcher'.*max_restarts > 0",
+    # Ray Train's autoscaling client on a busy machine; it says itself that a transient one is safe to ignore.
+    r"Failed to send resource request for train-.*safe to ignore",
 ]))
+_TRACEBACK_LINE = re.compile(r"^(\s|Traceback \(most recent call last\)|[\w.]+(Error|Exception)\b)")
 # Loggers of the driver process whose INFO and WARNING lines are notices, not problems.
 QUIET_LOGGERS = ("ray._private.authentication.authentication_token_setup",)
 _PRINT_HANDLER = "ray_print_logs"  # the name ray.init gives the handler that prints forwarded output
@@ -53,10 +57,20 @@ def _print_forwarded(print_logs, verbose: bool, data: dict) -> None:
     global _last_forwarded
     _last_forwarded = time.monotonic()
     if not verbose:
-        data = {**data, "lines": [line for line in data["lines"] if not RAY_NOISE.search(line)]}
+        data = {**data, "lines": without_noise(data["lines"])}
         if not data["lines"]:
             return
     print_logs(data)
+
+
+def without_noise(lines: list[str]) -> list[str]:
+    """``lines`` without those ``RAY_NOISE`` matches and the traceback lines that follow one."""
+    kept, dropping = [], False
+    for line in lines:
+        dropping = bool(RAY_NOISE.search(line)) or (dropping and bool(_TRACEBACK_LINE.match(line)))
+        if not dropping:
+            kept.append(line)
+    return kept
 
 
 def wait_for_workers(quiet_s: float = 1.5, at_most_s: float = 10.0) -> None:
