@@ -51,7 +51,8 @@ def user_folders(tmp_path):
     ("empty", "'{}' holds no videos"),
     ("empty/**/*.mp4", "'{}' holds no videos"),
     ("gone.txt", "'{}' lists 2 videos and none of them exists"),
-], ids=["missing", "empty", "glob", "manifest"])
+    ("notes", "'{}' holds no videos"),
+], ids=["missing", "empty", "glob", "manifest", "no_media"])
 def test_a_data_path_without_videos_is_one_line_and_exit_2_before_anything_starts(user_folders, capsys, entry, found,
                                                                                   dry_run):
     path = str(user_folders / entry)
@@ -61,6 +62,9 @@ def test_a_data_path_without_videos_is_one_line_and_exit_2_before_anything_start
     assert code == 2 and len(err) == 1, err
     assert err[0].startswith("python -m vjepa_ray.pretrain: config error: data.paths: " + found.format(path))
     assert not (user_folders / "runs").exists() and tree(user_folders) == before
+    found = {"empty": "an empty folder", "empty/**/*.mp4": "no files", "notes": "1 file: .txt 1"}
+    if entry in found:
+        assert err[0].endswith(f"; found {found[entry]}")
 
 
 def test_the_demo_writes_only_into_its_own_cache_folder(user_folders, monkeypatch):

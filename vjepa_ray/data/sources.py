@@ -24,6 +24,7 @@ draws its source with those proportions (honoured in expectation).
 
 from __future__ import annotations
 
+import collections
 import csv
 import fnmatch
 import functools
@@ -214,11 +215,33 @@ def check_sources(paths: Sequence[str], weights: Sequence[float] = (), *, skip: 
     for index, entry in enumerate(paths):
         if entry in skip or (weights and weights[index] == 0) or (is_uri(str(entry)) and not remote):
             continue
-        refs = list_videos([entry])
+        try:
+            refs = list_videos([entry])
+        except ConfigError as err:
+            found = _what_is_there(str(entry))
+            raise ConfigError("data.paths", f"{err.message}; found {found}" if found else err.message) from None
         local = [ref.uri for ref in refs if not ref.member and not is_uri(ref.uri)]
         if len(local) == len(refs) and not any(os.path.isfile(uri) for uri in local):
             raise ConfigError("data.paths", f"{entry!r} lists {len(refs)} videos and none of them exists "
                               f"(the first: {local[0]})")
+
+
+def _what_is_there(entry: str) -> str:
+    """For a local folder or glob that yields no video: what it holds instead (``""`` for anything else)."""
+    if is_uri(entry):
+        return ""
+    path = os.path.expanduser(entry)
+    if _GLOB_CHARS.search(path):
+        files = [p for p in glob.glob(path, recursive=True) if os.path.isfile(p)]
+    elif os.path.isdir(path):
+        files = [os.path.join(root, name) for root, _, names in os.walk(path) for name in names]
+    else:
+        return ""
+    if not files:
+        return "no files" if _GLOB_CHARS.search(path) else "an empty folder"
+    kinds = collections.Counter(_extension(f) or "no extension" for f in files)
+    listed = ", ".join(f"{kind} {n}" for kind, n in kinds.most_common(5))
+    return f"{len(files)} file{'s' if len(files) > 1 else ''}: {listed}"
 
 
 def _parse_label(text: Optional[str]) -> Label:
