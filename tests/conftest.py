@@ -201,6 +201,15 @@ def sweep_overrides(tmp: Path, name: str, *extra: str) -> list[str]:
             "probe.epochs=2", "tune.grace_period=0", "tune.mask_ratio=[0.5,0.8]", "tune.num_samples=1", *extra]
 
 
+def write_sweep_data(tmp: Path, cfg) -> None:
+    """The videos and the labelled set that ``sweep_overrides`` name, made in ``tmp`` (the demo generates its data
+    only into its own cache folders)."""
+    from vjepa_ray.data.demo import write_demo_videos, write_probe_videos
+
+    write_demo_videos(tmp / "videos", cfg)
+    write_probe_videos(tmp / "labelled", cfg)
+
+
 @pytest.fixture(scope="session")
 def tracked_sweep(mlflow_server, tmp_path_factory) -> SimpleNamespace:
     """The 4-trial demo sweep (2 mask ratios x 2 learning rates), run once per session and tracked on
@@ -215,6 +224,7 @@ def tracked_sweep(mlflow_server, tmp_path_factory) -> SimpleNamespace:
     tmp = tmp_path_factory.mktemp("tracked_sweep")
     cfg = load_config(REPO / "jobs" / "tune_demo.yaml",
                       sweep_overrides(tmp, "sweep4", "tune.lr=[1e-3,3e-4]", f"logging.mlflow_uri={mlflow_server}"))
+    write_sweep_data(tmp, cfg)
     if not ray.is_initialized():
         _start_local_ray()
     summary = sweep.run(cfg, mlflow=tracking.target_from_command(cfg))

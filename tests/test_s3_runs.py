@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import write_sweep_data
 
 from vjepa_ray import evaluate, export, report, runs
 from vjepa_ray.config import load_config
@@ -46,7 +47,9 @@ def test_sweep_evaluate_report_and_export_keep_their_run_folders_on_s3(ray_s3, s
         return client.get_object(Bucket=bucket, Key=key)["Body"].read()
 
     try:
-        summary = sweep.run(load_config(REPO / "jobs" / "tune_demo.yaml", overrides(tmp_path, storage, "sweep")))
+        cfg = load_config(REPO / "jobs" / "tune_demo.yaml", overrides(tmp_path, storage, "sweep"))
+        write_sweep_data(tmp_path, cfg)
+        summary = sweep.run(cfg)
         assert (summary["trials"], summary["finished"]) == (1, 1) and summary["folder"] == f"{storage}/sweep"
 
         # The sweep's tables and its record of trial starts.

@@ -23,6 +23,12 @@ from vjepa_ray.train.upload import (
 )
 
 
+def _a_video(folder: Path) -> Path:
+    """A file training would list (the driver lists data.paths before anything starts; nothing decodes it here)."""
+    path = folder / "clip.mp4"
+    path.write_bytes(b"")
+    return path
+
 def _fake_checkpoint(folder: Path) -> Path:
     """Two ranks' shares of a checkpoint, merged as Ray Train merges them."""
     for rank in range(2):
@@ -140,7 +146,7 @@ def test_a_run_folder_of_another_model_is_a_one_line_error_and_stays_untouched(t
         recovery.check_run_folder(_config(tmp_path, "run"))
     with pytest.raises(SystemExit) as exit_:
         pretrain.main([f"ray.storage_path={tmp_path}", "meta.name=run", "model.name=vit_tiny",
-                       f"data.paths=[{tmp_path}]", "data.synthetic_videos=0"])
+                       f"data.paths=[{_a_video(tmp_path)}]", "data.synthetic_videos=0"])
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "config error: model.name:" in err[0]
@@ -163,8 +169,8 @@ def test_a_store_that_refuses_writes_is_a_one_line_error_before_any_worker_start
     monkeypatch.setattr(settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # moto enforces IAM policies from now on
     started = time.monotonic()
     with pytest.raises(SystemExit) as exit_:
-        pretrain.main([f"ray.storage_path={s3_bucket}/runs", "meta.name=denied", f"data.paths=[{tmp_path}]",
-                       "data.synthetic_videos=0"])
+        pretrain.main([f"ray.storage_path={s3_bucket}/runs", "meta.name=denied",
+                       f"data.paths=[{_a_video(tmp_path)}]", "data.synthetic_videos=0"])
     assert exit_.value.code == 2 and time.monotonic() - started < 10
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "config error: ray.storage_path:" in err[0] and "refuses writes" in err[0]

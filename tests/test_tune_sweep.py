@@ -20,8 +20,9 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import mlflow_api, sweep_overrides
+from conftest import mlflow_api, sweep_overrides, write_sweep_data
 
+from vjepa_ray.config import load_config
 from vjepa_ray.sweep.trial import trial_starts
 
 pytestmark = pytest.mark.slow
@@ -161,6 +162,7 @@ def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(tmp_path)
     command = [sys.executable, "-m", "vjepa_ray.tune", "--config", str(REPO / "jobs" / "tune_demo.yaml"),
                *sweep_overrides(tmp_path, "resumed", "ray.address=local", "tune.lr=[1e-3]",
                                 "tune.max_concurrent_trials=1")]
+    write_sweep_data(tmp_path, load_config(REPO / "jobs" / "tune_demo.yaml", command[5:]))
     folder = tmp_path / "runs" / "resumed"
     first = None
     try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -22,11 +23,16 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def plain(text: str) -> str:
+    """Docstring text as a terminal shows it: without the reStructuredText backticks around names."""
+    return re.sub(r"``(.+?)``|`(.+?)`", lambda m: m.group(1) or m.group(2), text)
+
+
 def build_arg_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """The shared command line: ``--config FILE`` and ``section.key=value`` overrides."""
     parser = OneLineArgumentParser(
         prog=prog,
-        description=description,
+        description=plain(description),
         epilog="Config sections: " + ", ".join(SECTIONS)
         + ". Override any key as section.key=value (lists as key=[a,b], mask configs as mask.0.num_blocks=4).",
     )
@@ -45,11 +51,15 @@ def parse_cli(prog: str, description: str, argv: list[str] | None = None, defaul
     """
     parser = build_arg_parser(prog, description)
     parser.add_argument("--dry-run", action="store_true",
-                        help="validate the config, print it resolved and exit (nothing starts)")
+                        help="validate the config and the local data paths, print the config resolved and exit "
+                             "(nothing starts)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="print everything Ray and DeepSpeed print (same as logging.verbose=true)")
     args = parser.parse_args(argv)
     path = args.config if args.config is not None else builtin_config_path(default_config)
+    overrides = [*args.overrides, *(["logging.verbose=true"] if args.verbose else [])]
     try:
-        cfg = load_config(path, args.overrides)
+        cfg = load_config(path, overrides)
         if check is not None:
             check(cfg)
     except ConfigError as err:

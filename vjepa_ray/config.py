@@ -29,7 +29,11 @@ class ConfigError(ValueError):
 
     def __init__(self, key: str, message: str):
         self.key = key
+        self.message = message
         super().__init__(f"{key}: {message}")
+
+    def __reduce__(self):  # raised on a Ray worker, it reaches the driver whole
+        return type(self), (self.key, self.message)
 
 
 def _require(ok: bool, key: str, message: str) -> None:
@@ -337,6 +341,9 @@ class LoggingConfig:
     mlflow_uri: str = ""
     # The MLflow experiment the runs go to; empty = meta.name.
     mlflow_experiment: str = ""
+    # Everything Ray and DeepSpeed print (the command line's --verbose); off: our lines, Ray's dashboard address,
+    # warnings and real failures.
+    verbose: bool = False
 
     def validate(self, key: str) -> None:
         _SectionChecks(key).require(self.every_steps >= 1, "every_steps", "must be >= 1")
@@ -531,11 +538,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     except OSError as err:
         raise ConfigError("--config", f"cannot read {path}: {err.strerror or err}") from None
     except yaml.YAMLError as err:
-        raise ConfigError("--config", f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        raise ConfigError("--config", f"{path} is not valid YAML: {_yaml_problem(err)}") from None
     except OmegaConfBaseException as err:
         raise _as_config_error(err) from None
     cfg.validate()
     return cfg
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """What the parser found wrong and where (line and column count from 1)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
 
 
 def _split_override(item: str) -> tuple[str, Any]:

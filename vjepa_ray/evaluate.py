@@ -21,15 +21,29 @@ probe_results.json`` (a local folder or a URI, see ``vjepa_ray.runs``); the loop
 from __future__ import annotations
 
 from vjepa_ray.cli import run_command
-from vjepa_ray.eval import driver
-from vjepa_ray.eval.loop import check_runnable
+from vjepa_ray.config import Config
 
 PROG = "python -m vjepa_ray.evaluate"
 
 
+def check(cfg: Config) -> None:
+    from vjepa_ray.eval.loop import check_runnable
+
+    check_runnable(cfg)
+
+
+def evaluate(cfg: Config) -> dict:
+    from vjepa_ray.eval import driver
+
+    return driver.run(cfg)
+
+
 def main(argv: list[str] | None = None) -> int:
     results = run_command(PROG, "Attentive-probe evaluation of a frozen V-JEPA encoder on Ray Train.", argv,
-                          check_runnable, driver.run)
+                          check, evaluate)
+    from vjepa_ray import console
+
+    console.wait_for_workers()
     for probe in results["probes"]:
         print(f"lr={probe['lr']:g} wd={probe['weight_decay']:g}: top-1 {probe['top1']:.2f}")
     print(f"best top-1 {results['top1']:.2f} (lr={results['best']['lr']:g}, wd={results['best']['weight_decay']:g})"

@@ -24,17 +24,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from vjepa_ray import runs
-from vjepa_ray.cli import OneLineArgumentParser, build_arg_parser, exit_on_config_error
+from vjepa_ray.cli import OneLineArgumentParser, build_arg_parser, exit_on_config_error, plain
 from vjepa_ray.config import Config, ConfigError, builtin_config_path, load_config
-from vjepa_ray.models.hf import config_overrides, read_hf_config
-from vjepa_ray.train.checkpoint import CONFIG_FILE
-from vjepa_ray.train.weights import from_hf_folder, from_official_file, to_hf_folder, to_official_file
 
 PROG = "python -m vjepa_ray.export"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(prog=PROG, description=plain(__doc__.split("\n\n")[0]),
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     helps = {"to-official": "our weights -> the released layout", "from-official": "the released layout -> ours",
              "to-hf": "our weights -> a Hugging Face VJEPA2Model folder",
              "from-hf": "a Hugging Face VJEPA2Model folder -> our weights"}
@@ -54,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _local_input(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Iterator[tuple[Path, Path | None]]:
     """``--input`` as a local path, and the config file of the run it comes from (None for a weights file).
     A run's checkpoint on remote storage is copied here while the command runs."""
+    from vjepa_ray.train.checkpoint import CONFIG_FILE
+
     source = args.input
     if args.direction in ("to-official", "to-hf") and (runs.is_uri(source) or Path(source).is_dir()):
         try:
@@ -75,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     prog = f"{PROG} {args.direction}"
+    # Imported once the command line is read: --help needs none of torch.
+    from vjepa_ray.models.hf import config_overrides, read_hf_config
+    from vjepa_ray.train.weights import from_hf_folder, from_official_file, to_hf_folder, to_official_file
+
     with _local_input(parser, args) as (source, run_config):
         overrides = list(args.overrides)
         if args.direction == "from-hf":  # the folder says which models it holds
@@ -83,9 +87,12 @@ def main(argv: list[str] | None = None) -> int:
                 overrides += config_overrides(hf, str(source))
             except ValueError as err:
                 print(f"{prog}: error: {err}", file=sys.stderr)
-                return 1
+                return 2
         try:
             cfg = load_config(args.config or run_config or builtin_config_path("local_demo"), overrides)
+            if args.direction == "to-hf" and cfg.model.family != "vjepa2":
+                raise ConfigError("model.family", f"Hugging Face's VJEPA2Model holds V-JEPA 2.0 models; these are "
+                                  f"{cfg.model.family} (to-official writes them in Meta's released layout)")
         except ConfigError as err:
             exit_on_config_error(prog, err)
         convert: dict[str, Callable[[Config, Path, Path], None]] = {
@@ -93,7 +100,10 @@ def main(argv: list[str] | None = None) -> int:
             "to-hf": to_hf_folder, "from-hf": from_hf_folder}
         try:
             convert[args.direction](cfg, source, args.output)
-        except (ValueError, RuntimeError, OSError) as err:  # a file that does not fit the config's models
+        except (ValueError, RuntimeError) as err:  # a file that does not fit the config's models
+            print(f"{prog}: error: {err}", file=sys.stderr)
+            return 2
+        except OSError as err:
             print(f"{prog}: error: {err}", file=sys.stderr)
             return 1
     print(f"{prog}: wrote {args.output} ({cfg.model.family} {cfg.model.name}, {cfg.data.frames_per_clip} frames, "

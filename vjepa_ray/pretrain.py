@@ -10,18 +10,31 @@ the same ``meta.name`` and ``ray.storage_path`` resumes the run from its latest 
 
 from __future__ import annotations
 
+import posixpath
+import shlex
 from typing import Any
 
-from vjepa_ray import tracking
 from vjepa_ray.cli import run_command
 from vjepa_ray.config import Config
-from vjepa_ray.train import driver
 
 PROG = "python -m vjepa_ray.pretrain"
+DESCRIPTION = ("V-JEPA pretraining on Ray Train. With no arguments: the built-in local demo (a tiny model on "
+               "videos it generates, 2 CPU workers).")
+
+
+def check(cfg: Config) -> None:
+    """The config and ``data.paths`` (local paths listed; URIs are listed once the run starts)."""
+    from vjepa_ray.train import driver
+
+    driver.check_runnable(cfg)
+    driver.check_data(cfg, remote=False)
 
 
 def pretrain(cfg: Config) -> dict[str, Any]:
     """The run, tracked in MLflow when the command names a server (read here, once)."""
+    from vjepa_ray import tracking
+    from vjepa_ray.train import driver
+
     target = tracking.target_from_command(cfg)
     if target is None:
         return driver.run(cfg)
@@ -31,14 +44,36 @@ def pretrain(cfg: Config) -> dict[str, Any]:
     return summary
 
 
+def summary_lines(summary: dict[str, Any]) -> list[str]:
+    """What the command prints last: the outcome, where it is, and what to run next (or why it failed, last)."""
+    loss = summary["final_loss"]
+    outcome = (f"{summary['status']}: {summary['steps']} steps in {summary['elapsed_s']:.0f} s, final loss "
+               f"{'n/a' if loss is None else f'{loss:.4f}'}, {summary['restarts']} restart(s), world sizes "
+               f"{summary['world_sizes']}")
+    lines = [outcome, f"summary: {summary['summary']}"]
+    if summary["status"] != "finished":
+        return [*lines, f"{PROG}: {'config error' if summary['error_kind'] == 'input' else 'failed'}: "
+                        f"{summary['error']}"]
+    folder = summary["run_folder"]
+    run, name = shlex.quote(folder), posixpath.basename(folder.rstrip("/"))
+    return [*lines, f"checkpoint: {summary['checkpoint']}", "next:",
+            f"  python -m vjepa_ray.report {run}",
+            f"  python -m vjepa_ray.evaluate probe.checkpoint={run} probe.train_manifest=TRAIN.txt "
+            "probe.val_manifest=VAL.txt",
+            f"  python -m vjepa_ray.export to-official --input {run} --output {shlex.quote(name)}.pt",
+            f"  tensorboard --logdir {shlex.quote(summary['tensorboard'])}"]
+
+
 def main(argv: list[str] | None = None) -> int:
-    summary = run_command(PROG, __doc__.splitlines()[0], argv, driver.check_runnable, pretrain)
-    print(f"{summary['status']}: {summary['steps']} steps, final loss {summary['final_loss']}, "
-          f"{summary['restarts']} restart(s), world sizes {summary['world_sizes']}")
-    print(f"checkpoint: {summary['checkpoint']}")
-    print(f"summary: {summary['summary']}")
-    print(f"tensorboard --logdir {summary['tensorboard']}")
-    return 0 if summary["status"] == "finished" else 1
+    summary = run_command(PROG, DESCRIPTION, argv, check, pretrain)
+    from vjepa_ray import console
+
+    console.wait_for_workers()
+    for line in summary_lines(summary):
+        print(line, flush=True)
+    if summary["status"] == "finished":
+        return 0
+    return 2 if summary["error_kind"] == "input" else 1
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ def summary_lines(summary: dict, scalars: dict[str, list[tuple[int, float]]]) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=PROG, description="A finished (or running) run, summarised and plotted.")
     parser.add_argument("run_dir", metavar="RUN_DIR", help="<ray.storage_path>/<meta.name>: a folder or a URI")
     parser.add_argument("--out", metavar="DIR", default=None, help="where the PNGs go (default RUN_DIR/plots)")
     args = parser.parse_args(argv)

@@ -20,21 +20,35 @@ from __future__ import annotations
 
 from typing import Any
 
-from vjepa_ray import tracking
 from vjepa_ray.cli import run_command
 from vjepa_ray.config import Config
-from vjepa_ray.sweep import driver as sweep
 
 PROG = "python -m vjepa_ray.tune"
+DESCRIPTION = "A Ray Tune sweep of V-JEPA runs: short pretraining runs, each probed on its frozen encoder."
+
+
+def check(cfg: Config) -> None:
+    """The sweep's config and its trials' ``data.paths`` (local paths listed; URIs once the sweep starts)."""
+    from vjepa_ray.sweep import driver as sweep
+    from vjepa_ray.train import driver as pretraining
+
+    sweep.check_runnable(cfg)
+    pretraining.check_data(cfg, remote=False)
 
 
 def tune(cfg: Config) -> dict[str, Any]:
+    from vjepa_ray import tracking
+    from vjepa_ray.sweep import driver as sweep
+
     # The tracking server is read here, once; the trials get it from the sweep.
     return sweep.run(cfg, mlflow=tracking.target_from_command(cfg))
 
 
 def main(argv: list[str] | None = None) -> int:
-    summary = run_command(PROG, __doc__.splitlines()[0], argv, sweep.check_runnable, tune)
+    summary = run_command(PROG, DESCRIPTION, argv, check, tune)
+    from vjepa_ray import console
+
+    console.wait_for_workers()
     print(f"{summary['trials']} trials: {summary['finished']} finished, {summary['stopped_early']} stopped early, "
           f"{summary['error']} failed")
     best = summary["best"]

@@ -14,6 +14,8 @@ import logging
 import sys
 import warnings
 
+from vjepa_ray.config import ConfigError
+
 MALLOC_ENV = {
     "MALLOC_ARENA_MAX": "1",
     # Buffers under 64 MiB (frames, activations of one layer) come from the heap, not fresh mmaps ...
@@ -27,12 +29,36 @@ MALLOC_ENV = {
 _TRAIN_REPORT_LOGGER_MODULE = "ray.train.v2._internal.execution.context"
 
 
-def configure_worker_logging() -> None:
+class HideConfigErrorTracebacks(logging.Filter):
+    """Drops Ray Train's console records of a ``ConfigError`` (the worker's "Error in training function", the
+    controller's "Error in control loop iteration", each with a traceback): the driver prints its one line.
+
+    Ray Train logs the worker's record inside the ``except`` block that caught the error, without
+    ``exc_info``: the error being handled is the one the record is about."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
+        return not isinstance(error, ConfigError)
+
+
+def hide_config_error_tracebacks() -> None:
+    """Adds the filter to the console handlers of Ray Train's logger in this process (a worker, the controller);
+    its log files keep every record."""
+    for handler in logging.getLogger("ray.train").handlers:
+        console = isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+        if console and not any(isinstance(f, HideConfigErrorTracebacks) for f in handler.filters):
+            handler.addFilter(HideConfigErrorTracebacks())
+
+
+def configure_worker_logging(verbose: bool = False) -> None:
     """The console of a Ray Train worker: our progress lines at INFO, Ray's warnings and errors, not Ray's
-    per-report and per-dataset-execution INFO lines (one of each per report and per chunk on every rank).
+    per-report and per-dataset-execution INFO lines (one of each per report and per chunk on every rank), nor,
+    unless ``verbose``, the traceback of a config or data error.
 
     Ray forwards worker output to the driver (and the job logs), so this is what a user reads there.
     """
+    if not verbose:
+        hide_config_error_tracebacks()
     package = logging.getLogger("vjepa_ray")
     if not package.handlers:
         handler = logging.StreamHandler(sys.stderr)

@@ -3,31 +3,45 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
 import json
 import logging
 import pkgutil
 import sys
+from pathlib import Path
 
 import vjepa_ray.bench as bench_package
+from vjepa_ray.cli import plain
 
 
 def _figures() -> list[str]:
     return sorted(m.name for m in pkgutil.iter_modules(bench_package.__path__) if not m.name.startswith("_"))
 
 
+def _summary(figure: str) -> str:
+    """The first paragraph of the figure's docstring, read without importing the module (which imports torch)."""
+    source = (Path(bench_package.__path__[0]) / f"{figure}.py").read_text()
+    doc = ast.get_docstring(ast.parse(source)) or ""
+    return plain(" ".join(doc.split("\n\n")[0].split()))
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vjepa_ray.bench", description=bench_package.__doc__,
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="python -m vjepa_ray.bench", description=plain(bench_package.__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="figure", required=True, metavar="FIGURE")
-    modules = {}
-    for name in _figures():
-        module = importlib.import_module(f"vjepa_ray.bench.{name}")
-        modules[name] = module
-        module.add_arguments(sub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0]))
+    figures = _figures()
+    # Only the figure asked for is imported: the others' options are not needed to read this command line.
+    chosen = next((arg for arg in argv if arg in figures), None)
+    for name in figures:
+        summary = _summary(name)
+        figure_parser = sub.add_parser(name, help=summary, description=summary)
+        if name == chosen:
+            importlib.import_module(f"vjepa_ray.bench.{name}").add_arguments(figure_parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    result = modules[args.figure].run(args)
+    result = importlib.import_module(f"vjepa_ray.bench.{args.figure}").run(args)
     print(json.dumps(result), flush=True)
     return 0
 

@@ -267,10 +267,10 @@ class Disturber:
 
 def undisturbed(cluster: SimulatedCluster, storage: Path, overrides: list[str]) -> tuple[dict[str, Any], float]:
     """The run with no faults: its summary and wall time (training alone: the videos are made before)."""
-    from vjepa_ray.data.demo import prepare_demo_videos
+    from vjepa_ray.data.demo import write_demo_videos
 
     run = Disturber(cluster, storage, "undisturbed", overrides, seed=0)
-    prepare_demo_videos(run.cfg)
+    write_demo_videos(Path(run.cfg.data.paths[0]), run.cfg)
     run.start()
     summary = run.finish()
     return summary, round(run.elapsed_s, 1)

@@ -205,7 +205,7 @@ def measure(cluster: SimulatedCluster, storage: Path, overrides: list[str], work
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import ray
 
-    from vjepa_ray.data.demo import prepare_demo_videos
+    from vjepa_ray.data.demo import write_demo_videos
 
     storage = Path(tempfile.mkdtemp(prefix="vjepa_bench_scale_"))
     per_node = args.workers_per_node
@@ -223,7 +223,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             batch = [f"optimization.global_batch_size={workers * args.clips_per_worker}",
                      f"optimization.total_steps={args.steps}", f"checkpoint.every_steps={args.steps}"]
             if not out["runs"]:  # made before any run is timed
-                prepare_demo_videos(load_config(builtin_config_path("local_demo"), [*overrides, *batch]))
+                cfg = load_config(builtin_config_path("local_demo"), [*overrides, *batch])
+                write_demo_videos(storage / "videos", cfg)
             log.info("scale: %d workers", workers)
             try:
                 out["runs"].append(measure(cluster, storage, [*overrides, *batch], workers))

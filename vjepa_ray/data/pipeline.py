@@ -55,6 +55,7 @@ import dataclasses
 import itertools
 import logging
 import math
+import shlex
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Optional, Sequence
@@ -81,8 +82,8 @@ ClipId = tuple[int, int]
 FILES_PER_TASK = 4
 
 
-class NoUsableVideosError(RuntimeError):
-    """Every video the stream could try failed to decode."""
+class NoUsableVideosError(ConfigError):
+    """Every video the stream could try failed to decode: bad input for ``data.paths``, not a fault to retry."""
 
 
 @dataclass(frozen=True)
@@ -302,7 +303,7 @@ class ClipStream:
         self._done: Optional[ClipId] = None
         self._share: Optional[tuple[ClipId, ...]] = None
         self._unreported: Counter = Counter()
-        self._logged: set[str] = set()
+        self._logged: dict[str, str] = {}  # bad video -> why, each logged once
 
     @property
     def position(self) -> Position:
@@ -447,7 +448,7 @@ class ClipStream:
             return True
         self._unreported[item.reason] += 1
         if item.uri not in self._logged:
-            self._logged.add(item.uri)
+            self._logged[item.uri] = item.reason
             logger.warning("skipping video %s (%s): %s", item.uri, item.reason, item.detail)
         return False
 
@@ -486,7 +487,7 @@ class ClipStream:
                                self.rank, epoch, chunk, len(clips), tried)
                 return clips
             group *= 2
+        reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(Counter(self._logged.values()).items()))
         raise NoUsableVideosError(
-            f"none of the {len(self.refs)} videos in data.paths could be decoded "
-            f"({dict(self._unreported)} so far, e.g. {sorted(self._logged)[:3]}); "
-            f"`python -m vjepa_ray.data check PATH` tells why")
+            "data.paths", f"none of the {len(self.refs)} videos could be decoded ({reasons}); to see why: "
+            f"python -m vjepa_ray.data check {shlex.join(self.data.paths)}")

@@ -24,6 +24,7 @@ draws its source with those proportions (honoured in expectation).
 
 from __future__ import annotations
 
+import collections
 import csv
 import fnmatch
 import functools
@@ -36,7 +37,7 @@ import re
 import tarfile
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import BinaryIO, Iterator, Optional, Sequence, Union
+from typing import BinaryIO, Collection, Iterator, Optional, Sequence, Union
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -196,6 +197,47 @@ def list_videos(paths: Sequence[str], weights: Sequence[float] = (),
                               "shards, manifests)")
         refs.extend(found)
     return refs
+
+
+def check_sources(paths: Sequence[str], weights: Sequence[float] = (), *, skip: Collection[str] = (),
+                  remote: bool = True) -> None:
+    """What the driver checks before anything starts: every entry of ``paths`` (but those in ``skip``, and
+    URIs unless ``remote``) names videos, and at least one of the local files a manifest lists exists.
+
+    Entries are listed as training lists them, never decoded. Raises ConfigError naming ``data.paths``.
+    """
+    if not paths:
+        raise ConfigError("data.paths", "is empty; give directories, globs, manifests, URIs or tar shards")
+    for index, entry in enumerate(paths):
+        if entry in skip or (weights and weights[index] == 0) or (is_uri(str(entry)) and not remote):
+            continue
+        try:
+            refs = list_videos([entry])
+        except ConfigError as err:
+            found = _what_is_there(str(entry))
+            raise ConfigError("data.paths", f"{err.message}; found {found}" if found else err.message) from None
+        local = [ref.uri for ref in refs if not ref.member and not is_uri(ref.uri)]
+        if len(local) == len(refs) and not any(os.path.isfile(uri) for uri in local):
+            raise ConfigError("data.paths", f"{entry!r} lists {len(refs)} videos and none of them exists "
+                              f"(the first: {local[0]})")
+
+
+def _what_is_there(entry: str) -> str:
+    """For a local folder or glob that yields no video: what it holds instead (``""`` for anything else)."""
+    if is_uri(entry):
+        return ""
+    path = os.path.expanduser(entry)
+    if _GLOB_CHARS.search(path):
+        files = [p for p in glob.glob(path, recursive=True) if os.path.isfile(p)]
+    elif os.path.isdir(path):
+        files = [os.path.join(root, name) for root, _, names in os.walk(path) for name in names]
+    else:
+        return ""
+    if not files:
+        return "no files" if _GLOB_CHARS.search(path) else "an empty folder"
+    kinds = collections.Counter(_extension(f) or "no extension" for f in files)
+    listed = ", ".join(f"{kind} {n}" for kind, n in kinds.most_common(5))
+    return f"{len(files)} file{'s' if len(files) > 1 else ''}: {listed}"
 
 
 def _parse_label(text: Optional[str]) -> Label:

@@ -252,7 +252,7 @@ def train_func(config: dict) -> None:
     """The Ray Train worker: every rank evaluates its share; rank 0's report carries the results."""
     import ray.train
 
-    configure_worker_logging()
+    configure_worker_logging(config["cfg"]["logging"]["verbose"])
     ctx = ray.train.get_context()
     outcome = evaluate(from_dict(config["cfg"]), ctx.get_world_rank(), ctx.get_world_size())
     # Train V2's Result.metrics are those of the latest checkpoint (a report without one leaves them None),

@@ -145,9 +145,11 @@ class Checkpointer:
             self.write(folder, digest)
             dist.barrier()
             upload = functools.partial(persist_checkpoint, retry_s=self.cfg.checkpoint.upload_retry_s)
+            name = runs.checkpoint_dir_name(step, self.damaged)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
-                             checkpoint_dir_name=runs.checkpoint_dir_name(step, self.damaged),
-                             checkpoint_upload_fn=upload)
+                             checkpoint_dir_name=name, checkpoint_upload_fn=upload)
+            if self.rank == 0:
+                log.info("checkpoint %s saved", name)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 

@@ -16,8 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 from vjepa_ray import cluster, runs
 from vjepa_ray.config import Config, ConfigError, to_dict
-from vjepa_ray.data.demo import prepare_demo_videos
+from vjepa_ray.data.demo import generated_paths, prepare_demo_videos
+from vjepa_ray.data.sources import check_sources
 from vjepa_ray.train.elastic import check_elastic_batch, global_batch_size
+from vjepa_ray.train.failures import failure_cause
 from vjepa_ray.train.loop import StreamFactory, train_func
 from vjepa_ray.train.ray_metrics import RESTARTS, RayMetricsCallback, restarts_gauge
 from vjepa_ray.train.recovery import check_run_folder
@@ -45,6 +47,13 @@ def check_runnable(cfg: Config) -> None:
         raise ConfigError("optimization.schedule", "the cooldown continues a pretraining run: set "
                           "checkpoint.start_from (or model.init_from) to it")
     check_elastic_batch(cfg)
+
+
+def check_data(cfg: Config, remote: bool = True) -> None:
+    """``data.paths`` names videos, listed (not decoded) here: a wrong path stops before Ray starts. What the demo
+    generates is not there yet; URIs are listed only when ``remote`` (a dry run checks no store)."""
+    generated = {p for p in cfg.data.paths if Path(p).expanduser().absolute() in generated_paths(cfg)}
+    check_sources(cfg.data.paths, cfg.data.weights, skip=generated, remote=remote)
 
 
 def is_first_start(cfg: Config) -> bool:
@@ -140,6 +149,7 @@ def run(cfg: Config, *, stream_factory: StreamFactory | None = None, callbacks: 
     from vjepa_ray.train.metrics import TensorBoardCallback
 
     check_runnable(cfg)
+    check_data(cfg)
     cfg = _resolved_paths(cfg)
     if (cfg.checkpoint.start_from or cfg.model.init_from) and is_first_start(cfg):
         cfg = check_start_sources(cfg)
@@ -161,11 +171,13 @@ def run(cfg: Config, *, stream_factory: StreamFactory | None = None, callbacks: 
     log.info("run %s: %s workers, global batch %d, results in %s", cfg.meta.name,
              low if low == high else f"{low}-{high}", global_batch_size(cfg), folder)
     started = time.time()
-    error = None
+    error = cause = None
+    bad_input = False
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as err:
         error = err
+        cause, bad_input = failure_cause(err)
         result = _last_result(folder)
     starts = ray.get(tracker.get.remote())
     if runs.is_uri(folder) and Path(tensorboard).is_dir():
@@ -184,7 +196,11 @@ def run(cfg: Config, *, stream_factory: StreamFactory | None = None, callbacks: 
         "global_batch": global_batch_size(cfg),
         "elapsed_s": round(time.time() - started, 1),
         "tensorboard": tensorboard,
-        "error": None if error is None else str(error)[-2000:],
+        "run_folder": folder,
+        "error": cause,
+        # Bad input (a config or data error, not retried) or a fault that outlasted ray.max_failures.
+        "error_kind": None if error is None else "input" if bad_input else "fault",
+        "error_detail": None if error is None else str(error)[-2000:],
         "metrics": metrics,
     }
     summary["summary"] = runs.write_summary(folder, summary)

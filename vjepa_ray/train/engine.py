@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import torch
@@ -102,15 +104,25 @@ def build_optimizer(module: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     return adamw(module.named_parameters(), o)
 
 
-def build_engine(module: JepaModule, cfg: Config, ds_config: dict[str, Any]):
-    """``deepspeed.initialize`` over the module with our optimizer; returns the engine."""
+def build_engine(module: JepaModule, cfg: Config, ds_config: dict[str, Any], rank: int = 0):
+    """``deepspeed.initialize`` over the module with our optimizer; returns the engine. Rank 0 says what it built."""
     import deepspeed
 
+    if rank == 0 and not cfg.ray.use_gpu and not shm_op_built():
+        log.info("DeepSpeed is building its CPU communication op (first run only, about 2 minutes on 2 cores)")
     optimizer = build_optimizer(module, cfg)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
-    log.info("DeepSpeed engine: ZeRO-%d, %s, %s", ds_config["zero_optimization"]["stage"],
-             cfg.deepspeed.precision, "CPU offload" if cfg.deepspeed.offload_optimizer else "no offload")
+    if rank == 0:
+        log.info("DeepSpeed engine: ZeRO-%d, %s, %s", ds_config["zero_optimization"]["stage"],
+                 cfg.deepspeed.precision, "CPU offload" if cfg.deepspeed.offload_optimizer else "no offload")
     return engine
+
+
+def shm_op_built() -> bool:
+    """Whether DeepSpeed's CPU shared-memory op is compiled already (torch keeps JIT-built ops under
+    ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions/<python and device tag>/<op>/``)."""
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    return any(root.glob("**/deepspeed_shm_comm*.so"))
 
 
 def state_bytes(engine, target: TargetEncoder) -> dict[str, int]:
@@ -184,7 +196,7 @@ class TrainStep:
         # Same seed (or the same initial weights, ``init_networks``) on every rank: identical initial
         # weights, which ZeRO-3 partitions as they are.
         module, target = init_networks(cfg, initial_weights)
-        self.engine = build_engine(module, cfg, ds_config)
+        self.engine = build_engine(module, cfg, ds_config, rank)
         online = self.engine.module.encoder
         if cfg.deepspeed.zero_stage == 3:
             self.target = TargetEncoder.partitioned(target, online, target_engine_config(ds_config))

@@ -25,7 +25,7 @@ from vjepa_ray.train import checkpoint as ckpt
 from vjepa_ray.train import recovery
 from vjepa_ray.train.elastic import BatchPlan, global_batch_size, plan_batch
 from vjepa_ray.train.engine import TrainStep, state_bytes
-from vjepa_ray.train.metrics import IntervalMeter, collapse_warning, format_progress
+from vjepa_ray.train.metrics import Clock, IntervalMeter, collapse_warning, format_progress
 from vjepa_ray.train.state import RngState, TrainState
 from vjepa_ray.train.weights import read_initial_weights
 from vjepa_ray.worker_env import configure_worker_logging
@@ -62,7 +62,7 @@ def clip_stream(data: DataConfig, seed: int, rank: int, world_size: int) -> Stre
 def train_func(config: dict[str, Any]) -> None:
     """Entry point of every Ray Train worker. ``config``: ``cfg`` (``to_dict`` of the Config) and
     optionally ``stream_factory`` (default ``clip_stream``) and ``tracker`` (a ``RunTracker`` actor)."""
-    configure_worker_logging()
+    configure_worker_logging(config["cfg"]["logging"]["verbose"])
     cfg = from_dict(config["cfg"])
     Run(cfg, config.get("stream_factory") or clip_stream, config.get("tracker")).train()
 
@@ -185,6 +185,7 @@ class Run:
         cfg, total = self.cfg, self.cfg.optimization.total_steps
         batches = iter(self.stream)
         meter = IntervalMeter(len(cfg.mask))
+        clock = Clock(state.step)
         if state.step >= total:
             self._report({"step": state.step, "resumed_from_step": resumed_step}, checkpoint=False)
             return
@@ -209,7 +210,7 @@ class Run:
             if self.checkpointer.restored_digest is not None:
                 metrics["restored_state_digest"] = self.checkpointer.restored_digest
             if self.rank == 0:
-                log.info(format_progress(metrics, total))
+                log.info(format_progress(metrics, total, clock))
                 warning = collapse_warning(metrics["target_feature_std"], cfg.logging.collapse_std_threshold)
                 if warning:
                     log.warning(warning)

@@ -12,7 +12,7 @@ import math
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -94,11 +94,40 @@ def collapse_warning(target_std: float, threshold: float) -> str | None:
     return None
 
 
-def format_progress(metrics: dict[str, Any], total_steps: int) -> str:
-    """One progress line (what the demo prints)."""
-    return (f"step {metrics['step']}/{total_steps}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.3g}  "
+def format_progress(metrics: dict[str, Any], total_steps: int, clock: "Clock | None" = None) -> str:
+    """One progress line (what the demo prints); with ``clock``, the time this start has run and an estimate of
+    the time left."""
+    line = (f"step {metrics['step']}/{total_steps}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.3g}  "
             f"wd {metrics['wd']:.3g}  momentum {metrics['momentum']:.5f}  {metrics['clips_per_s']:.1f} clips/s  "
             f"data wait {100 * metrics['data_wait_share']:.0f}%")
+    if clock is None:
+        return line
+    elapsed, left = clock.times(metrics["step"], total_steps)
+    return f"{line}  elapsed {format_duration(elapsed)}  ETA {format_duration(left)}"
+
+
+class Clock:
+    """Time since this start of the training function, and the time left at the pace of its steps so far."""
+
+    def __init__(self, first_step: int, now: Callable[[], float] = time.monotonic):
+        self.first_step, self.now, self.started = first_step, now, now()
+
+    def times(self, step: int, total_steps: int) -> tuple[float, float]:
+        elapsed = self.now() - self.started
+        done = step - self.first_step
+        return elapsed, elapsed / done * (total_steps - step) if done > 0 else math.inf
+
+
+def format_duration(seconds: float) -> str:
+    """``42s``, ``3m05s``, ``2h07m``; ``?`` when not known yet."""
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 class TensorBoardCallback(UserCallback):

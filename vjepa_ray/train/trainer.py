@@ -46,9 +46,12 @@ def scaling_config(cfg: Config, elastic: bool = True):
 def build_trainer(cfg: Config, train_func: Callable[[dict[str, Any]], None], train_loop_config: dict[str, Any], *,
                   name: str, elastic: bool = True, callbacks: Sequence[Any] = ()):
     """A ``TorchTrainer`` running ``train_func(train_loop_config)`` on every worker, its run ``name`` under
-    ``ray.storage_path``. ``callbacks`` are ``ray.train.UserCallback`` instances."""
+    ``ray.storage_path``; a ``ConfigError`` on a worker ends it without retries (``vjepa_ray.train.failures``).
+    ``callbacks`` are ``ray.train.UserCallback`` instances."""
     import ray.train
     from ray.train.torch import TorchTrainer
+
+    from vjepa_ray.train.failures import StopOnInputError
 
     return TorchTrainer(
         train_func,
@@ -58,6 +61,9 @@ def build_trainer(cfg: Config, train_func: Callable[[dict[str, Any]], None], tra
             name=name, storage_path=runs.storage_path(cfg),
             failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
-            callbacks=list(callbacks),
+            callbacks=[StopOnInputError(cfg.logging.verbose), *callbacks],
+            # Ray Train's own INFO lines (resources requested, the worker group started, every report) only
+            # when asked for.
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if cfg.logging.verbose else "WARNING"),
             worker_runtime_env={"env_vars": worker_env(cfg)}),
     )
