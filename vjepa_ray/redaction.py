@@ -10,6 +10,7 @@ in front of every log record a process creates.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from typing import Any
@@ -38,8 +39,11 @@ def redact_text(text: str) -> str:
 
 
 def redact(value: Any) -> Any:
-    """A copy of ``value`` (text, or a tree of dicts, lists and scalars) safe to write: URIs as in
-    ``redact_text``, and every value under a secret-looking key masked."""
+    """A copy of ``value`` (text, or a tree of dataclasses, dicts, lists and scalars, e.g. a ``Config``) safe
+    to write: URIs as in ``redact_text``, and every value under a secret-looking dict key masked."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{field.name: redact(getattr(value, field.name))
+                                             for field in dataclasses.fields(value) if field.init})
     if isinstance(value, str):
         return redact_text(value)
     if isinstance(value, dict):

@@ -14,6 +14,8 @@ import logging
 import sys
 import warnings
 
+from vjepa_ray.redaction import install_log_redaction
+
 MALLOC_ENV = {
     "MALLOC_ARENA_MAX": "1",
     # Buffers under 64 MiB (frames, activations of one layer) come from the heap, not fresh mmaps ...
@@ -31,8 +33,10 @@ def configure_worker_logging() -> None:
     """The console of a Ray Train worker: our progress lines at INFO, Ray's warnings and errors, not Ray's
     per-report and per-dataset-execution INFO lines (one of each per report and per chunk on every rank).
 
-    Ray forwards worker output to the driver (and the job logs), so this is what a user reads there.
+    Ray forwards worker output to the driver (and the job logs), so this is what a user reads there; its
+    records carry no credentials (``vjepa_ray.redaction``).
     """
+    install_log_redaction()
     package = logging.getLogger("vjepa_ray")
     if not package.handlers:
         handler = logging.StreamHandler(sys.stderr)

@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from vjepa_ray import runs
 from vjepa_ray.config import Config, DataConfig, from_dict, to_yaml
+from vjepa_ray.redaction import redact
 from vjepa_ray.train import checkpoint as ckpt
 from vjepa_ray.train import recovery
 from vjepa_ray.train.elastic import BatchPlan, global_batch_size, plan_batch
@@ -244,7 +245,7 @@ class Run:
         try:
             if self.verify_restore:
                 state.state_digest = metrics["saved_state_digest"] = ckpt.state_digest(self.step.engine)
-            ckpt.save(folder, self.step.engine, self.step.target, state, self.rank, to_yaml(self.cfg))
+            ckpt.save(folder, self.step.engine, self.step.target, state, self.rank, to_yaml(redact(self.cfg)))
             dist.barrier()
             upload = functools.partial(persist_checkpoint, retry_s=self.cfg.checkpoint.upload_retry_s)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
