@@ -164,10 +164,10 @@ def needs_universal(saved: TrainState, world_size: int, cfg: Config) -> bool:
 
 
 def _universal_folder(token: str) -> Path:
-    """Where a node writes this start's universal conversion. ``token`` is drawn afresh for every start
-    (and shared by all ranks), so a conversion is never confused with one of an earlier run or checkpoint
-    that had the same run and step names."""
-    return Path(tempfile.gettempdir()) / "vjepa_ray_universal" / token
+    """Where a node writes this start's universal conversion: a folder of its own, named by ``token`` (drawn
+    afresh for every start and shared by all ranks), so no other run, start or user of the node has or can
+    foresee it; ``_convert_to_universal`` creates it private (0700), refusing one that exists."""
+    return Path(tempfile.gettempdir()) / f"vjepa_ray_universal_{token}"
 
 
 def _convert_to_universal(checkpoint_dir: str | Path, out: str | Path) -> Path:
@@ -176,7 +176,7 @@ def _convert_to_universal(checkpoint_dir: str | Path, out: str | Path) -> Path:
     from deepspeed.checkpoint import ds_to_universal
 
     out = Path(out)
-    out.mkdir(parents=True)
+    out.mkdir(mode=0o700)
     args = argparse.Namespace(input_folder=str(Path(checkpoint_dir) / DEEPSPEED_DIR / DEEPSPEED_TAG),
                               output_folder=str(out / DEEPSPEED_TAG), num_extract_workers=1,
                               num_merge_workers=1, keep_temp_folder=False, strict=True,
@@ -356,8 +356,9 @@ def read_model_weights(folder: str | Path) -> dict[str, dict[str, torch.Tensor]]
 
         module = get_fp32_state_dict_from_zero_checkpoint(str(deepspeed_dir), tag=DEEPSPEED_TAG)
     else:
-        states = torch.load(deepspeed_dir / DEEPSPEED_TAG / "mp_rank_00_model_states.pt", map_location="cpu",
-                            weights_only=False)
+        with torch.serialization.safe_globals(_deepspeed_globals()):
+            states = torch.load(deepspeed_dir / DEEPSPEED_TAG / "mp_rank_00_model_states.pt", map_location="cpu",
+                                weights_only=True)
         module = {key: value.float() for key, value in states["module"].items()}
     encoder, _ = build_models(cfg)
     TargetEncoder.replicated(encoder, encoder).load(folder)
@@ -366,6 +367,16 @@ def read_model_weights(folder: str | Path) -> dict[str, dict[str, torch.Tensor]]
         "predictor": {k.removeprefix("predictor."): v for k, v in module.items() if k.startswith("predictor.")},
         "target_encoder": encoder.state_dict(),
     }
+
+
+def _deepspeed_globals() -> list[Any]:
+    """The classes DeepSpeed pickles into its state files besides tensors and plain containers: what
+    ``torch.load(weights_only=True)`` may rebuild from them."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
 def node_local_tempdir(prefix: str) -> Path:
