@@ -42,6 +42,9 @@ def test_launcher_yaml_validates_against_ray_schema(path):
     assert any("pip install" in c and "vjepa_ray" in c for c in raw["setup_commands"])
     head_start = " ".join(raw["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head_start, "the dashboard stays off the internet"
+    starts = [c for c in raw["head_start_ray_commands"] + raw["worker_start_ray_commands"] if "ray start" in c]
+    assert len(starts) == 2 and all(c.startswith("RAY_AUTH_MODE=token ray start") for c in starts), "token auth"
+    assert raw["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}, "one token on every node"
 
 
 def _cluster_spec(doc: dict) -> dict:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from vjepa_ray.config import SECTIONS, Config, ConfigError, builtin_config_path, load_config, to_yaml
+from vjepa_ray.redaction import install_log_redaction, redact_text
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
@@ -73,7 +74,7 @@ def parse_cli(prog: str, description: str, argv: list[str] | None = None, defaul
 
 def exit_on_config_error(prog: str, err: ConfigError) -> NoReturn:
     """One line on stderr, exit 2: how every command reports a config it cannot run."""
-    print(f"{prog}: config error: {err}", file=sys.stderr)
+    print(f"{prog}: config error: {redact_text(str(err))}", file=sys.stderr)
     raise SystemExit(2)
 
 
@@ -86,6 +87,7 @@ def run_command(prog: str, description: str, argv: list[str] | None, check: Call
     """
     cfg, _ = parse_cli(prog, description, argv, check=check)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    install_log_redaction()
     try:
         return run(cfg)
     except ConfigError as err:

@@ -38,6 +38,7 @@ from urllib.parse import urlsplit
 import pyarrow.fs as pafs
 
 from vjepa_ray.config import Config
+from vjepa_ray.redaction import redact
 
 SUMMARY_FILE = "summary.json"
 TENSORBOARD_DIR = "tensorboard"
@@ -172,7 +173,8 @@ def read_json(path: str) -> Any:
 
 
 def write_json(path: str, value: Any) -> None:
-    write_bytes(path, json.dumps(value, indent=1).encode())
+    """Writes ``value`` as JSON, credentials masked (``vjepa_ray.redaction``): run folders are shared."""
+    write_bytes(path, json.dumps(redact(value), indent=1).encode())
 
 
 def write_summary(folder: str, summary: dict[str, Any]) -> str:

@@ -33,6 +33,7 @@ from ray.train import UserCallback
 
 from vjepa_ray import runs
 from vjepa_ray.config import Config, ConfigError, to_dict
+from vjepa_ray.redaction import install_log_redaction, redact
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,7 @@ class RunLogger:
                  tags: dict[str, str] | None = None):
         for key, value in HTTP_ENV.items():
             os.environ.setdefault(key, value)  # before mlflow reads them: this process is the logger's own
+        install_log_redaction()  # its warnings name the server's URI
         from mlflow import MlflowClient
 
         self.client = MlflowClient(tracking_uri=target.uri)
@@ -285,8 +287,8 @@ class MlflowRun:
         env = {key: os.environ[key] for key in HTTP_ENV if key in os.environ}
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         actor = ray.remote(num_cpus=0, scheduling_strategy=here, runtime_env={"env_vars": env})(RunLogger)
-        self.logger = actor.remote(self.target, folder, self.run_name, {**flatten(to_dict(cfg)), **self.extra_params},
-                                   self.tags)
+        params = redact({**flatten(to_dict(cfg)), **self.extra_params})
+        self.logger = actor.remote(self.target, folder, self.run_name, params, self.tags)
 
     def callback(self) -> MlflowCallback:
         return MlflowCallback(self.logger)

@@ -15,6 +15,7 @@ import sys
 import warnings
 
 from vjepa_ray.config import ConfigError
+from vjepa_ray.redaction import install_log_redaction
 
 MALLOC_ENV = {
     "MALLOC_ARENA_MAX": "1",
@@ -55,10 +56,12 @@ def configure_worker_logging(verbose: bool = False) -> None:
     per-report and per-dataset-execution INFO lines (one of each per report and per chunk on every rank), nor,
     unless ``verbose``, the traceback of a config or data error.
 
-    Ray forwards worker output to the driver (and the job logs), so this is what a user reads there.
+    Ray forwards worker output to the driver (and the job logs), so this is what a user reads there; its
+    records carry no credentials (``vjepa_ray.redaction``).
     """
     if not verbose:
         hide_config_error_tracebacks()
+    install_log_redaction()
     package = logging.getLogger("vjepa_ray")
     if not package.handlers:
         handler = logging.StreamHandler(sys.stderr)

@@ -39,12 +39,15 @@ import json
 import logging
 import math
 import posixpath
+import re
 import sys
 import tarfile
 import time
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional, Sequence
+from urllib.parse import urlsplit
 
 import av
 import numpy as np
@@ -55,6 +58,7 @@ from vjepa_ray.cli import exit_on_config_error
 from vjepa_ray.config import SECTIONS, Config, ConfigError, builtin_config_path, load_config
 from vjepa_ray.data.doctor import check_source
 from vjepa_ray.data.sources import VideoRef, list_videos, open_source
+from vjepa_ray.redaction import install_log_redaction, redact
 from vjepa_ray.video.decode import ClipSpec, VideoSkip, read_video_info
 from vjepa_ray.video.sampling import frame_step_for
 from vjepa_ray.video.transcode import ENCODER, ENCODER_OPTIONS, TranscodeInfo, transcode_video
@@ -69,10 +73,17 @@ DEFAULT_VIDEOS_PER_SHARD = 256
 _SHORT_SIDE_PER_CROP = 256 / 224
 _MIN_SHORT_SIDE = 256
 _PARTIAL_SUFFIX = ".partial"
+# What a preparation writes in DEST (each also under its temporary name): nothing else is ever deleted.
+_OWN_NAME = re.compile(r"(manifest\.json|shard-\d{6}\.(tar|json))(\.partial)?")
+_GLOB_CHARS = re.compile(r"[*?\[{]")
 
 
 class DestinationError(Exception):
-    """DEST cannot take this preparation (it holds another one, or a write was refused)."""
+    """DEST cannot take this preparation (it holds another one, or a write was refused). The message names
+    DEST without its credentials: it reaches logs and the terminal."""
+
+    def __init__(self, message: str):
+        super().__init__(redact(message))
 
 
 @dataclass(frozen=True)
@@ -193,10 +204,10 @@ def write_shard(index: int, refs: Sequence[tuple[int, VideoRef]], job: ShardJob)
                     data, info = prepare_video(ref, job.settings)
                 except VideoSkip as skip:
                     logger.warning("skipping %s (%s): %s", ref, skip.reason, skip.detail)
-                    skipped.append({"source": str(ref), "reason": skip.reason, "detail": skip.detail})
+                    skipped.append(redact({"source": str(ref), "reason": skip.reason, "detail": skip.detail}))
                     continue
                 key = f"{key_index:09d}"
-                meta = {"source": str(ref), "label": ref.label, **dataclasses.asdict(info)}
+                meta = redact({"source": str(ref), "label": ref.label, **dataclasses.asdict(info)})
                 tar.addfile(*_tar_member(f"{key}.mp4", data))
                 if ref.label is not None:
                     tar.addfile(*_tar_member(f"{key}.cls", str(ref.label).encode()))
@@ -219,6 +230,7 @@ def _write_atomically(fs: pafs.FileSystem, path: str, data: bytes) -> None:
 
 def _shard_rows(batch: dict[str, np.ndarray], job: ShardJob) -> dict[str, np.ndarray]:
     """The ``map_batches`` UDF: shard rows -> their records (JSON)."""
+    install_log_redaction()  # this worker's log lines name the videos
     records = []
     for index, refs in zip(batch["shard"], batch["refs"]):
         pairs = [(key, VideoRef(**ref)) for key, ref in json.loads(refs)]
@@ -236,20 +248,91 @@ def _find_cause(err: BaseException, kind: type[BaseException]) -> Optional[BaseE
     return None
 
 
+def _location(path: str) -> tuple[str, tuple[str, ...]]:
+    """Where a path or URI points, comparable with another's: (store, path components). A glob stands for
+    the folder above its first wildcard; a URI's credentials and query do not count."""
+    if runs.is_uri(path):
+        parts = urlsplit(path)
+        store = f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}"
+        inner = parts.path
+    else:
+        store, inner = "", str(Path(path).expanduser().resolve())
+    components = []
+    for name in inner.split("/"):
+        if _GLOB_CHARS.search(name):
+            break
+        if name and name != ".":
+            components.append(name)
+    return store, tuple(components)
+
+
+def _check_not_a_source(dest: str, sources: Sequence[str]) -> None:
+    """Raises DestinationError when DEST is, contains or lies inside a SOURCE: its shards would mix with the
+    videos, or (``--overwrite``) a preparation's clean-up would reach them."""
+    dest_store, dest_path = _location(dest)
+    for source in sources:
+        store, path = _location(source)
+        if store != dest_store:
+            continue
+        shared = min(len(path), len(dest_path))
+        if path[:shared] == dest_path[:shared]:
+            relation = ("is" if path == dest_path else "contains" if len(dest_path) < len(path) else "lies inside")
+            raise DestinationError(f"--out {dest} {relation} the source {source}; write the shards to a folder "
+                                   "apart from the videos")
+
+
+def _preparation_names(names: Sequence[str]) -> list[str]:
+    """The entries of a preparation's folder that a preparation writes (module docstring), finished or not."""
+    return [name for name in names if _OWN_NAME.fullmatch(name)]
+
+
+def check_destination(dest: str, sources: Sequence[str]) -> None:
+    """What DEST must be before anything is listed or written: apart from every SOURCE, and either empty or
+    a preparation (its ``manifest.json`` of this format). Raises DestinationError."""
+    _check_not_a_source(dest, sources)
+    existing = runs.list_names(dest)
+    if existing and _manifest_format(dest, existing) != FORMAT:
+        shown = ", ".join(existing[:3]) + (", ..." if len(existing) > 3 else "")
+        raise DestinationError(f"{dest} holds files that are not a preparation ({shown}); give --out an empty "
+                               "or new folder")
+
+
+def _manifest_format(dest: str, existing: Sequence[str]) -> Optional[str]:
+    if MANIFEST not in existing:
+        return None
+    try:
+        found = json.loads(runs.read_bytes(runs.join(dest, MANIFEST)))
+    except (OSError, ValueError):
+        return None
+    return found.get("format") if isinstance(found, dict) else None
+
+
+def remove_preparation(dest: str) -> list[str]:
+    """Deletes what a preparation wrote in DEST (its manifest, shards and shard records, finished or not) and
+    nothing else; returns the names deleted. Call ``check_destination`` first."""
+    fs, root = runs.filesystem(dest)
+    names = _preparation_names(runs.list_names(dest))
+    # The manifest last: until it goes, what is left is still recognisably a preparation.
+    for name in sorted(names, key=lambda n: n.startswith(MANIFEST)):
+        fs.delete_file(posixpath.join(root, name))
+    return names
+
+
 def _claim(dest: str, manifest: dict[str, Any], overwrite: bool) -> None:
-    """Makes DEST this preparation's: new, the same preparation resumed, or (``overwrite``) emptied."""
+    """Makes DEST this preparation's: new, the same preparation resumed, or (``overwrite``) another preparation
+    removed. ``check_destination`` has ruled out foreign files."""
     fs, root = runs.filesystem(dest)
     existing = runs.list_names(dest)
     if existing and not overwrite:
-        path = posixpath.join(root, MANIFEST)
-        found = json.loads(runs.read_bytes(runs.join(dest, MANIFEST))) if MANIFEST in existing else {}
+        found = json.loads(runs.read_bytes(runs.join(dest, MANIFEST)))
         if found.get("fingerprint") != manifest["fingerprint"]:
-            what = "another preparation" if found else "files that are not a preparation"
-            raise DestinationError(f"{dest} holds {what} ({path}); use --overwrite to replace it, or another --out")
+            raise DestinationError(f"{dest} holds another preparation ({posixpath.join(root, MANIFEST)}); use "
+                                   "--overwrite to replace it, or another --out")
         return
     try:
         if existing:
-            fs.delete_dir_contents(root)
+            logger.info("--overwrite: deleting the preparation at %s", dest)
+            remove_preparation(dest)
         fs.create_dir(root, recursive=True)
         _write_atomically(fs, posixpath.join(root, MANIFEST), json.dumps(manifest, indent=1).encode())
     except OSError as err:
@@ -262,16 +345,18 @@ def prepare(cfg: Config, sources: Sequence[str], dest: str, settings: PrepareSet
     (`vjepa_ray.cluster.connect`). Raises ConfigError for sources that list nothing and DestinationError."""
     import ray
 
+    check_destination(dest, sources)
     refs = sorted(list_videos(list(sources)), key=lambda r: (r.uri, r.member))
     manifest: dict[str, Any] = {"format": FORMAT, "fingerprint": fingerprint(settings, refs),
-                                "settings": settings.to_json(), "sources": list(sources), "videos": len(refs),
+                                "settings": settings.to_json(), "sources": redact(list(sources)), "videos": len(refs),
                                 "complete": False}
     _claim(dest, manifest, overwrite)
     count = math.ceil(len(refs) / settings.videos_per_shard)
     done = {name: json.loads(runs.read_bytes(runs.join(dest, name))) for name in runs.list_names(dest)
             if name.startswith("shard-") and name.endswith(".json")}
     todo = [i for i in range(count) if _record_name(i) not in done]
-    logger.info("preparing %d videos into %d shards at %s (%d already done)", len(refs), count, dest, count - len(todo))
+    logger.info("preparing %d videos into %d shards at %s (%d already done)", len(refs), count, dest,
+                count - len(todo))
     if todo:
         rows = [{"shard": i, "refs": json.dumps([(k, dataclasses.asdict(refs[k])) for k in range(
             i * settings.videos_per_shard, min(len(refs), (i + 1) * settings.videos_per_shard))])} for i in todo]
@@ -335,6 +420,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from vjepa_ray.cluster import connect
 
     args = _parser().parse_intermixed_args(argv)
+    install_log_redaction()
     overrides = [item for item in args.items if item.split(".", 1)[0] in SECTIONS and "=" in item]
     sources = [item for item in args.items if item not in overrides]
     if not sources:
@@ -343,6 +429,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         cfg = load_config(args.config or builtin_config_path("local_demo"), overrides)
         settings = PrepareSettings.from_config(cfg, args.short_side, args.videos_per_shard, args.keyframe_interval,
                                                args.fps, args.video_timeout)
+        check_destination(args.out, sources)
         connect(cfg)
         started = time.monotonic()
         manifest = prepare(cfg, sources, args.out, settings, args.overwrite)
@@ -357,6 +444,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         for skip in manifest["skipped"]:
             print(f"skipped  {skip['source']}  {skip['reason']}: {skip['detail']}")
         counts = ", ".join(f"{reason} {n}" for reason, n in manifest["counts"].items())
-        print(f"{manifest['videos']} videos -> {len(manifest['shards'])} shards at {args.out} "
+        print(f"{manifest['videos']} videos -> {len(manifest['shards'])} shards at {redact(args.out)} "
               f"({manifest['resumed_shards']} already there) in {time.monotonic() - started:.0f} s: {counts}")
     return 0 if manifest["counts"]["ok"] else 1

@@ -31,6 +31,7 @@ import functools
 import glob
 import io
 import json
+import logging
 import os
 import posixpath
 import re
@@ -56,6 +57,8 @@ MANIFEST_EXTENSIONS = frozenset({".csv", ".txt", ".jsonl", ".ndjson"})
 SHARD_EXTENSION = ".tar"
 # WebDataset keeps a sample's label beside its video as "<key>.cls" (or .label).
 _LABEL_MEMBER_EXTENSIONS = (".cls", ".label")
+# The most of a label member that is read: a class index or name, never a file's worth.
+MAX_LABEL_BYTES = 4096
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _BRACE_RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
 # Object stores whose pyarrow path is "bucket/key" (no need to build a client just to parse a URI).
@@ -64,6 +67,8 @@ _BUCKET_SCHEMES = frozenset({"s3", "gs", "gcs"})
 _READ_BUFFER_BYTES = 1 << 20
 
 Label = Union[int, str, None]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -297,8 +302,13 @@ def shard_members(uri: str, source_index: int, filesystem: Optional[pafs.FileSys
                 labels = {}
                 for m in members:
                     key, ext = os.path.splitext(m.name)
-                    if ext.lower() in _LABEL_MEMBER_EXTENSIONS:
-                        labels[key] = _parse_label(tar.extractfile(m).read().decode("utf-8", "replace"))
+                    if ext.lower() not in _LABEL_MEMBER_EXTENSIONS:
+                        continue
+                    if m.size > MAX_LABEL_BYTES:
+                        logger.warning("%s: label member %s has %d bytes (a label has at most %d); its video "
+                                       "goes unlabelled", uri, m.name, m.size, MAX_LABEL_BYTES)
+                        continue
+                    labels[key] = _parse_label(tar.extractfile(m).read(MAX_LABEL_BYTES).decode("utf-8", "replace"))
         except tarfile.TarError as err:
             raise ConfigError("data.paths", f"{uri} is not an uncompressed tar shard: {err}") from None
     # WebDataset keys run to the first dot of the basename ("clip.0001.mp4" would be key "clip").

@@ -55,7 +55,8 @@ import torch.distributed as dist
 
 from vjepa_ray import runs
 from vjepa_ray.config import Config, to_yaml
-from vjepa_ray.models.pretrained import FIXED_TABLES
+from vjepa_ray.models.positions import FIXED_TABLES
+from vjepa_ray.redaction import redact
 from vjepa_ray.train import manifest
 from vjepa_ray.train.state import TrainState
 from vjepa_ray.train.upload import persist_checkpoint
@@ -169,7 +170,7 @@ class Checkpointer:
             elif self.rank == 0:
                 (folder / f"{component.name}.json").write_text(json.dumps(component.state.state_dict(), indent=1))
         if self.rank == 0:
-            (folder / CONFIG_FILE).write_text(to_yaml(self.cfg))
+            (folder / CONFIG_FILE).write_text(to_yaml(redact(self.cfg)))
             if digest is not None:
                 (folder / DIGEST_FILE).write_text(json.dumps({"sha256": digest}))
         manifest.write(folder, self.rank, self.world_size)
@@ -308,10 +309,10 @@ def load_keeping_position_tables(src: dict[str, torch.Tensor], dst: torch.nn.Mod
 
 
 def _universal_folder(token: str) -> Path:
-    """Where a node writes this start's universal conversion. ``token`` is drawn afresh for every start
-    (and shared by all ranks), so a conversion is never confused with one of an earlier run or checkpoint
-    that had the same run and step names."""
-    return Path(tempfile.gettempdir()) / "vjepa_ray_universal" / token
+    """Where a node writes this start's universal conversion: a folder of its own, named by ``token`` (drawn
+    afresh for every start and shared by all ranks), so no other run, start or user of the node has or can
+    foresee it; ``_convert_to_universal`` creates it private (0700), refusing one that exists."""
+    return Path(tempfile.gettempdir()) / f"vjepa_ray_universal_{token}"
 
 
 def _convert_to_universal(checkpoint_dir: str | Path, out: str | Path) -> Path:
@@ -320,7 +321,7 @@ def _convert_to_universal(checkpoint_dir: str | Path, out: str | Path) -> Path:
     from deepspeed.checkpoint import ds_to_universal
 
     out = Path(out)
-    out.mkdir(parents=True)
+    out.mkdir(mode=0o700)
     args = argparse.Namespace(input_folder=str(Path(checkpoint_dir) / DEEPSPEED_DIR / DEEPSPEED_TAG),
                               output_folder=str(out / DEEPSPEED_TAG), num_extract_workers=1,
                               num_merge_workers=1, keep_temp_folder=False, strict=True,

@@ -12,6 +12,7 @@ import copy
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -53,8 +54,9 @@ def read_model_weights(folder: str | os.PathLike) -> dict[str, dict[str, torch.T
 
         module = get_fp32_state_dict_from_zero_checkpoint(str(deepspeed_dir), tag=DEEPSPEED_TAG)
     else:
-        states = torch.load(deepspeed_dir / DEEPSPEED_TAG / "mp_rank_00_model_states.pt", map_location="cpu",
-                            weights_only=False)
+        with torch.serialization.safe_globals(_deepspeed_globals()):
+            states = torch.load(deepspeed_dir / DEEPSPEED_TAG / "mp_rank_00_model_states.pt", map_location="cpu",
+                                weights_only=True)
         module = {key: value.float() for key, value in states["module"].items()}
     encoder, _ = build_models(cfg)
     TargetEncoder.replicated(encoder, encoder).load(folder)
@@ -64,6 +66,16 @@ def read_model_weights(folder: str | os.PathLike) -> dict[str, dict[str, torch.T
         "target_encoder": encoder.state_dict(),
     }
 
+
+
+def _deepspeed_globals() -> list[Any]:
+    """The classes DeepSpeed pickles into its state files besides tensors and plain containers: what
+    ``torch.load(weights_only=True)`` may rebuild from them."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 def check_start_from(cfg: Config) -> str:
     """The training checkpoint ``checkpoint.start_from`` names (itself, or a run folder's), checked on the

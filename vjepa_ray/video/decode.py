@@ -15,6 +15,10 @@ out of order, as in AVI files with "packed" MPEG-4 B-frames), the frames are cou
 instead: slower, same result.
 
 Bad input never escapes as an arbitrary exception: it raises ``VideoSkip`` with one of ``SKIP_REASONS``.
+Every decoded frame is checked against ``ClipSpec.max_pixels`` (the header's size is only a claim) and
+against the first frame the call decoded (a stream may change resolution midway); an error nobody foresaw
+while a video is open (an exception from PyAV or NumPy that is not a ``VideoSkip``) is a ``corrupt`` skip,
+so one file never fails the task that reads it.
 
 Time limit (``ClipSpec.decode_timeout_s``): one budget for the whole call, checked between packets and
 between decoded frames. That bounds every loop a broken or hostile file can make long (the "hangs" seen
@@ -59,7 +63,8 @@ SKIP_REASONS = (
     "not_video",          # not a media container at all (text, random bytes, a still image)
     "no_video_stream",    # a media file without a video stream (audio only, cover art only)
     "unsupported_codec",  # no decoder for the codec in this FFmpeg build, or a pixel format without RGB
-    "too_large_pixels",   # width x height above ClipSpec.max_pixels
+    "too_large_pixels",   # width x height (of the header or of any decoded frame) above ClipSpec.max_pixels
+    "size_changed",       # frames of different sizes in one video stream (a resolution change midway)
     "too_long",           # duration above ClipSpec.max_duration_s
     "zero_frames",        # a video stream without frames
     "too_short",          # fewer frames than a clip needs, with padding off
@@ -259,6 +264,8 @@ class _Video:
         self._start_offset = source.tell() if _is_file_object(source) else 0
         self.container: Optional[av.container.InputContainer] = None
         self.frames_decoded = 0
+        # (width, height) of the first frame decoded: every later one must match it.
+        self._frame_size: Optional[tuple[int, int]] = None
         self._wanted: set[int] = set()
         try:
             self._open()
@@ -461,11 +468,21 @@ class _Video:
                 for frame in packet.decode():
                     self.deadline.check()
                     self.frames_decoded += 1
+                    self._check_size(frame)
                     yield frame
         except av.error.ExitError:
             raise VideoSkip("timeout", "FFmpeg's I/O interrupt fired while decoding") from None
         except av.error.FFmpegError as err:
             raise VideoSkip("corrupt", f"decoding failed: {err}") from None
+
+    def _check_size(self, frame: av.VideoFrame) -> None:
+        size = (frame.width, frame.height)
+        check_frame_size(*size, self.spec)
+        if self._frame_size is None:
+            self._frame_size = size
+        elif size != self._frame_size:
+            raise VideoSkip("size_changed", f"a {size[0]}x{size[1]} frame after {self._frame_size[0]}x"
+                            f"{self._frame_size[1]} ones (frame {self.frames_decoded} decoded)")
 
     def to_rgb(self, frame: av.VideoFrame) -> np.ndarray:
         """uint8 [H, W, 3] RGB, rotated upright by the frame's display matrix."""
@@ -501,8 +518,13 @@ class _Video:
 
     def __exit__(self, exc_type: object, exc: Optional[BaseException], tb: object) -> None:
         self.close()
-        if isinstance(exc, VideoSkip) and exc.info is None:
-            exc.info = getattr(self, "info", None)
+        info = getattr(self, "info", None)
+        if isinstance(exc, VideoSkip):
+            if exc.info is None:
+                exc.info = info
+        elif isinstance(exc, Exception) and not isinstance(exc, _TimestampMismatch):
+            logger.debug("unexpected error decoding a video", exc_info=exc)
+            raise VideoSkip("corrupt", f"unexpected {type(exc).__name__} while decoding: {exc}", info) from exc
 
 
 def _is_file_object(source: VideoSource) -> bool:
