@@ -2,7 +2,7 @@
 
 A family says how its models place tokens (``positions``), how they start (``depth_scaled_init``), which
 of the predictor's mask tokens each mask config uses, what its release files hold, and its recipe's
-defaults. Models, loaders, masks and the training step ask the family object; the config stores its name
+defaults (schedule, gradient clipping). Models, loaders, masks and the training step ask the family object; the config stores its name
 (``model.family``), checked against ``FAMILIES``. A new family is one ``register(Family(...))``.
 """
 

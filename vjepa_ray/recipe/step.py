@@ -73,7 +73,7 @@ class MicroBatch:
 @dataclass
 class StepOutput:
     """The schedules' values a step used, each micro batch's (detached) objective, and the norm of the whole
-    gradient before clipping (None where the step did not clip)."""
+    gradient before clipping (None where it was not computed: ``JepaStep`` computes it only to clip)."""
 
     lr: float
     weight_decay: float
