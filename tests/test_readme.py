@@ -97,8 +97,9 @@ def test_readme_python_snippets_run_in_order(tmp_path, monkeypatch):
     loaded = namespace["encoder"].state_dict()
     assert loaded.keys() == saved.keys()
     torch.testing.assert_close(loaded["blocks.23.mlp.fc2.weight"], saved["blocks.23.mlp.fc2.weight"].float())
-    # The step: step 0's schedules, one output per micro batch, a finite loss; then one micro batch's objective.
+    # The step: step 0's schedules (the LR of index 1, as the releases index it), one output per micro batch,
+    # a finite loss; then one micro batch's objective.
     cfg, out, loss = namespace["cfg"], namespace["out"], namespace["loss"]
-    assert out.lr == lr_at(0, cfg.optimization) and len(out.outputs) == 2
+    assert out.lr == lr_at(1, cfg.optimization) and len(out.outputs) == 2
     assert 0 < out.loss < 10
     assert len(loss.per_mask_losses) == len(cfg.mask) and float(loss.target_features_std) > 0

@@ -11,10 +11,12 @@ import pytest
 import torch
 
 from vjepa_ray.config import MaskConfig, OptimizationConfig
-from vjepa_ray.models import Predictor, VisionTransformer
+from vjepa_ray.models import Predictor, VisionTransformer, get_family
+from vjepa_ray.recipe.clipping import GradClipping
 from vjepa_ray.recipe.masks import MaskCollator, MaskPair
 from vjepa_ray.recipe.objective import ClipGroup, JepaModule, JepaOutput, jepa_loss, normalize_clips
 from vjepa_ray.recipe.optimizer import adamw
+from vjepa_ray.recipe.schedules import ema_momentum_at, lr_at, weight_decay_at
 from vjepa_ray.recipe.step import JepaStep, MicroBatch
 from vjepa_ray.train.elastic import plan_batch
 from vjepa_ray.video.synthetic import moving_pattern
@@ -105,19 +107,66 @@ def test_masks_are_drawn_from_seed_step_and_micro_index_and_positioned_by_rank(o
     assert not all(torch.equal(a[1], b[1]) for a, b in zip(rank0, rank1))  # the ranks' positions differ
 
 
-def test_gradient_is_clipped_to_clip_grad_before_the_optimizer_steps(one_thread):
-    # Plain SGD at LR 1 moves the weights by the clipped gradient itself.
-    clipped = dataclasses.replace(CONSTANT, clip_grad=1e-3, lr=1.0, start_lr=1.0, final_lr=1.0, weight_decay=0.0,
-                                  final_weight_decay=0.0)
-    train_step = tiny_step(clipped, optimizer=torch.optim.SGD)
-    before = [p.detach().clone() for p in train_step.module.parameters()]
-    out = train_step([MicroBatch(random_clips(2))], 0)
-
-    update = torch.cat([(p.detach() - b).flatten() for p, b in zip(train_step.module.parameters(), before)])
-    assert out.grad_norm > 1e-3
-    assert update.norm().item() == pytest.approx(1e-3, rel=1e-4)
+def sgd_update_norms(optimization: OptimizationConfig, step: int) -> tuple[float | None, float, float]:
+    """(the step's reported norm, the encoder's update norm, the predictor's) of one step of plain SGD at LR 1,
+    which moves the weights by the clipped gradient itself."""
+    unit = dataclasses.replace(optimization, lr=1.0, start_lr=1.0, final_lr=1.0, weight_decay=0.0,
+                               final_weight_decay=0.0)
+    train_step = tiny_step(unit, optimizer=torch.optim.SGD)
+    modules = (train_step.module.encoder, train_step.module.predictor)
+    before = [[p.detach().clone() for p in m.parameters()] for m in modules]
+    out = train_step([MicroBatch(random_clips(2))], step)
     assert all(p.grad is None for p in train_step.module.parameters())
-    assert tiny_step()([MicroBatch(random_clips(2))], 0).grad_norm is None  # clip_grad 0: no clipping, no norm
+    encoder, predictor = (torch.cat([(p.detach() - b).flatten() for p, b in zip(m.parameters(), start)]).norm().item()
+                          for m, start in zip(modules, before))
+    return out.grad_norm, encoder, predictor
+
+
+def test_global_rule_clips_one_norm_over_encoder_and_predictor(one_thread):
+    norm, encoder, predictor = sgd_update_norms(dataclasses.replace(CONSTANT, clip_grad=1e-3, clip_grad_rule="global"),
+                                                0)
+    assert norm > 1e-3
+    assert math.hypot(encoder, predictor) == pytest.approx(1e-3, rel=1e-4)
+
+
+def test_vjepa1_rule_clips_encoder_and_predictor_separately_only_past_the_warmup_epoch(one_thread):
+    # V-JEPA 1's release: clip_grad_norm_ on the encoder and on the predictor, once epoch > warmup (300-step
+    # epochs), so from step warmup_steps + 300 on.
+    rule = dataclasses.replace(CONSTANT, clip_grad=1e-5, warmup_steps=2, total_steps=400)
+    unclipped, encoder, predictor = sgd_update_norms(rule, 301)
+    assert unclipped is None and min(encoder, predictor) > 1e-4  # no norm computed, nothing clipped
+    norm, encoder, predictor = sgd_update_norms(rule, 302)
+    assert norm > 1e-4
+    assert encoder == pytest.approx(1e-5, rel=1e-2) and predictor == pytest.approx(1e-5, rel=1e-2)
+    # The explicit rule: per module from any step.
+    _, encoder, predictor = sgd_update_norms(dataclasses.replace(CONSTANT, clip_grad=1e-5,
+                                                                 clip_grad_rule="per_module", clip_grad_start=1), 1)
+    assert encoder == pytest.approx(1e-5, rel=1e-2) and predictor == pytest.approx(1e-5, rel=1e-2)
+    assert sgd_update_norms(dataclasses.replace(CONSTANT, clip_grad=0.0), 500)[0] is None  # clip_grad 0: none
+
+
+def test_vjepa2_rule_never_clips(one_thread):
+    family = get_family("vjepa2")
+    assert GradClipping.of(CONSTANT, family) is None and GradClipping.of(OptimizationConfig(), family) is None
+    assert GradClipping.of(dataclasses.replace(CONSTANT, clip_grad=1.0, clip_grad_rule="global"), family) == \
+        GradClipping(1.0, per_module=False, start=0)  # the global option stays open to every family
+    assert GradClipping.of(OptimizationConfig(), get_family("vjepa1")) == GradClipping(10.0, True, 12_300)
+
+
+def test_lr_and_weight_decay_lead_the_ema_momentum_by_one_step_as_both_releases_index_them(one_thread):
+    # The releases advance their LR and WD schedulers before step i uses them (index i + 1) and draw the
+    # momentum from a generator starting at index 0 (index i).
+    ramp = OptimizationConfig(total_steps=10, warmup_steps=4, schedule_scale=1.0, start_lr=1e-4, lr=1e-3,
+                              final_lr=1e-5, weight_decay=0.04, final_weight_decay=0.4, ema=[0.9, 1.0], clip_grad=0)
+    train_step = tiny_step(ramp)
+    for step in range(3):
+        out = train_step([MicroBatch(random_clips(2))], step)
+        assert (out.lr, out.weight_decay, out.momentum) == (
+            lr_at(step + 1, ramp), weight_decay_at(step + 1, ramp), ema_momentum_at(step, ramp))
+        groups = train_step.optimizer.param_groups
+        assert {g["lr"] for g in groups} == {lr_at(step + 1, ramp)}
+        assert {g["weight_decay"] for g in groups} == {weight_decay_at(step + 1, ramp), 0.0}
+    assert (out.lr, out.momentum) == (1e-4 + 3 * (1e-3 - 1e-4) / 4, 0.9 + 2 * 0.1 / 10)
 
 
 def test_loss_falls_on_moving_patterns(one_thread):

@@ -30,6 +30,7 @@ from vjepa_ray.models.pretrained import strip_prefixes
 from vjepa_ray.recipe.step import JepaStep, MicroBatch, init_networks
 from vjepa_ray.train import driver
 from vjepa_ray.train.checkpoint import DIGEST_FILE, TRAIN_STATE
+from vjepa_ray.train.curves import read_scalars
 from vjepa_ray.train.elastic import global_batch_size, plan_batch
 from vjepa_ray.train.ray_metrics import METRIC_NAMES, prometheus_name
 from vjepa_ray.train.synthetic_stream import SyntheticClipStream, synthetic_clips
@@ -227,6 +228,21 @@ def test_uneven_global_batch_split_over_3_workers_matches_reference(ray_local, t
     metrics = json.loads((tmp_path / "uneven" / "summary.json").read_text())["metrics"]
     assert (metrics["global_batch"], metrics["micro_batch"], metrics["grad_accum"]) == (10, 2, 2)
     assert_target_matches_reference(summary["checkpoint"], reference_weights(cfg, 3, 3)["target_encoder"],
+                                    initial_target(cfg))
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_clipping_per_module_from_its_start_step_matches_the_one_process_step(ray_local, tmp_path, zero_stage):
+    # Each rank clips its ZeRO partitions by the encoder's and the predictor's norms over all ranks.
+    cfg = tiny_config(tmp_path, f"clip{zero_stage}", f"deepspeed.zero_stage={zero_stage}",
+                      "optimization.clip_grad=0.01", "optimization.clip_grad_rule=per_module",
+                      "optimization.clip_grad_start=1", "optimization.total_steps=3", "checkpoint.every_steps=3",
+                      "logging.every_steps=1")
+    summary = driver.run(cfg, stream_factory=SyntheticClipStream)
+    assert summary["status"] == "finished"
+    norms = dict(read_scalars(tmp_path / f"clip{zero_stage}")["grad_norm"])
+    assert min(norms[2], norms[3]) > 0.05  # well above the clip: clipping changed these steps
+    assert_target_matches_reference(summary["checkpoint"], reference_weights(cfg, 2, 3)["target_encoder"],
                                     initial_target(cfg))
 
 

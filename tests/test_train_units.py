@@ -77,7 +77,7 @@ def test_elastic_range_that_cannot_hold_the_global_batch_is_a_config_error():
 
 def test_deepspeed_config_follows_plan_and_merges_overrides_key_by_key():
     cfg = load_config(None, ["deepspeed.zero_stage=3", "deepspeed.precision=bf16", "optimization.clip_grad=1.5",
-                             "deepspeed.offload_optimizer=true",
+                             "optimization.clip_grad_rule=global", "deepspeed.offload_optimizer=true",
                              "deepspeed.overrides={zero_optimization: {reduce_bucket_size: 123}, steps_per_print: 5}"])
     ds = eng.deepspeed_config(cfg, plan_batch(8, 4, 1), load_universal=True)
     batch = (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"])
@@ -91,6 +91,21 @@ def test_deepspeed_config_follows_plan_and_merges_overrides_key_by_key():
     assert target["zero_optimization"]["stage"] == 3
     assert target["zero_optimization"]["stage3_param_persistence_threshold"] == 0
     assert "offload_optimizer" not in target["zero_optimization"] and "gradient_clipping" not in target
+
+
+def test_deepspeed_clips_one_global_norm_itself_and_leaves_other_rules_to_the_step():
+    # V-JEPA 1's rule (per module, past the warmup) clips in DeepSpeedStep, 2.0's never clips.
+    for overrides in ([], ["model.family=vjepa2"],
+                      ["optimization.clip_grad_rule=global", "optimization.clip_grad_start=5"]):
+        assert eng.deepspeed_config(load_config(None, overrides), plan_batch(8, 4, 1))["gradient_clipping"] == 0.0
+    eng.check_clipping(load_config(None, []))  # ZeRO-2 keeps its partitions in memory
+    eng.check_clipping(load_config(None, ["deepspeed.zero_stage=3"]))
+    eng.check_clipping(load_config(None, ["deepspeed.offload_optimizer=true", "model.family=vjepa2"]))
+    for overrides in (["deepspeed.offload_optimizer=true"], ["deepspeed.zero_stage=0", "deepspeed.precision=bf16"]):
+        with pytest.raises(ConfigError) as info:
+            eng.check_clipping(load_config(None, overrides))
+        assert info.value.key == "optimization.clip_grad_rule" and "clip_grad_rule=global" in str(info.value)
+    eng.check_clipping(load_config(None, ["deepspeed.offload_optimizer=true", "optimization.clip_grad_rule=global"]))
 
 
 def test_schedules_set_weight_decay_only_on_decaying_groups():

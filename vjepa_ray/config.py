@@ -245,6 +245,8 @@ def _default_masks() -> list[MaskConfig]:
 
 # How the LR, weight decay and EMA momentum move over a run (vjepa_ray.recipe.schedules).
 SCHEDULES = ("cosine", "constant", "cooldown")
+# How gradients are clipped (vjepa_ray.recipe.clipping).
+CLIP_GRAD_RULES = ("family", "per_module", "global", "none")
 
 
 @dataclass
@@ -269,8 +271,13 @@ class OptimizationConfig:
     ema: list[float] = field(default_factory=lambda: [0.998, 1.0])
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
-    # Global grad-norm clip; 0 disables it.
+    # Gradient clipping: family (the family's release: V-JEPA 1 clips the encoder's and the predictor's norms
+    # separately from 300 steps past the warmup, V-JEPA 2 never clips), per_module (those two norms
+    # separately), global (one norm over both), or none. per_module and global clip from clip_grad_start on.
+    clip_grad_rule: str = "family"
+    # The largest gradient norm a clipping rule lets through; 0 disables clipping.
     clip_grad: float = 10.0
+    clip_grad_start: int = 0
     # Clips per optimizer step over all workers; 0 = data.batch_size x workers.
     global_batch_size: int = 0
 
@@ -284,6 +291,9 @@ class OptimizationConfig:
         check.require(0 <= self.warmup_steps <= self.total_steps, "warmup_steps",
                       f"{self.warmup_steps} is outside [0, {key}.total_steps]")
         check.require(self.schedule_scale >= 1.0, "schedule_scale", "must be >= 1")
+        check.require(self.clip_grad_rule in CLIP_GRAD_RULES, "clip_grad_rule",
+                      f"{self.clip_grad_rule!r} is not one of {', '.join(CLIP_GRAD_RULES)}")
+        check.require(self.clip_grad_start >= 0, "clip_grad_start", "must be >= 0")
         for name in ("start_lr", "lr", "final_lr", "weight_decay", "final_weight_decay", "eps", "clip_grad"):
             check.require(getattr(self, name) >= 0, name, "must be >= 0")
         check.range("ema", self.ema, 0.0, 1.0, low_open=False)

@@ -30,7 +30,7 @@ from typing import Iterator
 
 import torch
 
-from vjepa_ray.config import load_config
+from vjepa_ray.config import CLIP_GRAD_RULES, load_config
 from vjepa_ray.models import MODEL_SPECS
 from vjepa_ray.models.families import DEFAULT_FAMILY, pretrainable_families
 from vjepa_ray.recipe.objective import ClipGroup, JepaOutput, normalize_clips, target_features
@@ -47,6 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="vit_small", choices=MODEL_SPECS)
     parser.add_argument("--family", default=DEFAULT_FAMILY.name, choices=pretrainable_families(),
                         help="model.family (vjepa_ray.models.families)")
+    parser.add_argument("--clip-rule", default="family", choices=CLIP_GRAD_RULES,
+                        help="optimization.clip_grad_rule, clipping from step 0 for per_module and global")
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--crop", type=int, default=128)
     parser.add_argument("--batch", type=int, default=2)
@@ -97,6 +99,7 @@ class Trainer:
     def __init__(self, args: argparse.Namespace):
         self.device = torch.device(args.device)
         self.cfg = load_config(None, [f"model.name={args.model}", f"model.family={args.family}",
+                                      f"optimization.clip_grad_rule={args.clip_rule}",
                                       f"data.frames_per_clip={args.frames}",
                                       f"data.crop_size={args.crop}", f"data.batch_size={args.batch}",
                                       f"meta.seed={args.seed}"])
@@ -199,8 +202,9 @@ def run(args: argparse.Namespace) -> dict:
         "step_over_forward": mean_step / mean_forward,
         "loss_first_last": [losses[0], losses[-1]],
         **breakdown,
-        "settings": {"model": args.model, "family": args.family, "frames": args.frames, "crop": args.crop,
-                     "batch": args.batch, "precision": args.precision, "device": args.device, "steps": args.steps,
+        "settings": {"model": args.model, "family": args.family, "clip_rule": args.clip_rule, "frames": args.frames,
+                     "crop": args.crop, "batch": args.batch, "precision": args.precision, "device": args.device,
+                     "steps": args.steps,
                      "warmup": args.warmup, "threads": torch.get_num_threads(), "torch": torch.__version__},
     }
 

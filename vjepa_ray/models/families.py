@@ -2,7 +2,7 @@
 
 A family says how its models place tokens (``positions``), how they start (``depth_scaled_init``), which
 of the predictor's mask tokens each mask config uses, what its release files hold, and its recipe's
-defaults. Models, loaders, masks and the training step ask the family object; the config stores its name
+defaults (schedule, gradient clipping). Models, loaders, masks and the training step ask the family object; the config stores its name
 (``model.family``), checked against ``FAMILIES``. A new family is one ``register(Family(...))``.
 """
 
@@ -38,6 +38,15 @@ def token_per_clip_length(num_masks: int, length_index: int) -> list[int]:
 
 
 @dataclass(frozen=True)
+class ClipRule:
+    """A release's gradient clipping: the encoder's and the predictor's norms separately (``per_module``) or
+    one norm over both, from step ``warmup_steps + after_warmup`` on (None: from step 0)."""
+
+    per_module: bool
+    after_warmup: int | None = None
+
+
+@dataclass(frozen=True)
 class Family:
     """One model family. Encoder architecture beyond the shared pre-norm ViT is opt-in:
     ``hierarchical_norms`` (2.1's LayerNorm at four depths in place of the final norm) and
@@ -52,6 +61,8 @@ class Family:
     pretrainable: bool
     # The optimizer schedule of its pretraining recipe (``optimization.schedule``).
     schedule: str
+    # Its release's gradient clipping (``optimization.clip_grad_rule=family``); None: it never clips.
+    clipping: ClipRule | None = None
     hierarchical_norms: bool = False
     image_inputs: bool = False
     # Where its files keep the encoder that is evaluated, in order of preference (the first present).
@@ -71,10 +82,14 @@ class Family:
         return any(key.startswith(self.encoder_marks) for key in state_keys)
 
 
+# V-JEPA 1 clips the encoder's and the predictor's gradient norms separately once ``epoch > warmup``
+# (jepa app/vjepa/train.py, ``train_step``): its epochs count from 0 and are 300 steps (``ipe``), so the
+# first clipped step is one epoch past the warmup's end.
 VJEPA1 = Family(name="vjepa1", positions=SinCosTable(), depth_scaled_init=False, mask_tokens=token_per_mask_config,
-                pretrainable=True, schedule="cosine")
-# The 2.0 release's files still carry sin-cos tables that its rotary models do not use (Meta's own loader
-# says so); its predictor has 12 heads (src/hub/backbones.py).
+                pretrainable=True, schedule="cosine", clipping=ClipRule(per_module=True, after_warmup=300))
+# The 2.0 release never clips gradients (vjepa2 app/vjepa/train.py, ``train_step``). Its files still carry
+# sin-cos tables that its rotary models do not use (Meta's own loader says so); its predictor has 12 heads
+# (src/hub/backbones.py).
 VJEPA2 = Family(name="vjepa2", positions=RotaryPositions(), depth_scaled_init=True, mask_tokens=token_per_clip_length,
                 pretrainable=True, schedule="constant", ignored_keys=FIXED_TABLES, predictor_heads=12,
                 hf_model_type="vjepa2")

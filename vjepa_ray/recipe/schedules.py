@@ -14,13 +14,18 @@ As in both releases, the cosine and the cooldown are laid out over ``schedule_sc
 with the V-JEPA 1 ViT-L recipe, training stops at LR ~7.5e-5, WD ~0.366 and EMA momentum ~0.9996; the
 V-JEPA 2 cooldown (12k steps, scale 1.25) stops at 80% of its decay, LR ~1.06e-4.
 
-The reference advances its schedulers before the first step, so its step i uses our ``step = i + 1``;
-the difference is one step in 90,000.
+``step_schedules`` gives the values a step uses, indexed as both releases index them: their LR and
+weight-decay schedulers are advanced before each step uses them (jepa and vjepa2 ``app/vjepa/train.py``,
+``train_step``'s first lines: ``scheduler.step()``, ``wd_scheduler.step()``), while the EMA momentum comes
+from a generator that starts at index 0 (``momentum_scheduler``, drawn after ``optimizer.step()``). So step
+``s`` (0-based) trains at the LR and weight decay of index ``s + 1`` and updates the target with the
+momentum of index ``s``.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 from vjepa_ray.config import OptimizationConfig
 
@@ -73,3 +78,14 @@ def ema_momentum_at(step: int, cfg: OptimizationConfig) -> float:
     if cfg.schedule != "cosine":
         return start
     return start + (end - start) * _progress(step, cfg)
+
+
+class StepSchedules(NamedTuple):
+    lr: float
+    weight_decay: float
+    momentum: float
+
+
+def step_schedules(step: int, cfg: OptimizationConfig) -> StepSchedules:
+    """The LR, weight decay and EMA momentum of step ``step`` (0-based), indexed as the releases do."""
+    return StepSchedules(lr_at(step + 1, cfg), weight_decay_at(step + 1, cfg), ema_momentum_at(step, cfg))

@@ -27,11 +27,12 @@ from torch import nn
 
 from vjepa_ray.config import Config, OptimizationConfig
 from vjepa_ray.models import build_models
+from vjepa_ray.recipe.clipping import GradClipping
 from vjepa_ray.recipe.ema import ema_update_
 from vjepa_ray.recipe.masks import Grid, MaskCollator
 from vjepa_ray.recipe.objective import ClipGroup, JepaModule, JepaOutput, normalize_clips
 from vjepa_ray.recipe.optimizer import adamw, apply_schedules
-from vjepa_ray.recipe.schedules import ema_momentum_at, lr_at, weight_decay_at
+from vjepa_ray.recipe.schedules import StepSchedules, step_schedules
 
 # uint8 clips [B, T, H, W, 3] of one length, or one such tensor per length (ascending lengths).
 Clips = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -71,8 +72,8 @@ class MicroBatch:
 
 @dataclass
 class StepOutput:
-    """The schedules' values a step used, each micro batch's (detached) objective, and the gradient norm
-    (None where it was not computed)."""
+    """The schedules' values a step used, each micro batch's (detached) objective, and the norm of the whole
+    gradient before clipping (None where it was not computed: ``JepaStep`` computes it only to clip)."""
 
     lr: float
     weight_decay: float
@@ -131,6 +132,7 @@ class JepaStep:
         self.collator, self.optimization, self.seed = collator, optimization, seed
         self.device, self.dtype = torch.device(device), dtype
         self.family, self.clip_lengths = module.predictor.family, tuple(clip_lengths)
+        self.clipping = GradClipping.of(optimization, self.family)
         self._collators: dict[Grid, MaskCollator] = {collator.grid: collator}
 
     @classmethod
@@ -145,8 +147,7 @@ class JepaStep:
     def __call__(self, micro_batches: Sequence[MicroBatch], step: int, timer: PhaseTimer | None = None) -> StepOutput:
         """Optimizer step ``step`` (0-based) over ``micro_batches``, in their order."""
         timer = timer or _Untimed()
-        o = self.optimization
-        lr, weight_decay, momentum = lr_at(step, o), weight_decay_at(step, o), ema_momentum_at(step, o)
+        lr, weight_decay, momentum = self.schedules(step)
         with timer.phase("optimizer"):
             apply_schedules(self.optimizer, lr, weight_decay)
         outputs = []
@@ -162,10 +163,14 @@ class JepaStep:
                 self.backward(out.loss * batch.weight, len(micro_batches))
             outputs.append(JepaOutput(out.loss.detach(), out.per_mask_losses, out.target_features_std))
         with timer.phase("optimizer"):
-            grad_norm = self.optimizer_step()
+            grad_norm = self.optimizer_step(step)
         with timer.phase("ema"):
             self.update_target(momentum)
         return StepOutput(lr, weight_decay, momentum, outputs, grad_norm)
+
+    def schedules(self, step: int) -> StepSchedules:
+        """The LR, weight decay and EMA momentum of ``step`` (``schedules.step_schedules``)."""
+        return step_schedules(step, self.optimization)
 
     def group(self, clips: torch.Tensor, seed: Sequence[int], rank: int) -> ClipGroup:
         """Normalised clips of one length with their masks (drawn from ``seed`` and ``rank``) and mask tokens."""
@@ -188,12 +193,17 @@ class JepaStep:
         as DeepSpeed's accumulation and all-reduce make it."""
         (weighted_loss / num_micro_batches).backward()
 
-    def optimizer_step(self) -> float | None:
-        """Clips the gradient norm to ``optimization.clip_grad`` (0: no clipping), steps, zeroes the
-        gradients; returns the norm before clipping, if clipped."""
-        norm = None
-        if self.optimization.clip_grad > 0:
-            norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.optimization.clip_grad))
+    def clip_gradients(self, step: int) -> float | None:
+        """Clips the gradients by the step's clipping rule (``recipe.clipping``); returns the norm of the
+        whole gradient before clipping, or None (and computes no norm) where the rule does not clip."""
+        if self.clipping is None or not self.clipping.clips_at(step):
+            return None
+        return self.clipping.clip_([self.module.encoder, self.module.predictor])
+
+    def optimizer_step(self, step: int) -> float | None:
+        """Clips (``clip_gradients``), steps, zeroes the gradients; returns the norm before clipping, if
+        clipped."""
+        norm = self.clip_gradients(step)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm

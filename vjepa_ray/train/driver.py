@@ -19,6 +19,7 @@ from vjepa_ray.config import Config, ConfigError, to_dict
 from vjepa_ray.data.demo import generated_paths, prepare_demo_videos
 from vjepa_ray.data.sources import check_sources
 from vjepa_ray.train.elastic import check_elastic_batch, global_batch_size
+from vjepa_ray.train.engine import check_clipping
 from vjepa_ray.train.failures import failure_cause
 from vjepa_ray.train.loop import StreamFactory, train_func
 from vjepa_ray.train.ray_metrics import RESTARTS, RayMetricsCallback, restarts_gauge
@@ -47,6 +48,7 @@ def check_runnable(cfg: Config) -> None:
         raise ConfigError("optimization.schedule", "the cooldown continues a pretraining run: set "
                           "checkpoint.start_from (or model.init_from) to it")
     check_elastic_batch(cfg)
+    check_clipping(cfg)
 
 
 def check_data(cfg: Config, remote: bool = True) -> None:

@@ -14,13 +14,15 @@ import copy
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
 
-from vjepa_ray.config import Config
+from vjepa_ray.config import Config, ConfigError
+from vjepa_ray.models.families import get_family
 from vjepa_ray.models.pretrained import StateDict
+from vjepa_ray.recipe.clipping import GradClipping
 from vjepa_ray.recipe.masks import MaskCollator
 from vjepa_ray.recipe.objective import ClipGroup, JepaModule, JepaOutput
 from vjepa_ray.recipe.optimizer import adamw, param_groups
@@ -48,9 +50,32 @@ def merge_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str
     return merged
 
 
+def run_clipping(cfg: Config) -> GradClipping | None:
+    return GradClipping.of(cfg.optimization, get_family(cfg.model.family))
+
+
+def deepspeed_clips(clipping: GradClipping | None) -> bool:
+    """Whether DeepSpeed's own ``gradient_clipping`` does the clipping: one norm over all, from step 0."""
+    return clipping is not None and not clipping.per_module and clipping.start == 0
+
+
+def check_clipping(cfg: Config) -> None:
+    """Clipping per module, or from a later step, runs on the gradients DeepSpeed holds in memory: whole
+    (ZeRO-0 in fp32) or as this rank's partitions (ZeRO-1/2/3 without optimizer offload); ConfigError
+    otherwise."""
+    clipping, ds = run_clipping(cfg), cfg.deepspeed
+    if clipping is None or deepspeed_clips(clipping):
+        return
+    if ds.offload_optimizer or (ds.zero_stage == 0 and ds.precision != "fp32"):
+        raise ConfigError("optimization.clip_grad_rule",
+                          f"clipping per module or from step {clipping.start} needs the gradients in memory, not "
+                          f"offloaded or in DeepSpeed's ZeRO-0 {ds.precision} optimizer; set "
+                          "optimization.clip_grad_rule=global with optimization.clip_grad_start=0, or none")
+
+
 def deepspeed_config(cfg: Config, plan: BatchPlan, load_universal: bool = False) -> dict[str, Any]:
     """The DeepSpeed config for this start of the run (batch sizes follow the world size)."""
-    ds, o = cfg.deepspeed, cfg.optimization
+    ds, clipping = cfg.deepspeed, run_clipping(cfg)
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.ray.use_gpu}
@@ -62,7 +87,8 @@ def deepspeed_config(cfg: Config, plan: BatchPlan, load_universal: bool = False)
         "train_batch_size": plan.micro_batch * plan.grad_accum * plan.world_size,
         "train_micro_batch_size_per_gpu": plan.micro_batch,
         "gradient_accumulation_steps": plan.grad_accum,
-        "gradient_clipping": o.clip_grad,
+        # Other rules clip in DeepSpeedStep.clip_gradients.
+        "gradient_clipping": clipping.max_norm if deepspeed_clips(clipping) else 0.0,
         "zero_optimization": zero,
         "bf16": {"enabled": ds.precision == "bf16"},
         "fp16": {"enabled": ds.precision == "fp16", "initial_scale_power": 16},
@@ -157,10 +183,11 @@ def state_bytes(engine, target: TargetEncoder) -> dict[str, int]:
 class DeepSpeedStep(JepaStep):
     """``JepaStep`` on a DeepSpeed engine and a ``TargetEncoder``.
 
-    The engine runs the forward and the backward, and steps the optimizer (clipping the gradient norm,
-    ``gradient_clipping``) when the last micro batch of the step is in: it divides the loss by its
-    accumulation steps and averages the gradient over the ranks itself. The EMA updates this rank's share
-    of the target (its ZeRO-3 partition, or all of it).
+    The engine runs the forward and the backward, and steps the optimizer when the last micro batch of the
+    step is in: it divides the loss by its accumulation steps and averages the gradient over the ranks
+    itself. One norm over all gradients from step 0 is DeepSpeed's own ``gradient_clipping``; other rules
+    clip here between that last backward and the optimizer step (``check_clipping`` says where they run).
+    The EMA updates this rank's share of the target (its ZeRO-3 partition, or all of it).
     """
 
     def __init__(self, engine, target: TargetEncoder, cfg: Config, device: torch.device, dtype: torch.dtype):
@@ -174,15 +201,68 @@ class DeepSpeedStep(JepaStep):
 
     def backward(self, weighted_loss: torch.Tensor, num_micro_batches: int) -> None:
         self.engine.backward(weighted_loss)
-        self.engine.step()
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()  # DeepSpeed only counts a micro step; the last one steps in optimizer_step
 
-    def optimizer_step(self) -> float | None:
-        # The engine stepped in ``backward``; the norm is the one it computed there.
-        norm = self.engine.get_global_grad_norm()
-        return None if norm is None else float(norm)
+    def clip_gradients(self, step: int) -> float | None:
+        if deepspeed_clips(self.clipping) or self.clipping is None or not self.clipping.clips_at(step):
+            return None
+        modules = [self.module.encoder, self.module.predictor]
+        if self.engine.zero_optimization_stage() == 0:  # every rank holds the whole averaged gradient
+            return self.clipping.clip_(modules)
+        return clip_partitions_(self.clipping, gradient_partitions(self.engine, modules), len(modules), self.device)
+
+    def optimizer_step(self, step: int) -> float | None:
+        norm = self.clip_gradients(step)
+        self.engine.step()
+        if norm is not None:
+            return norm
+        # The norm DeepSpeed computed while stepping, where it did.
+        ds_norm = self.engine.get_global_grad_norm()
+        return None if ds_norm is None else float(ds_norm)
 
     def update_target(self, momentum: float) -> None:
         self.target.update(momentum)
+
+
+GradientPiece = tuple[int, torch.Tensor, Callable[[torch.Tensor], None]]
+
+
+def gradient_partitions(engine, modules: list[nn.Module]) -> list[GradientPiece]:
+    """This rank's pieces of the averaged gradient after the step's last backward, before the optimizer step:
+    (index of the module in ``modules``, piece, a function that writes the piece back). ZeRO-1/2 keep them
+    per parameter group (``averaged_gradients``, aligned with ``params_in_partition``); ZeRO-3 per parameter
+    (``safe_get_local_grad``)."""
+    owner = {id(p): k for k, module in enumerate(modules) for p in module.parameters()}
+    if engine.zero_optimization_stage() == 3:
+        from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
+
+        pieces = []
+        for param in (p for module in modules for p in module.parameters()):
+            grad = safe_get_local_grad(param)
+            if grad is not None and grad.numel():
+                pieces.append((owner[id(param)], grad, lambda value, p=param: safe_set_local_grad(p, value)))
+        return pieces
+    optimizer = engine.optimizer
+    return [(owner[id(param)], grad, grad.copy_) for group, params in enumerate(optimizer.params_in_partition)
+            for grad, param in zip(optimizer.averaged_gradients[group], params)]
+
+
+def clip_partitions_(clipping: GradClipping, pieces: list[GradientPiece], num_modules: int,
+                     device: torch.device) -> float:
+    """``clipping`` applied to gradient pieces spread over the ranks: the squared norms of every rank's pieces
+    of a module sum to the module's squared norm. Scales the pieces as ``clip_grad_norm_`` scales whole
+    gradients (coefficient ``max_norm / (norm + 1e-6)``, at most 1); returns the norm of the whole gradient
+    before clipping."""
+    squares = torch.zeros(num_modules, dtype=torch.float32, device=device)
+    for k, grad, _ in pieces:
+        squares[k] += grad.detach().float().pow(2).sum().to(device)
+    torch.distributed.all_reduce(squares)
+    norms = squares.sqrt() if clipping.per_module else squares.sum().sqrt().expand(num_modules)
+    coefficients = (clipping.max_norm / (norms + 1e-6)).clamp(max=1.0)
+    for k, grad, write in pieces:
+        write(grad * coefficients[k].to(grad.device, grad.dtype))
+    return float(squares.sum().sqrt())
 
 
 class TrainStep:
