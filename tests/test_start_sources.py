@@ -13,7 +13,8 @@ from vjepa_ray.config import Config, ConfigError, builtin_config_path, load_conf
 from vjepa_ray.models.pretrained import official_checkpoint
 from vjepa_ray.recipe.step import init_networks
 from vjepa_ray.train import driver
-from vjepa_ray.train.checkpoint import CONFIG_FILE, TRAIN_STATE, load_keeping_position_tables
+from vjepa_ray.train.checkpoint import CONFIG_FILE, TRAIN_STATE
+from vjepa_ray.train.deepspeed_state import load_keeping_position_tables
 from vjepa_ray.train.state import TrainState
 from vjepa_ray.train.weights import read_initial_weights, write_training_weights
 

@@ -24,7 +24,7 @@ def arm_exit_in_save() -> None:
     marker = os.environ.get(EXIT_IN_SAVE_ENV)
     if not marker:
         return
-    from vjepa_ray.train.checkpoint import DeepSpeedState
+    from vjepa_ray.train.deepspeed_state import DeepSpeedState
 
     save = DeepSpeedState.save
 

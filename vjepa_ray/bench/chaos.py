@@ -56,7 +56,8 @@ from vjepa_ray.bench._cluster import (
 )
 from vjepa_ray.bench._faults import EXIT_IN_SAVE_ENV
 from vjepa_ray.config import Config, builtin_config_path, load_config
-from vjepa_ray.train.checkpoint import DEEPSPEED_DIR, DEEPSPEED_TAG, TRAIN_STATE
+from vjepa_ray.train.checkpoint import TRAIN_STATE
+from vjepa_ray.train.deepspeed_state import DEEPSPEED_DIR, DEEPSPEED_TAG
 
 log = logging.getLogger(__name__)
 

@@ -23,6 +23,7 @@ from vjepa_ray import runs
 from vjepa_ray.config import Config, DataConfig, from_dict
 from vjepa_ray.train import checkpoint as ckpt
 from vjepa_ray.train import recovery
+from vjepa_ray.train.deepspeed_state import DeepSpeedState
 from vjepa_ray.train.elastic import BatchPlan, global_batch_size, plan_batch
 from vjepa_ray.train.engine import TrainStep, state_bytes
 from vjepa_ray.train.metrics import Clock, IntervalMeter, collapse_warning, format_progress
@@ -72,7 +73,7 @@ def register_run_state(checkpointer: ckpt.Checkpointer, step: TrainStep, stream:
     """Everything a checkpoint of the run holds, in the order it is saved and restored. A new piece of run
     state is one more line here."""
     register = checkpointer.register
-    register("deepspeed", ckpt.DeepSpeedState(step.engine, checkpointer.rank, local_rank), "files")
+    register("deepspeed", DeepSpeedState(step.engine, checkpointer.rank, local_rank), "files")
     register("target_encoder", step.target, "files")
     register("rng", RngState(), "per_rank")
     register("train_state", state, "shared")

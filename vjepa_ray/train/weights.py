@@ -33,7 +33,8 @@ from vjepa_ray.models.pretrained import (
     state_from_checkpoint,
 )
 from vjepa_ray.models.sizes import MODEL_SPECS
-from vjepa_ray.train.checkpoint import CONFIG_FILE, DEEPSPEED_DIR, DEEPSPEED_TAG, read_train_state
+from vjepa_ray.train.checkpoint import CONFIG_FILE, read_train_state
+from vjepa_ray.train.deepspeed_state import DEEPSPEED_DIR, DEEPSPEED_TAG
 from vjepa_ray.train.target_encoder import TargetEncoder
 
 
