@@ -152,7 +152,7 @@ def test_a_failed_runs_last_line_is_its_cause():
                "error": "data.paths: none of the 3 videos could be decoded (corrupt 3); to see why: "
                         "python -m vjepa_ray.data check /data/broken"}
     lines = pretrain.summary_lines(summary)
-    assert lines[0].startswith("failed: 0 steps") and "final loss n/a" in lines[0]
+    assert lines[0] == "failed: 0 steps in 41s, final loss n/a, 0 restart(s), world sizes [2]"
     assert lines[-1] == f"python -m vjepa_ray.pretrain: config error: {summary['error']}"
 
 

@@ -46,17 +46,19 @@ def pretrain(cfg: Config) -> dict[str, Any]:
 
 def summary_lines(summary: dict[str, Any]) -> list[str]:
     """What the command prints last: the outcome, where it is, and what to run next (or why it failed, last)."""
+    from vjepa_ray.train.metrics import format_duration
+
     loss = summary["final_loss"]
-    outcome = (f"{summary['status']}: {summary['steps']} steps in {summary['elapsed_s']:.0f} s, final loss "
-               f"{'n/a' if loss is None else f'{loss:.4f}'}, {summary['restarts']} restart(s), world sizes "
-               f"{summary['world_sizes']}")
-    lines = [outcome, f"summary: {summary['summary']}"]
+    lines = [f"{summary['status']}: {summary['steps']} steps in {format_duration(summary['elapsed_s'])}, final loss "
+             f"{'n/a' if loss is None else f'{loss:.4f}'}, {summary['restarts']} restart(s), world sizes "
+             f"{summary['world_sizes']}"]
     if summary["status"] != "finished":
-        return [*lines, f"{PROG}: {'config error' if summary['error_kind'] == 'input' else 'failed'}: "
-                        f"{summary['error']}"]
+        return [*lines, f"summary: {summary['summary']}",
+                f"{PROG}: {'config error' if summary['error_kind'] == 'input' else 'failed'}: {summary['error']}"]
     folder = summary["run_folder"]
     run, name = shlex.quote(folder), posixpath.basename(folder.rstrip("/"))
-    return [*lines, f"checkpoint: {summary['checkpoint']}", "next:",
+    checkpoint = posixpath.basename(summary["checkpoint"].rstrip("/")) if summary["checkpoint"] else "none"
+    return [*lines, f"run folder: {folder} (summary.json, checkpoint {checkpoint}); next:",
             f"  python -m vjepa_ray.report {run}",
             f"  python -m vjepa_ray.evaluate probe.checkpoint={run} probe.train_manifest=TRAIN.txt "
             "probe.val_manifest=VAL.txt",
