@@ -10,6 +10,7 @@ pipeline and by ``prepare``."""
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -19,11 +20,10 @@ import pytest
 from conftest import mlflow_api
 from test_decode_robustness import write_size_changing_video
 
+from vjepa_ray.config import builtin_config_path, load_config, to_yaml
+from vjepa_ray.data.sources import resolve
+from vjepa_ray.redaction import install_log_redaction, redact
 from vjepa_ray.video.synthetic import make_moving_pattern_videos
-
-boto3 = pytest.importorskip("boto3")
-
-pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 KEY, SECRET = "AKIAVJEPARAYTESTKEY1", "vjepaS3cretInTheUri"
@@ -36,7 +36,44 @@ def _found(data: bytes) -> list[str]:
     return [secret for secret in SECRETS if secret.encode() in data]
 
 
+def test_credentials_are_masked_in_uris_queries_and_secret_keys():
+    assert redact(f"s3://{KEY}:{SECRET}@bucket/runs?endpoint_override=h:9000&scheme=http") == \
+        "s3://***@bucket/runs?endpoint_override=h:9000&scheme=http"
+    assert redact(f"failed: https://user:{MLFLOW_PASSWORD}@host:5000/api and s3://bucket/a@b.mp4") == \
+        "failed: https://***@host:5000/api and s3://bucket/a@b.mp4"
+    assert redact("https://h/x.mp4?X-Amz-Credential=A%2F1&X-Amz-Signature=ff&x-id=GetObject") == \
+        "https://h/x.mp4?X-Amz-Credential=***&X-Amz-Signature=***&x-id=GetObject"
+    overrides = {"comet": {"enabled": False, "api_key": API_KEY}, "sessionToken": "t", "mask_tokens": 4}
+    assert redact(overrides) == {"comet": {"enabled": False, "api_key": "***"}, "sessionToken": "***",
+                                 "mask_tokens": 4}
+    cfg = load_config(builtin_config_path("local_demo"), [f"ray.storage_path=s3://{KEY}:{SECRET}@b/runs",
+                                                          f"deepspeed.overrides={{comet: {{api_key: {API_KEY}}}}}"])
+    text = to_yaml(redact(cfg))
+    assert "storage_path: s3://***@b/runs" in text and _found(text.encode()) == []
+    assert cfg.ray.storage_path.startswith(f"s3://{KEY}:{SECRET}@")  # the config itself keeps them
+
+
+def test_every_log_record_is_redacted_whatever_its_handler(caplog):
+    install_log_redaction()
+    with caplog.at_level(logging.INFO):
+        logging.getLogger("anything").info("reading %s", f"s3://{KEY}:{SECRET}@bucket/v.mp4")
+        try:
+            raise OSError(f"cannot open s3://{KEY}:{SECRET}@bucket/v.mp4")
+        except OSError:
+            logging.getLogger("anything").exception("failed")
+    assert "reading s3://***@bucket/v.mp4" in caplog.text and _found(caplog.text.encode()) == []
+
+
+def test_a_uri_with_credentials_resolves_to_its_bucket_path():
+    from pyarrow.fs import S3FileSystem
+
+    fs, path = resolve(f"s3://{KEY}:{SECRET}@bucket/videos?endpoint_override=127.0.0.1:1&scheme=http")
+    assert isinstance(fs, S3FileSystem) and path == "bucket/videos"
+
+
+@pytest.mark.slow
 def test_no_secret_in_any_file_param_or_log_line(ray_s3, s3_bucket, s3_endpoint, mlflow_server, tmp_path):
+    boto3 = pytest.importorskip("boto3")
     bucket = s3_bucket.removeprefix("s3://")
     client = boto3.client("s3")
     local = tmp_path / "videos"

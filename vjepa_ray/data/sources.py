@@ -97,11 +97,13 @@ def resolve(uri: str, filesystem: Optional[pafs.FileSystem] = None) -> tuple[paf
     if not is_uri(uri):
         return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
     parts = urlsplit(uri)
+    # The bucket without the credentials a URI may carry ("s3://KEY:SECRET@bucket/..."): those open the store.
+    bucket_path = (parts.netloc.rpartition("@")[2] + parts.path).rstrip("/")
     if filesystem is not None:
-        return filesystem, (parts.netloc + parts.path).rstrip("/")
+        return filesystem, bucket_path
     fs = _filesystem_from_uri(f"{parts.scheme}://{parts.netloc}/" + (f"?{parts.query}" if parts.query else ""))
     if parts.scheme in _BUCKET_SCHEMES:
-        return fs, (parts.netloc + parts.path).rstrip("/")
+        return fs, bucket_path
     return fs, pafs.FileSystem.from_uri(uri)[1]
 
 
