@@ -127,14 +127,14 @@ def test_a_genuine_release_file_with_optimizer_and_scaler_state_still_loads(tmp_
 
 
 def test_the_universal_conversion_works_in_a_private_folder_of_its_own(tmp_path, monkeypatch):
-    from vjepa_ray.train import checkpoint as ckpt
+    from vjepa_ray.train import deepspeed_state
 
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
-    planted = ckpt._universal_folder("planted")
+    planted = deepspeed_state._universal_folder("planted")
     planted.mkdir()  # another user's folder where this start would convert: refused, left as it was
     with pytest.raises(FileExistsError):
-        ckpt._convert_to_universal(tmp_path / "no_checkpoint", planted)
-    fresh = ckpt._universal_folder("fresh")
+        deepspeed_state._convert_to_universal(tmp_path / "no_checkpoint", planted)
+    fresh = deepspeed_state._universal_folder("fresh")
     with pytest.raises(FileNotFoundError):  # nothing to convert; the folder was made first
-        ckpt._convert_to_universal(tmp_path / "no_checkpoint", fresh)
+        deepspeed_state._convert_to_universal(tmp_path / "no_checkpoint", fresh)
     assert fresh.parent == tmp_path and fresh.stat().st_mode & 0o777 == 0o700
