@@ -146,6 +146,7 @@ def run(cfg: Config, *, stream_factory: StreamFactory | None = None, callbacks: 
     its owner ends it (a sweep's trial adds its probe's results first).
     """
     import ray
+    import ray.exceptions
     import ray.train
 
     from vjepa_ray.train.metrics import TensorBoardCallback
@@ -177,11 +178,14 @@ def run(cfg: Config, *, stream_factory: StreamFactory | None = None, callbacks: 
     bad_input = False
     try:
         result = trainer.fit()
-    except ray.train.TrainingFailedError as err:
+    except (ray.train.TrainingFailedError, ray.exceptions.RayError) as err:  # the latter: the controller lost
         error = err
         cause, bad_input = failure_cause(err)
         result = _last_result(folder)
-    starts = ray.get(tracker.get.remote())
+    try:
+        starts = ray.get(tracker.get.remote())
+    except ray.exceptions.RayError:  # killed with the controller (e.g. the node out of memory)
+        starts = []
     if runs.is_uri(folder) and Path(tensorboard).is_dir():
         runs.upload(tensorboard, runs.join(folder, runs.TENSORBOARD_DIR))
     metrics = (result.metrics if result is not None else None) or {}

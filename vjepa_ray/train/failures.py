@@ -30,7 +30,7 @@ class StopOnInputError(ray.train.UserCallback):
                 raise error
 
 
-def failure_cause(error: ray.train.TrainingFailedError) -> tuple[str, bool]:
+def failure_cause(error: Exception) -> tuple[str, bool]:
     """(one line saying why the run failed, whether the cause is bad input rather than a fault)."""
     if isinstance(error, ray.train.ControllerError):
         cause = error.controller_failure
@@ -41,4 +41,4 @@ def failure_cause(error: ray.train.TrainingFailedError) -> tuple[str, bool]:
     if isinstance(cause, ConfigError):
         return str(cause), True
     text = str(cause).strip().splitlines()
-    return f"{type(cause).__name__}: {text[-1] if text else ''}", False
+    return f"{type(cause).__name__}: {text[0] if text else ''}", False
