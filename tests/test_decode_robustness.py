@@ -102,3 +102,24 @@ def test_a_label_member_is_read_only_up_to_a_labels_size(tmp_path, caplog):
         refs = shard_members(shard, 0, None)
     assert [(r.member, r.label) for r in refs] == [("a.mp4", 3), ("b.mp4", None)]
     assert "b.cls" in caplog.text and "goes unlabelled" in caplog.text
+
+
+def test_training_and_prepare_count_it_as_a_skip_with_its_reason(ray_local, changing, tmp_path):
+    from vjepa_ray.config import DataConfig
+    from vjepa_ray.data.pipeline import DecodeJob, _row, decode_rows
+    from vjepa_ray.data.prepare import PrepareSettings, ShardJob, write_shard
+    from vjepa_ray.data.sources import VideoRef
+
+    good = write_video(tmp_path / "good.mp4", moving_pattern(40, 80, 80, np.random.default_rng(1)), fps=25)
+    refs = [VideoRef(str(changing)), VideoRef(str(good))]
+    data = DataConfig(frames_per_clip=8, frame_step=2, crop_size=32, clips_per_video=1)
+    rows = [_row(ref, 0, slot) for slot, ref in enumerate(refs)]
+    batch = {key: np.asarray([row[key] for row in rows]) for key in rows[0]}
+    out = decode_rows(batch, DecodeJob.from_config(data, seed=0, epoch=0))  # a decode task's work
+    assert list(out["skip_reason"]) == ["size_changed", ""] and out["clip"].shape == (2, 8, 32, 32, 3)
+
+    settings = PrepareSettings(32, 2, None, None, SPEC)
+    (tmp_path / "prepared").mkdir()
+    record = write_shard(0, list(enumerate(refs)), ShardJob(settings, str(tmp_path / "prepared")))
+    assert record["members"] == ["000000001"]
+    assert [(s["source"], s["reason"]) for s in record["skipped"]] == [(str(changing), "size_changed")]
