@@ -4,9 +4,11 @@
 worker and hands rank 0's results back through a one-file checkpoint (``vjepa_ray.eval.driver`` starts
 them). Every (probe.lr, probe.weight_decay) pair is a grid point of ``probe.num_inits`` probes, each from its
 own initialisation, whose top-1s are averaged; all probes train in the same pass, fed by one encoder
-forward per batch. Training uses one random crop of all ``probe.num_segments`` segments;
-validation averages each probe's softmax over ``probe.num_views`` spatial views. Workers split the
-examples and average gradients.
+forward per batch. Training uses one random crop of all ``probe.num_segments`` segments and a random clip
+start, drawn afresh every epoch; with ``probe.train_augmentation`` false, the center crop and one start per
+video instead, the same every epoch, whose tokens ``probe.cache_features`` computes once. Validation averages
+each probe's softmax over ``probe.num_views`` spatial views; its tokens are computed once, in one pass that
+feeds every probe. Workers split the examples and average gradients.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import logging
 import math
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -259,6 +262,7 @@ def evaluate(cfg: Config, rank: int = 0, world_size: int = 1) -> ProbeRun:
 
     losses = []
     for epoch in range(p.epochs):
+        started = time.perf_counter()
         # Every rank draws the same permutation and takes its own slice of it.
         order = np.random.default_rng([cfg.meta.seed, epoch]).permutation(len(train_refs))[positions]
         encoder.train(p.finetune)
@@ -275,8 +279,8 @@ def evaluate(cfg: Config, rank: int = 0, world_size: int = 1) -> ProbeRun:
             if encoder_opt is not None:
                 encoder_opt.step()
             losses.append(step_losses)
-        log.info("epoch %d/%d: mean train loss per probe %s", epoch + 1, p.epochs,
-                 np.round(np.mean(losses[-steps_per_epoch:], axis=0), 4).tolist())
+        log.info("epoch %d/%d (%.1f s): mean train loss per probe %s", epoch + 1, p.epochs,
+                 time.perf_counter() - started, np.round(np.mean(losses[-steps_per_epoch:], axis=0), 4).tolist())
         if epoch == 0 and p.cache_features:
             log.info("cached the tokens of %d training examples: %.1f MiB", len(training_tokens.cache),
                      training_tokens.cached_bytes() / 2**20)
