@@ -131,7 +131,7 @@ class _Examples:
 
     Augmented training examples and validation examples draw from one generator per batch (``key``); a
     fixed training example (``probe.train_augmentation`` false) from its own, seeded by its position in the
-    manifest, so it is the same clip in every epoch.
+    training set, so it is the same clip in every epoch.
     """
 
     def __init__(self, spec: SampleSpec, seed: int):
@@ -144,8 +144,7 @@ class _Examples:
     def batch(self, refs: Sequence[VideoRef], train: bool, key: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([self.seed, *key])
         loaded = [(self._load(ref, self.spec, train, rng), ref.label) for ref in refs]
-        clips, labels = self._stack(loaded, 1 if train else self.spec.num_views)
-        return clips, labels
+        return self._stack(loaded, 1 if train else self.spec.num_views)
 
     def fixed_batch(self, refs: Sequence[VideoRef], indices: Sequence[int]
                     ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -164,7 +163,9 @@ class _Examples:
             log.warning("skipping %s: %s %s", ref, skip.reason, skip.detail)
             return None
 
-    def _stack(self, loaded: Sequence[tuple[np.ndarray | None, Any]], views: int) -> tuple[torch.Tensor, list]:
+    def _stack(self, loaded: Sequence[tuple[np.ndarray | None, int]], views: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The clips that loaded, stacked, and their tags (labels or positions)."""
         kept = [(clip, tag) for clip, tag in loaded if clip is not None]
         if not kept:
             shape = (0, views, self.spec.clip.clips_per_video, self.spec.clip.frames_per_clip, self.spec.crop_size,
