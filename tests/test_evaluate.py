@@ -140,6 +140,48 @@ def test_entries_over_the_data_limits_are_skipped_and_counted(tmp_path, checkpoi
     assert results["train_examples"] == 4 and results["val_examples"] == 1
 
 
+def test_cached_features_train_the_same_probes_as_encoding_every_epoch(tmp_path, checkpoint):
+    """Fixed training examples (one crop, one clip start per video) are the same clip every epoch, so their
+    tokens, computed once, train exactly the probes that encoding them every epoch trains."""
+    videos = make_labelled_motion_videos(tmp_path / "videos", 4, 2, frames=12, size=CROP,
+                                         classes=["right_fast", "left_fast", "up"])
+    broken = tmp_path / "videos" / "broken.mp4"
+    broken.write_bytes(b"not a video")
+    videos.train_manifest.write_text(videos.train_manifest.read_text() + f"{broken} 1\n")
+    cfg = load_config(None, tiny_overrides(tmp_path, checkpoint, videos.train_manifest, videos.val_manifest,
+                                           "probe.epochs=3", "probe.lr=[3e-3,1e-4]", "probe.num_inits=2",
+                                           "probe.train_augmentation=false", "probe.num_segments=2"))
+    # The videos are longer than a clip: a fixed example's start is drawn, once, from its position.
+    examples = loop._Examples(loop.sample_spec(cfg), cfg.meta.seed)
+    refs = loop.labelled_refs(cfg.probe.train_manifest, "probe.train_manifest")
+    first, labels, kept = examples.fixed_batch(refs, [0, 1, 12])
+    assert first.shape == (2, 1, 2, FRAMES, CROP, CROP, 3) and kept == [0, 1]
+    assert torch.equal(examples.fixed_batch(refs, [1, 0])[0], first.flip(0)) and labels.tolist() == [0, 0]
+
+    encoded = loop.evaluate(cfg)
+    cfg.probe.cache_features = True
+    cached = loop.evaluate(cfg)
+    assert cached.results["probes"] == encoded.results["probes"]  # every initialisation's top-1
+    assert cached.results["final_train_loss"] == pytest.approx(encoded.results["final_train_loss"], rel=1e-5)
+    for mine, theirs in zip(cached.bank.probes, encoded.bank.probes):
+        for (name, a), b in zip(mine.state_dict().items(), theirs.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+    # Encoded every epoch, the broken file fails every epoch; cached, once.
+    assert encoded.results["skipped"] == {"not_video": 3} and cached.results["skipped"] == {"not_video": 1}
+
+
+def test_cached_features_need_fixed_training_examples(tmp_path, checkpoint, image_manifests, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(tiny_overrides(tmp_path, checkpoint, *image_manifests, "probe.cache_features=true"))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("python -m vjepa_ray.evaluate: config error: probe.cache_features: needs fixed training "
+                          "examples: set probe.train_augmentation=false") and err.count("\n") == 1
+    with pytest.raises(ConfigError, match="^probe.cache_features: cannot be combined with probe.finetune"):
+        load_config(None, tiny_overrides(tmp_path, checkpoint, *image_manifests, "probe.cache_features=true",
+                                         "probe.train_augmentation=false", "probe.finetune=true"))
+
+
 def test_config_mistakes_name_the_key(tmp_path, checkpoint, image_manifests, capsys):
     cfg = load_config(None, tiny_overrides(tmp_path, tmp_path / "missing.pt", *image_manifests))
     with pytest.raises(ConfigError, match="^probe.checkpoint"):

@@ -155,3 +155,22 @@ def test_v2_probe_recipes_match_the_release(name, release_file, frames, frame_st
     # final_weight_decay = weight_decay.
     assert (p.lr, p.weight_decay) == (lrs, wds), release_file
     assert cfg.ray.num_workers == 64  # 8 nodes x 8 tasks
+
+
+def test_mask_ratio_study_sweeps_the_ratios_with_seeds_on_real_videos_on_gpus():
+    from vjepa_ray import runs
+    from vjepa_ray.sweep import driver as sweep
+
+    cfg = load_config(JOBS / "mask_ratio_study.yaml")
+    # 5 ratios x 3 seeds; every trial's config passes pretraining's checks (what --dry-run runs).
+    assert sweep.check_runnable(cfg) == {"mask_ratio": [0.5, 0.6, 0.7, 0.8, 0.9], "meta.seed": [0, 1, 2]}
+    assert (cfg.model.name, cfg.data.frames_per_clip, cfg.data.frame_step, cfg.data.crop_size) == \
+        ("vit_base", 16, 4, 224)
+    assert cfg.ray.use_gpu and cfg.optimization.global_batch_size == cfg.ray.num_workers * cfg.data.batch_size
+    # Real videos and labels, nothing generated.
+    assert cfg.data.paths and all(runs.is_uri(p) for p in [*cfg.data.paths, cfg.probe.train_manifest,
+                                                           cfg.probe.val_manifest])
+    assert cfg.data.synthetic_videos == cfg.tune.synthetic_probe_videos == 0
+    # Losses at different ratios are not comparable (no ASHA); collapsed trials stop.
+    assert cfg.tune.grace_period == 0 and cfg.tune.collapse_patience > 0
+    assert (cfg.probe.num_segments, cfg.probe.num_views, cfg.probe.num_classes) == (1, 1, 400)

@@ -122,7 +122,8 @@ def test_tune_command_names_the_bad_grid_key_in_one_line_and_exits_2(overrides, 
 
 @pytest.mark.parametrize("override", ["tune.mask_ratio=[1.2]", "tune.mask_ratio=[]", "tune.lr=[]",
                                       "tune.ema=[]", "tune.ema=[[0.9]]", "tune.probe_lr=[0]",
-                                      "tune.space={optimization.lr: 3}", "tune.reduction_factor=1"])
+                                      "tune.space={optimization.lr: 3}", "tune.reduction_factor=1",
+                                      "tune.collapse_patience=-1"])
 def test_bad_tune_section_is_a_config_error(override):
     with pytest.raises(ConfigError, match=r"^tune\."):
         demo(override)
@@ -154,6 +155,8 @@ def _rows():
          head(1e-3, 0.0): 0.50, head(1e-2, 0.0): 0.55},
         {"trial_id": "t2", "status": "stopped_early", MASK_RATIO: 0.8, "optimization.ema": [0.99, 1.0],
          "masked_fraction": 0.79, "loss": 0.9, "probe_top1": None, "probe_lr": None, "probe_weight_decay": None},
+        {"trial_id": "t3", "status": "collapsed", MASK_RATIO: 0.8, "optimization.ema": [0.99, 1.0],
+         "masked_fraction": 0.79, "loss": 0.2, "probe_top1": None, "probe_lr": None, "probe_weight_decay": None},
     ]
 
 
@@ -163,14 +166,15 @@ def test_results_files_hold_every_trial_the_grid_points_the_best_and_two_plots(t
     assert sorted(paths) == sorted(results.RESULT_FILES)
     with open(paths["summary.csv"]) as f:
         summary = list(csv.DictReader(f))
-    assert list(summary[0]) == [MASK_RATIO, "optimization.ema", "top1_mean", "top1_std", "n"]
-    # Two grid points; 0.8 has one trial with a top-1 (t2 stopped early): a mean, no std.
-    assert [(r[MASK_RATIO], r["top1_mean"], r["top1_std"], r["n"]) for r in summary] == [
-        ("0.5", "0.4", "", "1"), ("0.8", "0.55", "", "1")]
+    assert list(summary[0]) == [MASK_RATIO, "optimization.ema", "top1_mean", "top1_std", "n", "collapsed"]
+    # Two grid points; 0.8 has one trial with a top-1 (t2 stopped early, t3 collapsed): a mean, no std.
+    assert [(r[MASK_RATIO], r["top1_mean"], r["top1_std"], r["n"], r["collapsed"]) for r in summary] == [
+        ("0.5", "0.4", "", "1", "0"), ("0.8", "0.55", "", "1", "1")]
     with open(paths["results.csv"]) as f:
         table = list(csv.DictReader(f))
-    assert [r["trial_id"] for r in table] == ["t0", "t1", "t2"]
-    assert float(table[1]["probe_top1"]) == 0.55 and table[2]["probe_top1"] == ""
+    assert [(r["trial_id"], r["status"]) for r in table] == [
+        ("t0", "finished"), ("t1", "finished"), ("t2", "stopped_early"), ("t3", "collapsed")]
+    assert float(table[1]["probe_top1"]) == 0.55 and table[2]["probe_top1"] == table[3]["probe_top1"] == ""
     assert json.loads(table[0]["optimization.ema"]) == [0.99, 1.0]
     assert json.loads((tmp_path / "results.json").read_text()) == rows
     best = json.loads((tmp_path / "best.json").read_text())
@@ -194,14 +198,18 @@ def test_summary_is_the_mean_and_sample_std_of_each_grid_points_seeds():
     # By hand: 0.9 -> (50, 60, 70): mean 60, sample variance (100 + 0 + 100) / 2 = 100, std 10.
     # 0.3 at lr 1e-3 -> (20, 30) and a trial without top-1: mean 25, variance (25 + 25) / 1, std sqrt(50).
     assert summary == [
-        {MASK_RATIO: 0.3, "optimization.lr": 3e-4, "top1_mean": 40.0, "top1_std": None, "n": 1},
-        {MASK_RATIO: 0.3, "optimization.lr": 1e-3, "top1_mean": 25.0, "top1_std": 7.071, "n": 2},
-        {MASK_RATIO: 0.5, "optimization.lr": 1e-3, "top1_mean": None, "top1_std": None, "n": 0},
-        {MASK_RATIO: 0.9, "optimization.lr": 1e-3, "top1_mean": 60.0, "top1_std": 10.0, "n": 3},
+        {MASK_RATIO: 0.3, "optimization.lr": 3e-4, "top1_mean": 40.0, "top1_std": None, "n": 1,
+         "collapsed": 0},
+        {MASK_RATIO: 0.3, "optimization.lr": 1e-3, "top1_mean": 25.0, "top1_std": 7.071, "n": 2,
+         "collapsed": 0},
+        {MASK_RATIO: 0.5, "optimization.lr": 1e-3, "top1_mean": None, "top1_std": None, "n": 0,
+         "collapsed": 0},
+        {MASK_RATIO: 0.9, "optimization.lr": 1e-3, "top1_mean": 60.0, "top1_std": 10.0, "n": 3,
+         "collapsed": 0},
     ]
     # Without the lr among the keys, the two lrs at 0.3 are one point: (40, 20, 30): mean 30, std 10.
     assert results.summary_rows(rows, [MASK_RATIO])[0] == {MASK_RATIO: 0.3, "top1_mean": 30.0, "top1_std": 10.0,
-                                                            "n": 3}
+                                                            "n": 3, "collapsed": 0}
 
 
 def test_best_row_skips_unfinished_trials_and_breaks_ties_by_loss():
@@ -242,6 +250,26 @@ def test_asha_compares_pretraining_loss_by_step_and_never_stops_a_trial_before_i
     assert (last["probe_top1"], last["probe_lr"]) == (55.0, 3e-4) and len(last["probe_heads"]) == 2
     assert last["probe_top1_inits"] == [50.0, 60.0]  # the best point's initialisations, whose mean it reports
     assert last["target_feature_std"] == 0.45  # the collapse monitor of the last pretraining report
+
+
+def test_collapse_stopper_stops_a_trial_after_patience_low_reports_in_a_row():
+    from vjepa_ray.sweep.collapse import CollapseStopper, collapsed, low_streak
+
+    assert low_streak([0.5, 0.001, 0.2, 0.001, 0.002], 0.01) == 2
+    assert low_streak([0.001, float("nan")], 0.01) == 0  # a diverged spread is no collapse
+    assert collapsed([0.5, 0.001, 0.002], 0.01, 2) and not collapsed([0.001, 0.5, 0.002], 0.01, 2)
+    assert not collapsed([0.001] * 5, 0.01, 0)  # patience 0: no stopper
+    stopper = CollapseStopper(threshold=0.01, patience=2)
+    reports = {"low": [0.3, 0.005, 0.3, 0.004, 0.003], "healthy": [0.3, 0.005, 0.3, 0.2, 0.3]}
+    decisions = {trial: [stopper(trial, {"step": 10 * i, "target_feature_std": std}) for i, std in enumerate(stds)]
+                 for trial, stds in reports.items()}
+    assert decisions == {"low": [False, False, False, False, True], "healthy": [False] * 5}
+    assert stopper.stopped("low") and not stopper.stopped("healthy")
+    # The probe's result repeats the last report's spread and is not counted again; nor is a result without one.
+    stopper = CollapseStopper(threshold=0.01, patience=2)
+    assert not stopper("t", {"target_feature_std": 0.001})
+    assert not stopper("t", {"target_feature_std": 0.001, "probe_top1": 40.0})
+    assert not stopper("t", {"step": 3}) and stopper("t", {"target_feature_std": 0.002})
 
 
 def test_trial_pretrains_in_its_own_folder_of_the_sweep(tmp_path):

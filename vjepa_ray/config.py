@@ -344,7 +344,8 @@ class CheckpointConfig:
 @dataclass
 class LoggingConfig:
     every_steps: int = 10
-    # Warn when the spread of target features falls below this (a sign of collapse).
+    # Warn when the spread of target features falls below this (a sign of collapse); a sweep stops a trial
+    # that stays below it (tune.collapse_patience).
     collapse_std_threshold: float = 0.01
     # An MLflow tracking server (e.g. http://mlflow:5000) that every run logs to; empty = MLFLOW_TRACKING_URI,
     # or no tracking when that is unset too. Read once, by the command (vjepa_ray.tracking).
@@ -374,6 +375,13 @@ class ProbeConfig:
     # between encoders (README, "Evaluation"), so comparisons average several.
     num_inits: int = 1
     label_fraction: float = 1.0
+    # Training examples drawn afresh every epoch: a random-resized crop and a random clip start (true); or
+    # fixed, as validation's: one center crop and one clip start per video, the same every epoch (false).
+    train_augmentation: bool = True
+    # Fixed training examples (train_augmentation false) are encoded once, in the first epoch, and their
+    # tokens reused by every later epoch and every probe; they stay in the worker's memory (its examples x
+    # segments x tokens x embed dim values).
+    cache_features: bool = False
     finetune: bool = False
     # Fine-tuning: the encoder's LR is probe.lr x this, times layer_decay per block below the top.
     finetune_lr_scale: float = 0.1
@@ -403,6 +411,11 @@ class ProbeConfig:
         check.require(self.num_heads >= 0, "num_heads", "must be >= 0 (0 = the encoder's)")
         check.require(self.finetune_lr_scale > 0, "finetune_lr_scale", "must be > 0")
         check.require(0 < self.layer_decay <= 1, "layer_decay", "must be in (0, 1]")
+        check.require(not (self.cache_features and self.train_augmentation), "cache_features",
+                      f"needs fixed training examples: set {key}.train_augmentation=false (augmented examples "
+                      "differ every epoch, so their tokens cannot be reused)")
+        check.require(not (self.cache_features and self.finetune), "cache_features",
+                      f"cannot be combined with {key}.finetune: the fine-tuned encoder changes every step")
 
 
 @dataclass
@@ -427,6 +440,9 @@ class SweepConfig:
     probe_weight_decay: list[float] = field(default_factory=list)
     # Any other config key -> its values, e.g. {mask.0.num_blocks: [4, 8]}.
     space: dict[str, Any] = field(default_factory=dict)
+    # Stop a trial whose target features stay below logging.collapse_std_threshold for this many pretraining
+    # reports in a row (status "collapsed", no probe); 0 turns the stopper off.
+    collapse_patience: int = 3
     # Retries of a failed trial (its pretraining resumes from its last checkpoint).
     max_failures: int = 1
     # CPUs held by each trial's driver, which mostly waits: pretraining and probe run on their own workers.
@@ -455,6 +471,7 @@ class SweepConfig:
         for name, values in self.space.items():
             check.require(isinstance(values, list) and len(values) >= 1, f"space.{name}",
                           f"expected a list of values, got {values!r}")
+        check.require(self.collapse_patience >= 0, "collapse_patience", "must be >= 0 (0 = no collapse stopper)")
         check.require(self.max_failures >= -1, "max_failures", "must be >= 0, or -1 for no limit")
         check.require(self.driver_cpus >= 0, "driver_cpus", "must be >= 0")
         check.require(self.synthetic_probe_videos >= 0, "synthetic_probe_videos", "must be >= 0")

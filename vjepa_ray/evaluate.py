@@ -11,8 +11,10 @@ or one of its ``step_*`` checkpoints; the weights under ``probe.checkpoint_key``
 images (an image is evaluated as a static clip).
 
 Every (probe.lr, probe.weight_decay) pair is a probe; all of them train in the same pass, fed by one
-encoder forward per batch. Training uses one random crop of all ``probe.num_segments`` segments;
-validation averages each probe's softmax over ``probe.num_views`` spatial views. Workers
+encoder forward per batch. Training uses one random crop of all ``probe.num_segments`` segments
+(``probe.train_augmentation=false``: one fixed crop and start per video, ``probe.cache_features=true``: their
+tokens computed once and reused every epoch); validation averages each probe's softmax over
+``probe.num_views`` spatial views. Workers
 (``ray.num_workers``, gloo on CPUs) split the examples and average gradients. The results (each
 probe's val top-1 and the best) are printed and written to ``<ray.storage_path>/<meta.name>/
 probe_results.json`` (a local folder or a URI, see ``vjepa_ray.runs``); the loop is ``vjepa_ray.eval.loop``.

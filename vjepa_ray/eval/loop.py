@@ -4,17 +4,21 @@
 worker and hands rank 0's results back through a one-file checkpoint (``vjepa_ray.eval.driver`` starts
 them). Every (probe.lr, probe.weight_decay) pair is a grid point of ``probe.num_inits`` probes, each from its
 own initialisation, whose top-1s are averaged; all probes train in the same pass, fed by one encoder
-forward per batch. Training uses one random crop of all ``probe.num_segments`` segments;
-validation averages each probe's softmax over ``probe.num_views`` spatial views. Workers split the
-examples and average gradients.
+forward per batch. Training uses one random crop of all ``probe.num_segments`` segments and a random clip
+start, drawn afresh every epoch; with ``probe.train_augmentation`` false, the center crop and one start per
+video instead, the same every epoch, whose tokens ``probe.cache_features`` computes once. Validation averages
+each probe's softmax over ``probe.num_views`` spatial views; its tokens are computed once, in one pass that
+feeds every probe. Workers split the examples and average gradients.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -123,29 +127,96 @@ def layer_decay_groups(encoder: VisionTransformer, base_lr: float, weight_decay:
 
 
 class _Examples:
-    """Loads batches of examples; a bad file is a counted, logged skip."""
+    """Loads batches of examples; a bad file is a counted, logged skip.
+
+    Augmented training examples and validation examples draw from one generator per batch (``key``); a
+    fixed training example (``probe.train_augmentation`` false) from its own, seeded by its position in the
+    training set, so it is the same clip in every epoch.
+    """
 
     def __init__(self, spec: SampleSpec, seed: int):
         self.spec = spec
+        # Fixed training examples are validation's single view: the center crop of every segment.
+        self.fixed_spec = dataclasses.replace(spec, num_views=1)
         self.seed = seed
         self.skipped: dict[str, int] = {}
 
     def batch(self, refs: Sequence[VideoRef], train: bool, key: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([self.seed, *key])
-        clips, labels = [], []
-        for ref in refs:
-            try:
-                clips.append(load_example(ref, self.spec, train, rng))
-            except VideoSkip as skip:
-                self.skipped[skip.reason] = self.skipped.get(skip.reason, 0) + 1
-                log.warning("skipping %s: %s %s", ref, skip.reason, skip.detail)
-                continue
-            labels.append(ref.label)
-        if not clips:
-            shape = (0, 1 if train else self.spec.num_views, self.spec.clip.clips_per_video,
-                     self.spec.clip.frames_per_clip, self.spec.crop_size, self.spec.crop_size, 3)
+        loaded = [(self._load(ref, self.spec, train, rng), ref.label) for ref in refs]
+        return self._stack(loaded, 1 if train else self.spec.num_views)
+
+    def fixed_batch(self, refs: Sequence[VideoRef], indices: Sequence[int]
+                    ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """The fixed training examples at ``indices`` of ``refs``: clips, labels and the indices that loaded."""
+        loaded = [(self._load(refs[i], self.fixed_spec, False, np.random.default_rng([self.seed, int(i)])), i)
+                  for i in indices]
+        kept = [i for clip, i in loaded if clip is not None]
+        clips, _ = self._stack(loaded, 1)
+        return clips, torch.tensor([refs[i].label for i in kept], dtype=torch.long), kept
+
+    def _load(self, ref: VideoRef, spec: SampleSpec, train: bool, rng: np.random.Generator) -> np.ndarray | None:
+        try:
+            return load_example(ref, spec, train, rng)
+        except VideoSkip as skip:
+            self.skipped[skip.reason] = self.skipped.get(skip.reason, 0) + 1
+            log.warning("skipping %s: %s %s", ref, skip.reason, skip.detail)
+            return None
+
+    def _stack(self, loaded: Sequence[tuple[np.ndarray | None, int]], views: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The clips that loaded, stacked, and their tags (labels or positions)."""
+        kept = [(clip, tag) for clip, tag in loaded if clip is not None]
+        if not kept:
+            shape = (0, views, self.spec.clip.clips_per_video, self.spec.clip.frames_per_clip, self.spec.crop_size,
+                     self.spec.crop_size, 3)
             return torch.zeros(shape, dtype=torch.uint8), torch.zeros(0, dtype=torch.long)
-        return torch.from_numpy(np.stack(clips)), torch.tensor(labels)
+        return torch.from_numpy(np.stack([clip for clip, _ in kept])), torch.tensor([tag for _, tag in kept])
+
+
+class _TrainingTokens:
+    """The encoder tokens and labels of a training batch, given the batch's positions in the training set.
+
+    Augmented examples are drawn and encoded afresh every epoch. Fixed ones are the same every epoch: with
+    ``cache``, each is encoded once, in the batch that first holds it, and its tokens are kept (a file that
+    failed to load is not tried again).
+    """
+
+    def __init__(self, examples: _Examples, refs: Sequence[VideoRef], encoder: VisionTransformer,
+                 device: torch.device, augment: bool, cache: bool):
+        self.examples, self.refs, self.encoder, self.device = examples, refs, encoder, device
+        self.augment = augment
+        self.cache: dict[int, tuple[torch.Tensor, int] | None] | None = {} if cache else None
+
+    def __call__(self, indices: Sequence[int], key: Sequence[int], grad: bool) -> tuple[torch.Tensor | None,
+                                                                                        torch.Tensor]:
+        """(tokens [B, 1, S * N, D] or None when no example loaded, labels [B])."""
+        if self.augment:
+            clips, labels = self.examples.batch([self.refs[i] for i in indices], True, key)
+            return self._encode(clips, grad), labels
+        if self.cache is None:
+            clips, labels, _ = self.examples.fixed_batch(self.refs, indices)
+            return self._encode(clips, grad), labels
+        missing = [i for i in dict.fromkeys(int(i) for i in indices) if i not in self.cache]
+        if missing:
+            clips, labels, kept = self.examples.fixed_batch(self.refs, missing)
+            self.cache.update(dict.fromkeys(missing))
+            tokens = self._encode(clips, grad)
+            for row, index in enumerate(kept):
+                self.cache[index] = (tokens[row], int(labels[row]))
+        hits = [self.cache[int(i)] for i in indices if self.cache[int(i)] is not None]
+        if not hits:
+            return None, torch.zeros(0, dtype=torch.long)
+        return torch.stack([tokens for tokens, _ in hits]), torch.tensor([label for _, label in hits])
+
+    def cached_bytes(self) -> int:
+        return sum(entry[0].nbytes for entry in (self.cache or {}).values() if entry is not None)
+
+    def _encode(self, clips: torch.Tensor, grad: bool) -> torch.Tensor | None:
+        if not len(clips):
+            return None
+        with torch.set_grad_enabled(grad):
+            return encode_views(self.encoder, clips.to(self.device))
 
 
 def _shard(count: int, rank: int, world: int) -> np.ndarray:
@@ -184,6 +255,7 @@ def evaluate(cfg: Config, rank: int = 0, world_size: int = 1) -> ProbeRun:
     heads = p.num_heads or encoder.num_heads
     bank = ProbeBank(lambda g: AttentiveClassifier(encoder.embed_dim, heads, num_classes, p.num_blocks, generator=g),
                      grid_specs(p.lr, p.weight_decay, cfg.meta.seed, p.num_inits), total_steps, device)
+    training_tokens = _TrainingTokens(examples, train_refs, encoder, device, p.train_augmentation, p.cache_features)
     encoder_opt = None
     if p.finetune:
         encoder_opt = torch.optim.AdamW(layer_decay_groups(encoder, p.lr[0] * p.finetune_lr_scale,
@@ -191,14 +263,13 @@ def evaluate(cfg: Config, rank: int = 0, world_size: int = 1) -> ProbeRun:
 
     losses = []
     for epoch in range(p.epochs):
+        started = time.perf_counter()
         # Every rank draws the same permutation and takes its own slice of it.
         order = np.random.default_rng([cfg.meta.seed, epoch]).permutation(len(train_refs))[positions]
         encoder.train(p.finetune)
         for step in range(steps_per_epoch):
-            batch_refs = [train_refs[i] for i in order[step * p.batch_size:(step + 1) * p.batch_size]]
-            clips, labels = examples.batch(batch_refs, True, (epoch, step, rank))
-            with torch.set_grad_enabled(p.finetune):
-                tokens = encode_views(encoder, clips.to(device)) if len(labels) else None
+            tokens, labels = training_tokens(order[step * p.batch_size:(step + 1) * p.batch_size],
+                                             (epoch, step, rank), grad=p.finetune)
             if encoder_opt is not None:
                 encoder_opt.zero_grad(set_to_none=True)
                 for group in encoder_opt.param_groups:
@@ -209,8 +280,11 @@ def evaluate(cfg: Config, rank: int = 0, world_size: int = 1) -> ProbeRun:
             if encoder_opt is not None:
                 encoder_opt.step()
             losses.append(step_losses)
-        log.info("epoch %d/%d: mean train loss per probe %s", epoch + 1, p.epochs,
-                 np.round(np.mean(losses[-steps_per_epoch:], axis=0), 4).tolist())
+        log.info("epoch %d/%d (%.1f s): mean train loss per probe %s", epoch + 1, p.epochs,
+                 time.perf_counter() - started, np.round(np.mean(losses[-steps_per_epoch:], axis=0), 4).tolist())
+        if epoch == 0 and p.cache_features:
+            log.info("cached the tokens of %d training examples: %.1f MiB", len(training_tokens.cache),
+                     training_tokens.cached_bytes() / 2**20)
 
     encoder.eval()
     correct = torch.zeros(len(bank.specs), dtype=torch.float64)

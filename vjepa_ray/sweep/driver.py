@@ -19,6 +19,7 @@ from vjepa_ray import cluster, runs, tracking
 from vjepa_ray.config import Config, ConfigError, to_dict
 from vjepa_ray.data.demo import prepare_demo_videos, prepare_probe_videos
 from vjepa_ray.sweep import results as tables
+from vjepa_ray.sweep.collapse import STD, CollapseStopper, collapsed
 from vjepa_ray.sweep.mask_ratio import masked_fraction
 from vjepa_ray.sweep.space import SEED, check_axes, grid_point_keys, sweep_axes, token_grid, trial_config
 from vjepa_ray.sweep.trial import run_trial, trial_run_config
@@ -30,8 +31,9 @@ log = logging.getLogger(__name__)
 class ProgressLines(Callback):
     """One line per trial result, so the sweep's progress reads in the job logs."""
 
-    def __init__(self):
+    def __init__(self, stopper: CollapseStopper | None):
         self.done = 0
+        self.stopper = stopper
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if "probe_top1" in result:
@@ -43,7 +45,12 @@ class ProgressLines(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.done += 1
         top1 = trial.last_result.get("probe_top1")
-        outcome = f"probe top-1 {top1:.1f}%" if top1 is not None else "stopped early (ASHA)"
+        if top1 is not None:
+            outcome = f"probe top-1 {top1:.1f}%"
+        elif self.stopper is not None and self.stopper.stopped(trial.trial_id):
+            outcome = "collapsed (target feature std below the threshold), stopped early"
+        else:
+            outcome = "stopped early (ASHA)"
         log.info("[tune] %s done: %s; %d trial(s) done", trial.trial_id, outcome, self.done)
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -100,6 +107,7 @@ def _tuner(cfg: Config, axes: dict[str, list[Any]], mlflow: tracking.MlflowTarge
         log.info("resuming the sweep in %s", path)
         # Finished trials keep their results; unfinished and errored ones run again.
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+    stopper = _collapse_stopper(cfg)
     concurrency = max_concurrent_trials(cfg, ray.cluster_resources())
     log.info("sweep %s: %d trials over %s; up to %d at a time; results in %s", cfg.meta.name,
              math.prod(len(v) for v in axes.values()), ", ".join(axes) or "no axes", concurrency, path)
@@ -109,8 +117,24 @@ def _tuner(cfg: Config, axes: dict[str, list[Any]], mlflow: tracking.MlflowTarge
         tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=concurrency, scheduler=_scheduler(cfg)),
         run_config=tune.RunConfig(name=cfg.meta.name, storage_path=runs.storage_path(cfg),
                                   failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures),
-                                  callbacks=[ProgressLines()], verbose=0),
+                                  stop=stopper, callbacks=[ProgressLines(stopper)], verbose=0),
     )
+
+
+def _collapse_stopper(cfg: Config) -> CollapseStopper | None:
+    if cfg.tune.collapse_patience == 0:
+        return None
+    return CollapseStopper(cfg.logging.collapse_std_threshold, cfg.tune.collapse_patience)
+
+
+def _pretraining_stds(result) -> list[float]:
+    """The collapse monitor of every pretraining report of a trial, in order (its probe's result left out)."""
+    history = result.metrics_dataframe
+    if history is None or STD not in history:
+        return []
+    if "probe_top1" in history:
+        history = history[history["probe_top1"].isna()]
+    return history[STD].dropna().tolist()
 
 
 def _row(cfg: Config, result, keys: list[str]) -> dict[str, Any]:
@@ -121,6 +145,8 @@ def _row(cfg: Config, result, keys: list[str]) -> dict[str, Any]:
         status = "error"
     elif "probe_top1" in metrics:
         status = "finished"
+    elif collapsed(_pretraining_stds(result), cfg.logging.collapse_std_threshold, cfg.tune.collapse_patience):
+        status = "collapsed"
     else:
         status = "stopped_early"
     trial_cfg = trial_config(cfg, settings)
@@ -182,7 +208,8 @@ def run(cfg: Config, mlflow: tracking.MlflowTarget | None = None) -> dict[str, A
         settings = {key: best[key] for key in keys} | {SEED: best["seed"]}
         best_cfg = to_dict(trial_run_config(cfg, settings, best["trial_id"]))
     paths = tables.write_results(runs.run_dir(cfg), rows, keys, best_cfg)
-    counts = {status: sum(r["status"] == status for r in rows) for status in ("finished", "stopped_early", "error")}
+    counts = {status: sum(r["status"] == status for r in rows)
+              for status in ("finished", "stopped_early", "collapsed", "error")}
     summary = {"trials": len(rows), **counts, "best": best, "files": paths, "folder": runs.run_dir(cfg)}
     if parent is not None:
         summary["mlflow"] = tracking.finish_sweep(parent, {"trials": len(rows), **counts}, best, paths)

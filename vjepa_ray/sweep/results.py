@@ -1,12 +1,14 @@
 """The sweep's results, for people: a table of every trial, one of every grid point, the best trial, two plots.
 
 Rows are flat dicts (one per trial): ``trial_id``, ``status`` (``finished``, ``stopped_early`` by ASHA,
-or ``error``), one column per axis of the grid but the seed, the trial's ``seed``, what its masks cover
-(``masked_fraction``), the pretraining's last ``step`` and ``loss``, the collapse monitor at its end
+``collapsed`` (stopped by ``vjepa_ray.sweep.collapse``) or ``error``), one column per axis of the grid but the
+seed, the trial's ``seed``, what its masks cover (``masked_fraction``), the pretraining's last ``step`` and
+``loss``, the collapse monitor at its end
 (``target_feature_std``), the best point of its probe grid (``probe_top1``, the mean over ``probe.num_inits``
 initialisations, each one's in ``probe_top1_inits``; ``probe_lr``, ``probe_weight_decay``) and every point's
 top-1 (``top1[lr=...,wd=...]``), top-1 in percent. A grid point is a trial's settings
-without its seed; its summary row holds the mean and sample standard deviation of its trials' top-1.
+without its seed; its summary row holds the mean and sample standard deviation of its trials' top-1 and how
+many of its trials collapsed.
 Files go into the sweep's folder (a local path or a URI, see ``vjepa_ray.runs``): ``results.csv``,
 ``results.json``, ``summary.csv``, ``best.json``, ``top1_vs_mask_ratio.png``, ``top1_vs_probe_lr.png``.
 """
@@ -50,19 +52,21 @@ def best_row(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
 def summary_rows(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> list[dict[str, Any]]:
     """One row per grid point (its settings: the columns ``keys``), in the order of the settings: ``top1_mean``
     and ``top1_std`` (sample standard deviation, ddof 1) of the best probe top-1 of its trials, and ``n``,
-    how many of its trials have one. With one such trial the std is None; with none, the mean too."""
-    points: dict[str, tuple[list[Any], list[float]]] = {}
+    how many of its trials have one, and ``collapsed``, how many of its trials the collapse stopper stopped. With
+    one trial with a top-1 the std is None; with none, the mean too."""
+    points: dict[str, tuple[list[Any], list[float], list[bool]]] = {}
     for row in rows:
         settings = [row.get(key) for key in keys]
         # JSON names the point: settings may be lists (EMA ranges), which a dict key cannot be.
-        _, top1 = points.setdefault(json.dumps(settings), (settings, []))
+        _, top1, collapsed = points.setdefault(json.dumps(settings), (settings, [], []))
         if has_top1(row):
             top1.append(float(row["probe_top1"]))
+        collapsed.append(row.get("status") == "collapsed")
     return [{**dict(zip(keys, settings)),
              "top1_mean": round(statistics.fmean(top1), 3) if top1 else None,
              "top1_std": round(statistics.stdev(top1), 3) if len(top1) > 1 else None,
-             "n": len(top1)}
-            for settings, top1 in sorted(points.values(), key=lambda point: point[0])]
+             "n": len(top1), "collapsed": sum(collapsed)}
+            for settings, top1, collapsed in sorted(points.values(), key=lambda point: point[0])]
 
 
 def columns(rows: Iterable[dict[str, Any]]) -> list[str]:
