@@ -2,8 +2,9 @@
 
 A family says how its models place tokens (``positions``), how they start (``depth_scaled_init``), which
 of the predictor's mask tokens each mask config uses, what its release files hold, and its recipe's
-defaults (schedule, gradient clipping). Models, loaders, masks and the training step ask the family object; the config stores its name
-(``model.family``), checked against ``FAMILIES``. A new family is one ``register(Family(...))``.
+defaults (schedule, gradient clipping). Models, loaders, masks and the training step ask the family
+object; the config stores its name (``model.family``), checked against ``FAMILIES``. A new family is one
+``register(Family(...))``.
 """
 
 from __future__ import annotations
