@@ -59,8 +59,9 @@ def test_pretrain_from_exported_weights_then_cooldown_from_its_folder(ray_local,
     assert first["status"] == "finished" and first["steps"] == 8 and first["world_sizes"] == [2]
     series = read_scalars(Path(first["tensorboard"]))
     assert series["loss"][-1][1] < series["loss"][0][1]
-    # Warmup over 2 steps, then held: the metric at step s is the LR step s - 1 ran with.
-    assert [lr for _, lr in series["lr"]] == pytest.approx([1e-4, 5.5e-4] + [1e-3] * 6, rel=1e-6)
+    # Warmup over 2 steps, then held: the metric at step s is the LR step s - 1 ran with, the schedule's value at
+    # index s (the releases advance their schedulers before a step uses them).
+    assert [lr for _, lr in series["lr"]] == pytest.approx([5.5e-4] + [1e-3] * 7, rel=1e-6)
     assert [m for _, m in series["momentum"]] == pytest.approx([0.9] * 8)
     # The workers started from the file: their EMA target is the one-process replay's from the file's weights.
     assert_target_matches_reference(first["checkpoint"], replay_from_init_weights(pretrain, 2, 8), target)
@@ -79,8 +80,8 @@ def test_pretrain_from_exported_weights_then_cooldown_from_its_folder(ray_local,
     assert second["starts"] == [{"world_size": 1, "step": 0}]
     series = read_scalars(Path(second["tensorboard"]))
     assert series["loss"][-1][1] < series["loss"][0][1]
-    # Linear from 1e-3 toward 1e-5 over 6 steps, no warmup.
-    assert [lr for _, lr in series["lr"]] == pytest.approx([1e-3 - (1e-3 - 1e-5) * s / 6 for s in range(6)],
+    # Linear from 1e-3 toward 1e-5 over 6 steps, no warmup, reaching it at the last (indices 1 to 6).
+    assert [lr for _, lr in series["lr"]] == pytest.approx([1e-3 - (1e-3 - 1e-5) * s / 6 for s in range(1, 7)],
                                                            rel=1e-6)
     metrics = json.loads((tmp_path / "cooldown" / "summary.json").read_text())["metrics"]
     assert (metrics["global_batch"], metrics["micro_batch"], metrics["grad_accum"]) == (8, 4, 2)
