@@ -210,12 +210,13 @@ def write_sweep_data(tmp: Path, cfg) -> None:
     write_probe_videos(tmp / "labelled", cfg)
 
 
-# Learning rates 1e-3 and 3 with a target that follows the encoder at once (EMA momentum 0): measured on the
-# demo's clips, at 3 the target features' spread falls from ~0.45 to ~0.01 within two steps and stays there,
-# at 1e-3 it is still above 0.25 after six. Reports every 2 steps; the stopper ends a trial at its first report
-# below 0.05, so the collapsing trials stop at step 4 of 6, without a probe.
+# Learning rates 1e-3 and 3 with a target that follows the encoder at once (EMA momentum 0). Measured in this
+# sweep: both start at a target feature spread of 0.47 (report at step 2, still in the warmup); at lr 3 the
+# loss explodes (160+) and the spread of the next report (steps 2-3) falls to 0.05-0.13, at 1e-3 it stays
+# above 0.29 up to step 6. Reports every 2 steps; the stopper ends a trial at its first report below 0.2, so
+# the lr-3 trials stop at step 4 of 6, without a probe.
 COLLAPSING_GRID = ("tune.lr=[1e-3,3.0]", "optimization.ema=[0.0,0.0]", "logging.every_steps=2",
-                   "logging.collapse_std_threshold=0.05", "tune.collapse_patience=1")
+                   "logging.collapse_std_threshold=0.2", "tune.collapse_patience=1")
 
 
 @pytest.fixture(scope="session")

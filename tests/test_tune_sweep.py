@@ -123,13 +123,16 @@ def check_mlflow_runs(uri: str, experiment: dict, finished: list[dict], collapse
         assert float(params["mask_ratio"]) == float(row["mask_ratio"])
         assert float(params["optimization.lr"]) == float(row["optimization.lr"])
         assert params["meta.name"] == row["trial_id"] and params["mask.1.spatial_scale"] == row["mask.1.spatial_scale"]
-        # The pretraining curve: a loss at every report (every 2 steps) up to where the trial stopped.
+        # The pretraining curve: a loss at every report (every 2 steps). A stopped trial's logger goes down with
+        # it, so its last report may not have reached the server.
         history = mlflow_api(uri, "metrics/get-history", run_id=run_id, metric_key="loss")["metrics"]
         steps = sorted(m["step"] for m in history)
-        assert steps == list(range(2, int(row["pretrain_steps"]) + 1, 2))
-        assert max(history, key=lambda m: m["step"])["value"] == pytest.approx(float(row["loss"]))
+        reports = list(range(2, int(row["pretrain_steps"]) + 1, 2))
         if row in collapsed:
+            assert steps in (reports, reports[:-1]) and steps[0] == 2
             continue
+        assert steps == reports
+        assert max(history, key=lambda m: m["step"])["value"] == pytest.approx(float(row["loss"]))
         assert run["info"]["status"] == "FINISHED"
         metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
         assert metrics["probe_top1"] == float(row["probe_top1"])
