@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import statistics
 from dataclasses import dataclass
 from typing import ContextManager, Mapping, Protocol, Sequence, Union
@@ -71,14 +72,16 @@ class MicroBatch:
 
 @dataclass
 class StepOutput:
-    """The schedules' values a step used, each micro batch's (detached) objective, and the gradient norm
-    (None where it was not computed)."""
+    """The schedules' values a step used, each micro batch's (detached) objective, the gradient norm (None
+    where it was not computed), and whether the update was applied (False: a loss or the gradient was not
+    finite, and neither the weights, the optimizer state nor the EMA target moved)."""
 
     lr: float
     weight_decay: float
     momentum: float
     outputs: list[JepaOutput]
     grad_norm: float | None
+    applied: bool = True
 
     @property
     def loss(self) -> float:
@@ -162,10 +165,14 @@ class JepaStep:
                 self.backward(out.loss * batch.weight, len(micro_batches))
             outputs.append(JepaOutput(out.loss.detach(), out.per_mask_losses, out.target_features_std))
         with timer.phase("optimizer"):
-            grad_norm = self.optimizer_step()
-        with timer.phase("ema"):
-            self.update_target(momentum)
-        return StepOutput(lr, weight_decay, momentum, outputs, grad_norm)
+            # A non-finite loss or gradient would poison the weights, Adam's moments and, through the EMA, the
+            # target: such a step is dropped whole.
+            applied = self.is_finite(outputs)
+            grad_norm = self.optimizer_step() if applied else self.drop_gradients()
+        if applied:
+            with timer.phase("ema"):
+                self.update_target(momentum)
+        return StepOutput(lr, weight_decay, momentum, outputs, grad_norm, applied)
 
     def group(self, clips: torch.Tensor, seed: Sequence[int], rank: int) -> ClipGroup:
         """Normalised clips of one length with their masks (drawn from ``seed`` and ``rank``) and mask tokens."""
@@ -197,6 +204,17 @@ class JepaStep:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
+
+    def is_finite(self, outputs: Sequence[JepaOutput]) -> bool:
+        """Whether every micro batch's loss and the accumulated gradient are finite."""
+        if not all(math.isfinite(float(out.loss)) for out in outputs):
+            return False
+        return all(bool(torch.isfinite(p.grad).all()) for p in self.module.parameters() if p.grad is not None)
+
+    def drop_gradients(self) -> float | None:
+        """Ends a step that is not applied: its gradient goes, nothing else changes."""
+        self.optimizer.zero_grad(set_to_none=True)
+        return None
 
     def update_target(self, momentum: float) -> None:
         ema_update_(list(self.target_encoder.parameters()), list(self.module.encoder.parameters()), momentum)

@@ -80,6 +80,8 @@ class TrainState:
     # Every rank's data stream state at the save, by rank (``ClipStream.state_dict()``).
     data_position: list[dict[str, Any]] | None = None
     skipped_videos: int = 0
+    # Steps not applied because their loss or gradient was not finite (vjepa_ray.train.nonfinite).
+    nonfinite_steps: int = 0
     last_loss: float | None = None
     world_sizes: list[int] = field(default_factory=list)
     # state_digest of weights and Adam moments at the save, when the run verifies its restores.

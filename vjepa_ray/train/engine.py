@@ -24,6 +24,7 @@ from vjepa_ray.recipe.objective import ClipGroup, JepaModule, JepaOutput
 from vjepa_ray.recipe.optimizer import adamw, param_groups
 from vjepa_ray.recipe.step import JepaStep, MicroBatch, StepOutput, init_networks, take_clips
 from vjepa_ray.train.elastic import BatchPlan
+from vjepa_ray.train.nonfinite import StepGate
 from vjepa_ray.train.target_encoder import TargetEncoder
 
 if TYPE_CHECKING:
@@ -113,6 +114,15 @@ def build_engine(module: JepaModule, cfg: Config, ds_config: dict[str, Any]):
     return engine
 
 
+def base_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer at the bottom of the engine: DeepSpeed hands it its (flat, partitioned) fp32 masters,
+    wrapped one level deep, or uses it as given (fp32 ZeRO-0)."""
+    inner = engine.optimizer
+    while hasattr(inner, "optimizer"):
+        inner = inner.optimizer
+    return inner
+
+
 def state_bytes(engine, target: TargetEncoder) -> dict[str, int]:
     """Bytes this rank holds for the module's weights, the optimizer (fp32 masters + moments) and the EMA.
 
@@ -132,10 +142,7 @@ def state_bytes(engine, target: TargetEncoder) -> dict[str, int]:
     # "persistent" parameters gathered).
     params = list(engine.module.parameters())
     weights = count(p.data for p in params) + count(p.ds_tensor for p in params if hasattr(p, "ds_tensor"))
-    inner = engine.optimizer
-    # DeepSpeed hands its (flat, partitioned) fp32 masters to our torch optimizer, wrapped one level deep.
-    while hasattr(inner, "optimizer"):
-        inner = inner.optimizer
+    inner = base_optimizer(engine)
     optimizer = count(p for g in inner.param_groups for p in g["params"])
     optimizer += count(v for state in inner.state.values() for v in state.values())
     return {"weights": weights, "optimizer": optimizer, "ema": target.bytes_per_rank(),
@@ -148,7 +155,8 @@ class DeepSpeedStep(JepaStep):
     The engine runs the forward and the backward, and steps the optimizer (clipping the gradient norm,
     ``gradient_clipping``) when the last micro batch of the step is in: it divides the loss by its
     accumulation steps and averages the gradient over the ranks itself. The EMA updates this rank's share
-    of the target (its ZeRO-3 partition, or all of it).
+    of the target (its ZeRO-3 partition, or all of it). Whether a step is applied is decided inside the
+    engine's step (``vjepa_ray.train.nonfinite.StepGate``; none under fp16, whose loss scaler decides).
     """
 
     def __init__(self, engine, target: TargetEncoder, cfg: Config, device: torch.device, dtype: torch.dtype):
@@ -156,18 +164,29 @@ class DeepSpeedStep(JepaStep):
                          MaskCollator(cfg.mask, engine.module.encoder.grid), cfg.optimization, cfg.meta.seed,
                          device, dtype, family=cfg.model.family, clip_lengths=cfg.data.clip_lengths())
         self.engine, self.target = engine, target
+        self.gate = None if cfg.deepspeed.precision == "fp16" else StepGate(base_optimizer(engine), device)
 
     def forward(self, groups: list[ClipGroup]) -> JepaOutput:
         return self.engine(groups, self.target_encoder)
 
     def backward(self, weighted_loss: torch.Tensor, num_micro_batches: int) -> None:
+        if self.gate is not None:
+            self.gate.note_loss(weighted_loss)
         self.engine.backward(weighted_loss)
         self.engine.step()
+
+    def is_finite(self, outputs) -> bool:
+        # Decided in the engine's step (``backward`` of the last micro batch), by the gate or by DeepSpeed first.
+        return self.gate is None or self.gate.take()
 
     def optimizer_step(self) -> float | None:
         # The engine stepped in ``backward``; the norm is the one it computed there.
         norm = self.engine.get_global_grad_norm()
         return None if norm is None else float(norm)
+
+    def drop_gradients(self) -> float | None:
+        # The engine cleared its gradient after the step it did not apply.
+        return self.optimizer_step()
 
     def update_target(self, momentum: float) -> None:
         self.target.update(momentum)

@@ -26,8 +26,9 @@ from vjepa_ray.config import Config, DataConfig, from_dict, to_yaml
 from vjepa_ray.train import checkpoint as ckpt
 from vjepa_ray.train import recovery
 from vjepa_ray.train.elastic import BatchPlan, global_batch_size, plan_batch
-from vjepa_ray.train.engine import TrainStep, state_bytes
+from vjepa_ray.train.engine import TrainStep, base_optimizer, state_bytes
 from vjepa_ray.train.metrics import IntervalMeter, collapse_warning, format_progress
+from vjepa_ray.train.nonfinite import NonFiniteSteps, check_finite_state
 from vjepa_ray.train.upload import persist_checkpoint
 from vjepa_ray.train.weights import read_initial_weights
 from vjepa_ray.worker_env import configure_worker_logging
@@ -179,6 +180,8 @@ class Run:
         batches = iter(stream)
         saves = ckpt.SaveSchedule(cfg.checkpoint.every_steps, total)
         meter = IntervalMeter(len(cfg.mask))
+        nonfinite = NonFiniteSteps(cfg.optimization.max_nonfinite_steps, total=state.nonfinite_steps)
+        deferred_save = False
         if state.step >= total:
             self._report(state, {"step": state.step, "resumed_from_step": resumed_step}, checkpoint=False)
             return
@@ -186,9 +189,13 @@ class Run:
             out = self.step(batches, state.step, meter)
             state.step += 1
             step = state.step
+            stop = nonfinite.record(step, out.applied, out.loss, out.grad_norm, self.rank)
+            state.nonfinite_steps = nonfinite.total
             preempted = self._new_preemption_notice(step)
-            checkpoint = saves.due(step, preempted)
-            if step % cfg.logging.every_steps and not checkpoint:
+            # No checkpoint from a step that was not applied: its save waits for the next step that is.
+            due = saves.due(step, preempted) or deferred_save
+            checkpoint, deferred_save = due and out.applied, due and not out.applied
+            if step % cfg.logging.every_steps and not checkpoint and not stop:
                 continue
             metrics = meter.reduce(self.device)
             meter.reset()
@@ -199,7 +206,8 @@ class Run:
                            skipped_videos=state.skipped_videos, world_size=self.world_size,
                            global_batch=self.plan.global_batch, micro_batch=self.plan.micro_batch,
                            grad_accum=self.plan.grad_accum, resumed_from_step=resumed_step,
-                           state_bytes_per_rank=memory["total"], preemption_checkpoint=int(preempted))
+                           state_bytes_per_rank=memory["total"], preemption_checkpoint=int(preempted),
+                           **nonfinite.metrics(stop))
             if self.restored_digest is not None:
                 metrics["restored_state_digest"] = self.restored_digest
             if self.rank == 0:
@@ -208,6 +216,9 @@ class Run:
                 if warning:
                     log.warning(warning)
             self._report(state, metrics, checkpoint=checkpoint, stream=stream)
+            if stop:
+                # Every rank returns: the driver ends the run as failed (a restart would only repeat the steps).
+                return
 
     def _new_preemption_notice(self, step: int) -> bool:
         """Whether a node of this worker group was drained for preemption since the last step and no checkpoint
@@ -240,6 +251,8 @@ class Run:
         positions: list[Any] = [None] * self.world_size
         dist.all_gather_object(positions, stream.state_dict())
         state.data_position = positions
+        check_finite_state(self.step.engine, base_optimizer(self.step.engine), self.step.target.fp32_shards(),
+                           self.device)
         folder = ckpt.node_local_tempdir(f"vjepa_ckpt_{state.step}_")
         try:
             if self.verify_restore:
