@@ -48,10 +48,11 @@ def scaling_config(cfg: Config, elastic: bool = True):
 
 def build_trainer(cfg: Config, train_func: Callable[[dict[str, Any]], None], train_loop_config: dict[str, Any], *,
                   name: str, elastic: bool = True, callbacks: Sequence[Any] = (),
-                  extra_env: Mapping[str, str] | None = None):
+                  extra_env: Mapping[str, str] | None = None, ray_rotates_checkpoints: bool = True):
     """A ``TorchTrainer`` running ``train_func(train_loop_config)`` on every worker, its run ``name`` under
     ``ray.storage_path``. ``callbacks`` are ``ray.train.UserCallback`` instances; ``extra_env`` joins the
-    workers' environment (``worker_env``)."""
+    workers' environment (``worker_env``). ``ray_rotates_checkpoints``: Ray Train keeps
+    ``checkpoint.num_to_keep`` checkpoints; False leaves that to a callback (``vjepa_ray.train.retention``)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -62,7 +63,8 @@ def build_trainer(cfg: Config, train_func: Callable[[dict[str, Any]], None], tra
         run_config=ray.train.RunConfig(
             name=name, storage_path=runs.storage_path(cfg),
             failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.checkpoint.num_to_keep if ray_rotates_checkpoints else None),
             callbacks=list(callbacks),
             worker_runtime_env={"env_vars": worker_env(cfg, extra_env)}),
     )
