@@ -19,9 +19,12 @@ from vjepa_ray.config import Config, ConfigError, to_dict
 from vjepa_ray.data.demo import prepare_demo_videos
 from vjepa_ray.train.checkpoint import check_start_from
 from vjepa_ray.train.elastic import check_elastic_batch, global_batch_size
+from vjepa_ray.train.lease import RunLease
 from vjepa_ray.train.loop import StreamFactory, train_func
+from vjepa_ray.train.nonfinite import stop_message
 from vjepa_ray.train.ray_metrics import RESTARTS, RayMetricsCallback, restarts_gauge
 from vjepa_ray.train.recovery import check_run_folder
+from vjepa_ray.train.retention import CheckpointRetention
 from vjepa_ray.train.trainer import build_trainer
 from vjepa_ray.train.weights import read_initial_weights
 
@@ -128,38 +131,49 @@ def _last_result(folder: str):
 
 def run(cfg: Config, *, stream_factory: StreamFactory | None = None, verify_restore: bool = False,
         extra_env: dict[str, str] | None = None, callbacks: list | None = None,
-        mlflow: MlflowRun | None = None) -> dict[str, Any]:
+        mlflow: MlflowRun | None = None, hold_lease: bool = True) -> dict[str, Any]:
     """Trains as ``cfg`` says; returns the summary (also written to ``<run folder>/summary.json``).
 
     ``stream_factory`` replaces the Ray Data clip stream (see ``vjepa_ray.train.loop``); ``verify_restore``
     makes every restore check a digest of weights and Adam moments against the checkpoint's.
     ``callbacks`` (``ray.train.UserCallback``) join the run's own, e.g. a ``TuneReportCallback`` when a
     Tune trial runs this. ``mlflow`` logs the run's parameters, every report and summary.json to MLflow;
-    its owner ends it (a sweep's trial adds its probe's results first).
+    its owner ends it (a sweep's trial adds its probe's results first). ``hold_lease``: take the run folder's
+    lease (``vjepa_ray.train.lease``) for the run; a sweep's driver holds the sweep folder's for its trials.
     """
-    import ray
-    import ray.train
-
-    from vjepa_ray.train.metrics import TensorBoardCallback
-
     check_runnable(cfg)
     cfg = _resolved_paths(cfg)
     if (cfg.checkpoint.start_from or cfg.model.init_from) and is_first_start(cfg):
         cfg = check_start_sources(cfg)
     # After the start sources: a run that cannot start leaves no run folder behind.
     check_run_folder(cfg)
+    if not hold_lease:
+        return _train(cfg, stream_factory, verify_restore, extra_env, callbacks, mlflow)
+    # Before any worker starts: a second driver on this folder stops here.
+    with RunLease(runs.run_dir(cfg)):
+        return _train(cfg, stream_factory, verify_restore, extra_env, callbacks, mlflow)
+
+
+def _train(cfg: Config, stream_factory: StreamFactory | None, verify_restore: bool, extra_env: dict[str, str] | None,
+           callbacks: list | None, mlflow: MlflowRun | None) -> dict[str, Any]:
+    import ray
+    import ray.train
+
+    from vjepa_ray.train.metrics import TensorBoardCallback
+
     prepare_demo_videos(cfg)
     cluster.connect(cfg)
     tracker = _tracker(cfg.meta.name)
     folder, tensorboard = runs.run_dir(cfg), runs.tensorboard_dir(cfg)
-    callbacks = [TensorBoardCallback(tensorboard), RayMetricsCallback(cfg.meta.name), *(callbacks or [])]
+    callbacks = [TensorBoardCallback(tensorboard), RayMetricsCallback(cfg.meta.name),
+                 CheckpointRetention(folder, cfg.checkpoint.num_to_keep), *(callbacks or [])]
     if mlflow is not None:
         mlflow.start(cfg, folder)
         callbacks.append(mlflow.callback())
     trainer = build_trainer(
         cfg, train_func,
         {"cfg": to_dict(cfg), "stream_factory": stream_factory, "tracker": tracker, "verify_restore": verify_restore},
-        name=cfg.meta.name, callbacks=callbacks, extra_env=extra_env)
+        name=cfg.meta.name, callbacks=callbacks, extra_env=extra_env, ray_rotates_checkpoints=False)
     low, high = cfg.ray.worker_range()
     log.info("run %s: %s workers, global batch %d, results in %s", cfg.meta.name,
              low if low == high else f"{low}-{high}", global_batch_size(cfg), folder)
@@ -175,19 +189,25 @@ def run(cfg: Config, *, stream_factory: StreamFactory | None = None, verify_rest
         runs.upload(tensorboard, runs.join(folder, runs.TENSORBOARD_DIR))
     metrics = (result.metrics if result is not None else None) or {}
     checkpoint = result.checkpoint if result is not None else None
+    checkpoint_path = runs.checkpoint_path(folder, checkpoint.path) if checkpoint is not None else None
+    stopped = stop_message(metrics, checkpoint_path, cfg.optimization.lr, cfg.deepspeed.precision) \
+        if metrics.get("nonfinite_stop") else None
+    if stopped:
+        log.error(stopped)
     summary = {
-        "status": "failed" if error is not None else "finished",
+        "status": "failed" if error is not None or stopped else "finished",
         "steps": int(metrics.get("step", 0)),
         "final_loss": metrics.get("loss"),
         "restarts": max(len(starts) - 1, 0),
         "skipped_videos": int(metrics.get("skipped_videos", 0)),
-        "checkpoint": runs.checkpoint_path(folder, checkpoint.path) if checkpoint is not None else None,
+        "nonfinite_steps": int(metrics.get("nonfinite_steps", 0)),
+        "checkpoint": checkpoint_path,
         "world_sizes": [s["world_size"] for s in starts],
         "starts": starts,
         "global_batch": global_batch_size(cfg),
         "elapsed_s": round(time.time() - started, 1),
         "tensorboard": tensorboard,
-        "error": None if error is None else str(error)[-2000:],
+        "error": stopped or (None if error is None else str(error)[-2000:]),
         "metrics": metrics,
     }
     summary["summary"] = runs.write_summary(folder, summary)
