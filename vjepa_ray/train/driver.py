@@ -106,6 +106,8 @@ def _tracker(run_name: str):
         def __init__(self, run_name: str):
             self.starts: list[dict[str, int]] = []
             self.restarts = restarts_gauge(run_name)
+            # The report that stopped the run for non-finite steps: Ray's result holds the last checkpoint's.
+            self.stop: dict[str, Any] | None = None
 
         def started(self, world_size: int, step: int) -> None:
             self.starts.append({"world_size": world_size, "step": step})
@@ -113,6 +115,12 @@ def _tracker(run_name: str):
 
         def get(self) -> list[dict[str, int]]:
             return self.starts
+
+        def stopped(self, metrics: dict[str, Any]) -> None:
+            self.stop = metrics
+
+        def get_stop(self) -> dict[str, Any] | None:
+            return self.stop
 
     # On the driver's node: it must outlive any worker node.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
@@ -187,11 +195,11 @@ def _train(cfg: Config, stream_factory: StreamFactory | None, verify_restore: bo
     starts = ray.get(tracker.get.remote())
     if runs.is_uri(folder) and Path(tensorboard).is_dir():
         runs.upload(tensorboard, runs.join(folder, runs.TENSORBOARD_DIR))
-    metrics = (result.metrics if result is not None else None) or {}
+    stop = ray.get(tracker.get_stop.remote())
+    metrics = stop or (result.metrics if result is not None else None) or {}
     checkpoint = result.checkpoint if result is not None else None
     checkpoint_path = runs.checkpoint_path(folder, checkpoint.path) if checkpoint is not None else None
-    stopped = stop_message(metrics, checkpoint_path, cfg.optimization.lr, cfg.deepspeed.precision) \
-        if metrics.get("nonfinite_stop") else None
+    stopped = stop_message(metrics, checkpoint_path, cfg.optimization.lr, cfg.deepspeed.precision) if stop else None
     if stopped:
         log.error(stopped)
     summary = {

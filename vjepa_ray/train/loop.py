@@ -163,6 +163,8 @@ class Run:
                      ", resharded via a universal checkpoint" if universal else "")
 
     def train(self) -> None:
+        import ray
+
         state = self._start()
         resumed_step = state.step
         if not state.world_sizes or state.world_sizes[-1] != self.world_size:
@@ -218,6 +220,8 @@ class Run:
             self._report(state, metrics, checkpoint=checkpoint, stream=stream)
             if stop:
                 # Every rank returns: the driver ends the run as failed (a restart would only repeat the steps).
+                if self.rank == 0 and self.tracker is not None:
+                    ray.get(self.tracker.stopped.remote(metrics))
                 return
 
     def _new_preemption_notice(self, step: int) -> bool:
