@@ -280,6 +280,10 @@ class OptimizationConfig:
     clip_grad_start: int = 0
     # Clips per optimizer step over all workers; 0 = data.batch_size x workers.
     global_batch_size: int = 0
+    # A step whose loss or gradient is not finite is skipped; this many in a row stop the run. A bad batch
+    # or two is survivable, but a diverged run makes every step non-finite: 10 stops it within a few
+    # seconds of wasted steps, and ten bad batches in a row are rarer than a divergence.
+    max_nonfinite_steps: int = 10
 
     def validate(self, key: str) -> None:
         check = _SectionChecks(key)
@@ -300,6 +304,7 @@ class OptimizationConfig:
         check.require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas",
                       f"expected two values in [0, 1), got {self.betas}")
         check.require(self.global_batch_size >= 0, "global_batch_size", "must be >= 0")
+        check.require(self.max_nonfinite_steps >= 1, "max_nonfinite_steps", "must be >= 1")
 
 
 @dataclass
@@ -321,7 +326,8 @@ class DeepSpeedConfig:
 @dataclass
 class CheckpointConfig:
     every_steps: int = 1000
-    # Two or more: a restart that finds the latest checkpoint damaged resumes from the one before.
+    # Intact checkpoints kept (damaged ones do not count, vjepa_ray.train.retention). Two or more: a restart
+    # that finds the latest checkpoint damaged resumes from the one before.
     num_to_keep: int = 2
     # How long a checkpoint upload keeps retrying while the store is unreachable (bounded backoff).
     upload_retry_s: float = 300.0
@@ -337,7 +343,8 @@ class CheckpointConfig:
     def validate(self, key: str) -> None:
         check = _SectionChecks(key)
         check.require(self.every_steps >= 1, "every_steps", "must be >= 1")
-        check.require(self.num_to_keep >= 1, "num_to_keep", "must be >= 1")
+        check.require(self.num_to_keep >= 2, "num_to_keep", f"must be >= 2 (got {self.num_to_keep}): a restart that "
+                      "finds the latest checkpoint damaged falls back on the one before")
         check.require(self.upload_retry_s >= 0, "upload_retry_s", "must be >= 0")
 
 

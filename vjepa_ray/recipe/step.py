@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import statistics
 from dataclasses import dataclass
 from typing import ContextManager, Mapping, Protocol, Sequence, Union
@@ -72,14 +73,17 @@ class MicroBatch:
 
 @dataclass
 class StepOutput:
-    """The schedules' values a step used, each micro batch's (detached) objective, and the norm of the whole
-    gradient before clipping (None where it was not computed: ``JepaStep`` computes it only to clip)."""
+    """The schedules' values a step used, each micro batch's (detached) objective, the norm of the whole
+    gradient before clipping (None where it was not computed: ``JepaStep`` computes it only to clip), and
+    whether the update was applied (False: a loss or the gradient was not finite, and neither the weights, the
+    optimizer state nor the EMA target moved)."""
 
     lr: float
     weight_decay: float
     momentum: float
     outputs: list[JepaOutput]
     grad_norm: float | None
+    applied: bool = True
 
     @property
     def loss(self) -> float:
@@ -163,10 +167,13 @@ class JepaStep:
                 self.backward(out.loss * batch.weight, len(micro_batches))
             outputs.append(JepaOutput(out.loss.detach(), out.per_mask_losses, out.target_features_std))
         with timer.phase("optimizer"):
-            grad_norm = self.optimizer_step(step)
-        with timer.phase("ema"):
-            self.update_target(momentum)
-        return StepOutput(lr, weight_decay, momentum, outputs, grad_norm)
+            # A non-finite loss or gradient would poison the weights, Adam's moments and, through the EMA, the
+            # target: such a step is dropped whole.
+            grad_norm, applied = self.apply_gradients(step, outputs)
+        if applied:
+            with timer.phase("ema"):
+                self.update_target(momentum)
+        return StepOutput(lr, weight_decay, momentum, outputs, grad_norm, applied)
 
     def schedules(self, step: int) -> StepSchedules:
         """The LR, weight decay and EMA momentum of ``step`` (``schedules.step_schedules``)."""
@@ -207,6 +214,21 @@ class JepaStep:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
+
+    def apply_gradients(self, step: int, outputs: Sequence[JepaOutput]) -> tuple[float | None, bool]:
+        """Clips and applies the step's gradient (``optimizer_step``) when every micro batch's loss and the
+        gradient are finite, else drops the gradient; returns the norm before clipping (or None) and whether
+        the update was applied."""
+        if not self.is_finite(outputs):
+            self.optimizer.zero_grad(set_to_none=True)
+            return None, False
+        return self.optimizer_step(step), True
+
+    def is_finite(self, outputs: Sequence[JepaOutput]) -> bool:
+        """Whether every micro batch's loss and the accumulated gradient are finite."""
+        if not all(math.isfinite(float(out.loss)) for out in outputs):
+            return False
+        return all(bool(torch.isfinite(p.grad).all()) for p in self.module.parameters() if p.grad is not None)
 
     def update_target(self, momentum: float) -> None:
         ema_update_(list(self.target_encoder.parameters()), list(self.module.encoder.parameters()), momentum)

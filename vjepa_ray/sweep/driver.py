@@ -24,6 +24,7 @@ from vjepa_ray.sweep.mask_ratio import masked_fraction
 from vjepa_ray.sweep.space import SEED, check_axes, grid_point_keys, sweep_axes, token_grid, trial_config
 from vjepa_ray.sweep.trial import run_trial, trial_run_config
 from vjepa_ray.train import driver as pretraining
+from vjepa_ray.train.lease import RunLease
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +195,12 @@ def run(cfg: Config, mlflow: tracking.MlflowTarget | None = None) -> dict[str, A
     With ``mlflow`` the sweep is a parent run there and every trial a child run.
     """
     axes = check_runnable(cfg)
+    # One driver per sweep folder (its trials' run folders lie in it).
+    with RunLease(runs.run_dir(cfg)):
+        return _sweep(cfg, axes, mlflow)
+
+
+def _sweep(cfg: Config, axes, mlflow: tracking.MlflowTarget | None) -> dict[str, Any]:
     # Made here, once, rather than by trials racing each other to write them.
     prepare_demo_videos(cfg)
     prepare_probe_videos(cfg)

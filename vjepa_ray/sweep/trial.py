@@ -42,7 +42,8 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], mlflow: tracking.Mlf
     cfg = trial_run_config(base_cfg, settings, trial_id)
     record_start(runs.run_dir(base_cfg), trial_id, settings)
     tracked = tracking.MlflowRun(mlflow, trial_id, params=settings) if mlflow is not None else None
-    summary = pretraining.run(cfg, callbacks=[TuneReportCallback()], mlflow=tracked)
+    # The sweep's driver holds the lease of the folder the trial's run folder lies in.
+    summary = pretraining.run(cfg, callbacks=[TuneReportCallback()], mlflow=tracked, hold_lease=False)
     if summary["status"] != "finished":
         if tracked is not None:
             tracked.finish("FAILED")

@@ -21,9 +21,12 @@ from vjepa_ray.data.sources import check_sources
 from vjepa_ray.train.elastic import check_elastic_batch, global_batch_size
 from vjepa_ray.train.engine import check_clipping
 from vjepa_ray.train.failures import failure_cause
+from vjepa_ray.train.lease import RunLease
 from vjepa_ray.train.loop import StreamFactory, train_func
+from vjepa_ray.train.nonfinite import stop_message
 from vjepa_ray.train.ray_metrics import RESTARTS, RayMetricsCallback, restarts_gauge
 from vjepa_ray.train.recovery import check_run_folder
+from vjepa_ray.train.retention import CheckpointRetention
 from vjepa_ray.train.trainer import build_trainer
 from vjepa_ray.train.weights import check_start_from, read_initial_weights
 
@@ -113,6 +116,8 @@ def _tracker(run_name: str):
         def __init__(self, run_name: str):
             self.starts: list[dict[str, int]] = []
             self.restarts = restarts_gauge(run_name)
+            # The report that stopped the run for non-finite steps: Ray's result holds the last checkpoint's.
+            self.stop: dict[str, Any] | None = None
 
         def started(self, world_size: int, step: int) -> None:
             self.starts.append({"world_size": world_size, "step": step})
@@ -120,6 +125,12 @@ def _tracker(run_name: str):
 
         def get(self) -> list[dict[str, int]]:
             return self.starts
+
+        def stopped(self, metrics: dict[str, Any]) -> None:
+            self.stop = metrics
+
+        def get_stop(self) -> dict[str, Any] | None:
+            return self.stop
 
     # On the driver's node: it must outlive any worker node.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
@@ -137,20 +148,15 @@ def _last_result(folder: str):
 
 
 def run(cfg: Config, *, stream_factory: StreamFactory | None = None, callbacks: list | None = None,
-        mlflow: MlflowRun | None = None) -> dict[str, Any]:
+        mlflow: MlflowRun | None = None, hold_lease: bool = True) -> dict[str, Any]:
     """Trains as ``cfg`` says; returns the summary (also written to ``<run folder>/summary.json``).
 
     ``stream_factory`` replaces the Ray Data clip stream (see ``vjepa_ray.train.loop``).
     ``callbacks`` (``ray.train.UserCallback``) join the run's own, e.g. a ``TuneReportCallback`` when a
     Tune trial runs this. ``mlflow`` logs the run's parameters, every report and summary.json to MLflow;
-    its owner ends it (a sweep's trial adds its probe's results first).
+    its owner ends it (a sweep's trial adds its probe's results first). ``hold_lease``: take the run folder's
+    lease (``vjepa_ray.train.lease``) for the run; a sweep's driver holds the sweep folder's for its trials.
     """
-    import ray
-    import ray.exceptions
-    import ray.train
-
-    from vjepa_ray.train.metrics import TensorBoardCallback
-
     check_runnable(cfg)
     check_data(cfg)
     cfg = _resolved_paths(cfg)
@@ -158,18 +164,34 @@ def run(cfg: Config, *, stream_factory: StreamFactory | None = None, callbacks: 
         cfg = check_start_sources(cfg)
     # After the start sources: a run that cannot start leaves no run folder behind.
     check_run_folder(cfg)
+    if not hold_lease:
+        return _train(cfg, stream_factory, callbacks, mlflow)
+    # Before any worker starts: a second driver on this folder stops here.
+    with RunLease(runs.run_dir(cfg)):
+        return _train(cfg, stream_factory, callbacks, mlflow)
+
+
+def _train(cfg: Config, stream_factory: StreamFactory | None, callbacks: list | None,
+           mlflow: MlflowRun | None) -> dict[str, Any]:
+    import ray
+    import ray.exceptions
+    import ray.train
+
+    from vjepa_ray.train.metrics import TensorBoardCallback
+
     prepare_demo_videos(cfg)
     cluster.connect(cfg)
     tracker = _tracker(cfg.meta.name)
     folder, tensorboard = runs.run_dir(cfg), runs.tensorboard_dir(cfg)
-    callbacks = [TensorBoardCallback(tensorboard), RayMetricsCallback(cfg.meta.name), *(callbacks or [])]
+    callbacks = [TensorBoardCallback(tensorboard), RayMetricsCallback(cfg.meta.name),
+                 CheckpointRetention(folder, cfg.checkpoint.num_to_keep), *(callbacks or [])]
     if mlflow is not None:
         mlflow.start(cfg, folder)
         callbacks.append(mlflow.callback())
     trainer = build_trainer(
         cfg, train_func,
         {"cfg": to_dict(cfg), "stream_factory": stream_factory, "tracker": tracker},
-        name=cfg.meta.name, callbacks=callbacks)
+        name=cfg.meta.name, callbacks=callbacks, ray_rotates_checkpoints=False)
     low, high = cfg.ray.worker_range()
     log.info("run %s: %s workers, global batch %d, results in %s", cfg.meta.name,
              low if low == high else f"{low}-{high}", global_batch_size(cfg), folder)
@@ -183,29 +205,35 @@ def run(cfg: Config, *, stream_factory: StreamFactory | None = None, callbacks: 
         cause, bad_input = failure_cause(err)
         result = _last_result(folder)
     try:
-        starts = ray.get(tracker.get.remote())
+        starts, stop = ray.get([tracker.get.remote(), tracker.get_stop.remote()])
     except ray.exceptions.RayError:  # killed with the controller (e.g. the node out of memory)
-        starts = []
+        starts, stop = [], None
     if runs.is_uri(folder) and Path(tensorboard).is_dir():
         runs.upload(tensorboard, runs.join(folder, runs.TENSORBOARD_DIR))
-    metrics = (result.metrics if result is not None else None) or {}
+    metrics = stop or (result.metrics if result is not None else None) or {}
     checkpoint = result.checkpoint if result is not None else None
+    checkpoint_path = runs.checkpoint_path(folder, checkpoint.path) if checkpoint is not None else None
+    stopped = stop_message(metrics, checkpoint_path, cfg.optimization.lr, cfg.deepspeed.precision) if stop else None
+    if stopped:
+        log.error(stopped)
     summary = {
-        "status": "failed" if error is not None else "finished",
+        "status": "failed" if error is not None or stopped else "finished",
         "steps": int(metrics.get("step", 0)),
         "final_loss": metrics.get("loss"),
         "restarts": max(len(starts) - 1, 0),
         "skipped_videos": int(metrics.get("skipped_videos", 0)),
-        "checkpoint": runs.checkpoint_path(folder, checkpoint.path) if checkpoint is not None else None,
+        "nonfinite_steps": int(metrics.get("nonfinite_steps", 0)),
+        "checkpoint": checkpoint_path,
         "world_sizes": [s["world_size"] for s in starts],
         "starts": starts,
         "global_batch": global_batch_size(cfg),
         "elapsed_s": round(time.time() - started, 1),
         "tensorboard": tensorboard,
         "run_folder": folder,
-        "error": cause,
-        # Bad input (a config or data error, not retried) or a fault that outlasted ray.max_failures.
-        "error_kind": None if error is None else "input" if bad_input else "fault",
+        "error": stopped or cause,
+        # Bad input (a config or data error, not retried), a fault that outlasted ray.max_failures, or a run
+        # stopped by non-finite steps.
+        "error_kind": "nonfinite" if stopped else None if error is None else "input" if bad_input else "fault",
         "error_detail": None if error is None else str(error)[-2000:],
         "metrics": metrics,
     }

@@ -28,6 +28,7 @@ from vjepa_ray.recipe.objective import ClipGroup, JepaModule, JepaOutput
 from vjepa_ray.recipe.optimizer import adamw, param_groups
 from vjepa_ray.recipe.step import JepaStep, MicroBatch, StepOutput, init_networks, take_clips
 from vjepa_ray.train.elastic import BatchPlan
+from vjepa_ray.train.nonfinite import StepGate
 from vjepa_ray.train.target_encoder import TargetEncoder
 
 if TYPE_CHECKING:
@@ -151,6 +152,15 @@ def shm_op_built() -> bool:
     return any(root.glob("**/deepspeed_shm_comm*.so"))
 
 
+def base_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer at the bottom of the engine: DeepSpeed hands it its (flat, partitioned) fp32 masters,
+    wrapped one level deep, or uses it as given (fp32 ZeRO-0)."""
+    inner = engine.optimizer
+    while hasattr(inner, "optimizer"):
+        inner = inner.optimizer
+    return inner
+
+
 def state_bytes(engine, target: TargetEncoder) -> dict[str, int]:
     """Bytes this rank holds for the module's weights, the optimizer (fp32 masters + moments) and the EMA.
 
@@ -170,10 +180,7 @@ def state_bytes(engine, target: TargetEncoder) -> dict[str, int]:
     # "persistent" parameters gathered).
     params = list(engine.module.parameters())
     weights = count(p.data for p in params) + count(p.ds_tensor for p in params if hasattr(p, "ds_tensor"))
-    inner = engine.optimizer
-    # DeepSpeed hands its (flat, partitioned) fp32 masters to our torch optimizer, wrapped one level deep.
-    while hasattr(inner, "optimizer"):
-        inner = inner.optimizer
+    inner = base_optimizer(engine)
     optimizer = count(p for g in inner.param_groups for p in g["params"])
     optimizer += count(v for state in inner.state.values() for v in state.values())
     return {"weights": weights, "optimizer": optimizer, "ema": target.bytes_per_rank(),
@@ -188,6 +195,8 @@ class DeepSpeedStep(JepaStep):
     itself. One norm over all gradients from step 0 is DeepSpeed's own ``gradient_clipping``; other rules
     clip here between that last backward and the optimizer step (``check_clipping`` says where they run).
     The EMA updates this rank's share of the target (its ZeRO-3 partition, or all of it).
+    Whether a step is applied is decided inside the engine's step (``vjepa_ray.train.nonfinite.StepGate``;
+    none under fp16, whose loss scaler decides).
     """
 
     def __init__(self, engine, target: TargetEncoder, cfg: Config, device: torch.device, dtype: torch.dtype):
@@ -195,11 +204,14 @@ class DeepSpeedStep(JepaStep):
                          MaskCollator(cfg.mask, engine.module.encoder.grid), cfg.optimization, cfg.meta.seed,
                          device, dtype, clip_lengths=cfg.data.clip_lengths())
         self.engine, self.target = engine, target
+        self.gate = None if cfg.deepspeed.precision == "fp16" else StepGate(base_optimizer(engine), device)
 
     def forward(self, groups: list[ClipGroup]) -> JepaOutput:
         return self.engine(groups, self.target_encoder)
 
     def backward(self, weighted_loss: torch.Tensor, num_micro_batches: int) -> None:
+        if self.gate is not None:
+            self.gate.note_loss(weighted_loss)
         self.engine.backward(weighted_loss)
         if not self.engine.is_gradient_accumulation_boundary():
             self.engine.step()  # DeepSpeed only counts a micro step; the last one steps in optimizer_step
@@ -220,6 +232,11 @@ class DeepSpeedStep(JepaStep):
         # The norm DeepSpeed computed while stepping, where it did.
         ds_norm = self.engine.get_global_grad_norm()
         return None if ds_norm is None else float(ds_norm)
+
+    def apply_gradients(self, step: int, outputs) -> tuple[float | None, bool]:
+        # The gate around the engine's optimizer (or DeepSpeed before it) decides inside the engine's step.
+        norm = self.optimizer_step(step)
+        return norm, self.gate is None or self.gate.take()
 
     def update_target(self, momentum: float) -> None:
         self.target.update(momentum)

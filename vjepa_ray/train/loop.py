@@ -25,8 +25,9 @@ from vjepa_ray.train import checkpoint as ckpt
 from vjepa_ray.train import recovery
 from vjepa_ray.train.deepspeed_state import DeepSpeedState
 from vjepa_ray.train.elastic import BatchPlan, global_batch_size, plan_batch
-from vjepa_ray.train.engine import TrainStep, state_bytes
+from vjepa_ray.train.engine import TrainStep, base_optimizer, state_bytes
 from vjepa_ray.train.metrics import Clock, IntervalMeter, collapse_warning, format_progress
+from vjepa_ray.train.nonfinite import NonFiniteSteps, check_finite_state
 from vjepa_ray.train.state import RngState, TrainState
 from vjepa_ray.train.weights import read_initial_weights
 from vjepa_ray.worker_env import configure_worker_logging
@@ -173,6 +174,8 @@ class Run:
                      ", resharded via a universal checkpoint" if universal else "")
 
     def train(self) -> None:
+        import ray
+
         self._start()
         state = self.state
         resumed_step = state.step
@@ -187,6 +190,8 @@ class Run:
         batches = iter(self.stream)
         meter = IntervalMeter(len(cfg.mask))
         clock = Clock(state.step)
+        nonfinite = NonFiniteSteps(cfg.optimization.max_nonfinite_steps, total=state.nonfinite_steps)
+        deferred_save = False
         if state.step >= total:
             self._report({"step": state.step, "resumed_from_step": resumed_step}, checkpoint=False)
             return
@@ -194,9 +199,13 @@ class Run:
             out = self.step(batches, state.step, meter)
             state.step += 1
             step = state.step
+            stop = nonfinite.record(step, out.applied, out.loss, out.grad_norm, self.rank)
+            state.nonfinite_steps = nonfinite.total
             preempted = self._new_preemption_notice(step)
-            checkpoint = self.checkpointer.due(step, preempted)
-            if step % cfg.logging.every_steps and not checkpoint:
+            # No checkpoint from a step that was not applied: its save waits for the next step that is.
+            due = self.checkpointer.due(step, preempted) or deferred_save
+            checkpoint, deferred_save = due and out.applied, due and not out.applied
+            if step % cfg.logging.every_steps and not checkpoint and not stop:
                 continue
             metrics = meter.reduce(self.device)
             meter.reset()
@@ -207,7 +216,8 @@ class Run:
                            skipped_videos=state.skipped_videos, world_size=self.world_size,
                            global_batch=self.plan.global_batch, micro_batch=self.plan.micro_batch,
                            grad_accum=self.plan.grad_accum, resumed_from_step=resumed_step,
-                           state_bytes_per_rank=memory["total"], preemption_checkpoint=int(preempted))
+                           state_bytes_per_rank=memory["total"], preemption_checkpoint=int(preempted),
+                           **nonfinite.metrics(stop))
             if self.checkpointer.restored_digest is not None:
                 metrics["restored_state_digest"] = self.checkpointer.restored_digest
             if self.rank == 0:
@@ -216,6 +226,11 @@ class Run:
                 if warning:
                     log.warning(warning)
             self._report(metrics, checkpoint=checkpoint)
+            if stop:
+                # Every rank returns: the driver ends the run as failed (a restart would only repeat the steps).
+                if self.rank == 0 and self.tracker is not None:
+                    ray.get(self.tracker.stopped.remote(metrics))
+                return
 
     def _new_preemption_notice(self, step: int) -> bool:
         """Whether a node of this worker group was drained for preemption since the last step and no checkpoint
@@ -241,6 +256,8 @@ class Run:
         import ray.train
 
         if checkpoint:
+            check_finite_state(self.step.engine, base_optimizer(self.step.engine), self.step.target.fp32_shards(),
+                               self.device)
             self.checkpointer.save(self.state.step, metrics)
         else:
             ray.train.report(metrics)

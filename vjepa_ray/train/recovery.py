@@ -4,7 +4,8 @@ Ray Train hands a restart its latest registered checkpoint (``ray.train.get_chec
 ``open_intact`` checks it against its manifest (``vjepa_ray.train.manifest``) and, when it is damaged (a
 truncated shard, a missing ``train_state.json``, a rank's share that never arrived), warns and takes the
 newest intact one before it from the run folder, so that a damaged save costs the steps since the one before
-instead of every attempt ``ray.max_failures`` allows. That needs ``checkpoint.num_to_keep >= 2``.
+instead of every attempt ``ray.max_failures`` allows. That needs ``checkpoint.num_to_keep >= 2``. The damaged
+ones it skipped are emptied (``vjepa_ray.train.retention``): they must not take an intact one's place.
 
 ``check_run_folder`` runs on the driver before any worker starts: a run folder that refuses writes, or whose
 checkpoints hold another model than the config asks for, is a one-line error naming the cause, and the
@@ -24,7 +25,7 @@ import yaml
 
 from vjepa_ray import runs
 from vjepa_ray.config import Config, ConfigError, ModelConfig
-from vjepa_ray.train import manifest
+from vjepa_ray.train import manifest, retention
 from vjepa_ray.train.checkpoint import CONFIG_FILE
 
 log = logging.getLogger(__name__)
@@ -51,21 +52,26 @@ def open_intact(stack: ExitStack, latest, run_folder: str, rank: int) -> tuple[P
         choice = [_choose(stack, latest, parent, latest_name, run_folder)]
     dist.broadcast_object_list(choice, src=0)
     name, skipped, problems, folder = choice[0]
+    if rank == 0 and name is not None:
+        retention.quarantine(run_folder, skipped)
     if name is None:
         raise NoIntactCheckpointError(f"no intact checkpoint to resume from in {run_folder}: {problems}")
     if rank != 0:
         checkpoint = latest if name == latest_name else ray.train.Checkpoint(
             path=posixpath.join(parent, name), filesystem=latest.filesystem)
         folder = stack.enter_context(checkpoint.as_directory())
-    return Path(folder), name, skipped
+    return Path(folder), name, list(skipped)
 
 
 def _choose(stack: ExitStack, latest, parent: str, latest_name: str, run_folder: str):
-    """(name, skipped names, problems, local folder) of the newest intact candidate; name None if none."""
+    """(name, skipped names with their first problem, problems, local folder) of the newest intact candidate;
+    name None if none. Checkpoint folders emptied by the retention are no candidates."""
     import ray.train
 
-    older = [name for name in runs.list_checkpoints(run_folder) if name < latest_name]
-    skipped, found = [], []
+    older = [name for name in runs.list_checkpoints(run_folder)
+             if name < latest_name and runs.list_names(runs.join(run_folder, name))]
+    skipped: dict[str, str] = {}
+    found = []
     for name in [latest_name, *reversed(older)]:
         checkpoint = latest if name == latest_name else ray.train.Checkpoint(
             path=posixpath.join(parent, name), filesystem=latest.filesystem)
@@ -78,7 +84,7 @@ def _choose(stack: ExitStack, latest, parent: str, latest_name: str, run_folder:
                     log.warning("resuming from %s, the newest intact checkpoint", name)
                 return name, skipped, "", str(folder)
         log.warning("checkpoint %s is damaged, skipping it: %s", name, "; ".join(problems[:5]))
-        skipped.append(name)
+        skipped[name] = problems[0]
         found.append(f"{name}: {problems[0]}")
     hint = "" if older else " (checkpoint.num_to_keep >= 2 keeps one to fall back on)"
     return None, skipped, "; ".join(found) + hint, None

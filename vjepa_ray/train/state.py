@@ -24,6 +24,8 @@ class TrainState:
     global_batch: int = 0
     zero_stage: int = 0
     skipped_videos: int = 0
+    # Steps not applied because their loss or gradient was not finite (vjepa_ray.train.nonfinite).
+    nonfinite_steps: int = 0
     last_loss: float | None = None
     world_sizes: list[int] = field(default_factory=list)
 

@@ -44,10 +44,11 @@ def scaling_config(cfg: Config, elastic: bool = True):
 
 
 def build_trainer(cfg: Config, train_func: Callable[[dict[str, Any]], None], train_loop_config: dict[str, Any], *,
-                  name: str, elastic: bool = True, callbacks: Sequence[Any] = ()):
+                  name: str, elastic: bool = True, callbacks: Sequence[Any] = (), ray_rotates_checkpoints: bool = True):
     """A ``TorchTrainer`` running ``train_func(train_loop_config)`` on every worker, its run ``name`` under
     ``ray.storage_path``; a ``ConfigError`` on a worker ends it without retries (``vjepa_ray.train.failures``).
-    ``callbacks`` are ``ray.train.UserCallback`` instances."""
+    ``callbacks`` are ``ray.train.UserCallback`` instances. ``ray_rotates_checkpoints``: Ray Train keeps
+    ``checkpoint.num_to_keep`` checkpoints; False leaves that to a callback (``vjepa_ray.train.retention``)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -60,7 +61,8 @@ def build_trainer(cfg: Config, train_func: Callable[[dict[str, Any]], None], tra
         run_config=ray.train.RunConfig(
             name=name, storage_path=runs.storage_path(cfg),
             failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.checkpoint.num_to_keep if ray_rotates_checkpoints else None),
             callbacks=[StopOnInputError(cfg.logging.verbose), *callbacks],
             # Ray Train's own INFO lines (resources requested, the worker group started, every report) only
             # when asked for.

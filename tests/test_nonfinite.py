@@ -1,0 +1,223 @@
+"""Non-finite steps never reach the weights: the recipe's step and the DeepSpeed engine (ZeRO 0-3, fp32 and bf16)
+in one process, a non-finite step injected by the test; the counter that stops a run; the save's refusal.
+
+A step made non-finite must leave weights, Adam's state and the EMA target bit for bit as a run that never
+took that step's update (same seeds, the step's batch drawn and dropped).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+
+import pytest
+import torch
+from conftest import _free_port
+from test_step import CONSTANT, random_clips, tiny_step, weights
+
+from vjepa_ray.config import ConfigError, builtin_config_path, load_config
+from vjepa_ray.recipe.step import MicroBatch
+from vjepa_ray.train.nonfinite import NonFiniteStateError, NonFiniteSteps, check_finite_state, stop_message
+
+POISONED = 2  # the 0-based step whose loss the test makes non-finite
+STEPS = 4
+
+
+def poison(step, kind: str, at: set[int]):
+    """Makes the loss of ``step``'s steps in ``at`` (0-based, counted by the wrapper) non-finite: ``nan``
+    multiplies it by NaN (every gradient NaN too), ``inf`` adds an infinite constant (the loss is infinite,
+    its gradient finite: only a check of the loss catches it)."""
+    forward, calls = step.forward, [0]
+
+    def poisoned(groups):
+        out = forward(groups)
+        if calls[0] in at:
+            bad = out.loss * math.nan if kind == "nan" else out.loss + math.inf
+            out = dataclasses.replace(out, loss=bad)
+        calls[0] += 1
+        return out
+
+    step.forward = poisoned
+
+
+@pytest.mark.parametrize("kind", ["nan", "inf"])
+def test_the_recipe_step_drops_a_nonfinite_step_whole(one_thread, kind):
+    clips = random_clips(4)
+    poisoned, clean = tiny_step(), tiny_step()
+    poison(poisoned, kind, {POISONED})
+    for step in range(STEPS):
+        out = poisoned([MicroBatch(clips)], step)
+        assert out.applied == (step != POISONED)
+        if step != POISONED:  # the clean run never takes the poisoned step's update
+            clean([MicroBatch(clips)], step)
+    for name, value in weights(clean).items():
+        assert torch.equal(weights(poisoned)[name], value), name
+    assert all(p.grad is None for p in poisoned.module.parameters())
+    assert str(poisoned.optimizer.state_dict()) == str(clean.optimizer.state_dict())
+
+
+@pytest.fixture(scope="module")
+def one_rank_group():
+    """A torch.distributed group of one process (gloo), as a Ray Train worker has, for DeepSpeed in this process;
+    one per module: DeepSpeed keeps the groups it derives from the first one."""
+    import torch.distributed as dist
+
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0",
+                           "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}.items():
+            env.setenv(key, value)
+        dist.init_process_group("gloo", rank=0, world_size=1)
+        try:
+            yield
+        finally:
+            dist.destroy_process_group()
+
+
+def _engine_run(cfg, kind: str | None, skip: set[int]):
+    """``STEPS`` steps of a one-rank ``TrainStep``; steps in ``skip`` are poisoned with ``kind``, or (``kind``
+    None) not run at all, their batch drawn and dropped. Returns the applied flags, the state digest (fp32
+    masters and Adam moments) and the EMA target."""
+    from vjepa_ray.train.checkpoint import state_digest
+    from vjepa_ray.train.elastic import global_batch_size, plan_batch
+    from vjepa_ray.train.engine import TrainStep
+    from vjepa_ray.train.synthetic_stream import SyntheticClipStream
+
+    plan = plan_batch(global_batch_size(cfg), cfg.data.batch_size, 1)
+    train_step = TrainStep(cfg, plan, 0, torch.device("cpu"))
+    if kind is not None:
+        poison(train_step.jepa_step, kind, skip)
+    batches = iter(SyntheticClipStream(dataclasses.replace(cfg.data, batch_size=plan.micro_batch), cfg.meta.seed))
+    applied = []
+    for step in range(STEPS):
+        if kind is None and step in skip:
+            next(batches)
+            continue
+        applied.append(train_step(batches, step).applied)
+    return applied, state_digest(train_step.engine), train_step.target.fp32_shards()
+
+
+# ZeRO-1 runs ZeRO-2's optimizer; "inf" is the case DeepSpeed's own overflow check misses.
+@pytest.mark.parametrize("stage,precision,kind", [(0, "fp32", "nan"), (0, "bf16", "inf"), (2, "bf16", "nan"),
+                                                  (2, "fp32", "inf"), (3, "bf16", "inf")])
+def test_the_deepspeed_step_drops_a_nonfinite_step_whole(one_rank_group, one_thread, stage, precision, kind):
+    cfg = load_config(builtin_config_path("local_demo"), [
+        "data.synthetic_videos=0", "model.pred_depth=1", "ray.num_workers=1", "data.batch_size=2",
+        f"deepspeed.zero_stage={stage}", f"deepspeed.precision={precision}", "optimization.warmup_steps=0"])
+    applied, digest, target = _engine_run(cfg, kind, {POISONED})
+    assert applied == [step != POISONED for step in range(STEPS)]
+    want_applied, want_digest, want_target = _engine_run(cfg, None, {POISONED})
+    assert want_applied == [True] * (STEPS - 1)
+    assert digest == want_digest
+    assert target.keys() == want_target.keys()
+    for name, value in want_target.items():
+        assert torch.equal(target[name], value), name
+
+
+def test_max_nonfinite_steps_in_a_row_stop_the_run_and_applied_steps_reset_the_streak(caplog):
+    steps = NonFiniteSteps(limit=3, total=5)
+    with caplog.at_level(logging.WARNING, logger="vjepa_ray.train.nonfinite"):
+        flags = [steps.record(step, applied, math.nan, math.inf, rank=0)
+                 for step, applied in [(1, False), (2, False), (3, True), (4, False), (5, False), (6, False)]]
+    assert flags == [False, False, False, False, False, True]
+    assert steps.total == 10 and steps.streak == [4, 5, 6]
+    assert steps.metrics(True) == {"nonfinite_steps": 10, "nonfinite_streak": 3, "nonfinite_first_step": 4,
+                                   "nonfinite_stop": 1}
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == [f"step {s} not applied" for s in (1, 2, 4, 5, 6)]
+    line = stop_message({"step": 6, **steps.metrics(True)}, "/runs/x/step_00000002", 1e30, "bf16")
+    assert "steps 4-6" in line and "/runs/x/step_00000002" in line and "optimization.lr (peak 1e+30)" in line
+    assert "deepspeed.precision (bf16)" in line and "\n" not in line
+    assert "no checkpoint was saved" in stop_message({"step": 6, **steps.metrics(True)}, None, 1.0, "fp32")
+
+
+def test_max_nonfinite_steps_must_be_at_least_one():
+    with pytest.raises(ConfigError, match="optimization.max_nonfinite_steps"):
+        load_config(builtin_config_path("local_demo"), ["optimization.max_nonfinite_steps=0"])
+
+
+def test_a_save_refuses_nonfinite_weights_optimizer_state_or_target():
+    step = tiny_step(CONSTANT)
+    step([MicroBatch(random_clips(2))], 0)
+    engine = type("Engine", (), {"module": step.module})()
+    target = {n: p.detach() for n, p in step.target_encoder.named_parameters()}
+    check_finite_state(engine, step.optimizer, target, torch.device("cpu"))
+    moment = next(iter(step.optimizer.state.values()))["exp_avg"]
+    moment.view(-1)[0] = math.inf
+    with pytest.raises(NonFiniteStateError, match="refusing to save"):
+        check_finite_state(engine, step.optimizer, target, torch.device("cpu"))
+    moment.view(-1)[0] = 0.0
+    next(iter(target.values())).view(-1)[0] = math.nan
+    with pytest.raises(NonFiniteStateError):
+        check_finite_state(engine, step.optimizer, target, torch.device("cpu"))
+
+
+def _tensors(value):
+    if torch.is_tensor(value):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item)
+
+
+def assert_every_checkpoint_finite(run_folder) -> list[str]:
+    """Every tensor of every file of every checkpoint in the run folder is finite; returns the checkpoints."""
+    names = sorted(p.name for p in run_folder.glob("step_*") if (p / "train_state.json").is_file())
+    for name in names:
+        for file in sorted((run_folder / name).rglob("*.pt")):
+            for tensor in _tensors(torch.load(file, map_location="cpu", weights_only=False)):
+                if tensor.is_floating_point():
+                    assert torch.isfinite(tensor).all(), f"{file} holds a non-finite value"
+    return names
+
+
+# Step 0 runs at start_lr, step 1 (0-based) at ~1e29: its update is finite but wrecks the weights, so that the
+# losses soon stop being finite.
+DIVERGING = ["optimization.start_lr=1e-4", "optimization.lr=1e30", "optimization.warmup_steps=4",
+             "optimization.total_steps=30", "optimization.max_nonfinite_steps=3", "checkpoint.every_steps=1",
+             "checkpoint.num_to_keep=30", "logging.every_steps=5"]
+
+
+def assert_stopped_after_three_nonfinite_steps(summary: dict, run_folder, precision: str) -> None:
+    first = summary["metrics"]["nonfinite_first_step"]
+    assert first >= 2  # step 1 ran at start_lr
+    assert summary["status"] == "failed" and summary["restarts"] == 0
+    assert summary["steps"] == first + 2 and summary["nonfinite_steps"] == 3
+    # Every applied step saved; none of the non-finite ones did, and nothing saved holds a non-finite value.
+    assert assert_every_checkpoint_finite(run_folder) == [f"step_{s:08d}" for s in range(1, first)]
+    assert summary["checkpoint"].endswith(f"step_{first - 1:08d}")
+    line = summary["error"]
+    assert line.startswith(f"stopped: steps {first}-{first + 2} had a non-finite loss or gradient")
+    assert summary["checkpoint"] in line and "\n" not in line
+    assert "optimization.lr (peak 1e+30)" in line and f"deepspeed.precision ({precision})" in line
+
+
+@pytest.mark.slow
+def test_a_far_too_large_learning_rate_stops_the_run_from_the_command_line_under_zero2(ray_local, tmp_path, capsys,
+                                                                                      caplog):
+    from vjepa_ray import pretrain
+
+    with caplog.at_level(logging.ERROR, logger="vjepa_ray.train.driver"):
+        code = pretrain.main(["meta.name=diverged", f"ray.storage_path={tmp_path}", "data.synthetic_videos=4",
+                              f"data.paths=[{tmp_path / 'videos'}]", "model.pred_depth=1",
+                              "deepspeed.zero_stage=2", "deepspeed.precision=bf16", *DIVERGING])
+    summary = json.loads((tmp_path / "diverged" / "summary.json").read_text())
+    assert code == 1 and capsys.readouterr().out.startswith(f"failed: {summary['steps']} steps")
+    assert_stopped_after_three_nonfinite_steps(summary, tmp_path / "diverged", "bf16")
+    assert [r.getMessage() for r in caplog.records] == [summary["error"]]
+
+
+@pytest.mark.slow
+def test_a_far_too_large_learning_rate_stops_the_run_under_zero3(ray_local, tmp_path):
+    from test_train_e2e import tiny_config
+
+    from vjepa_ray.train import driver
+    from vjepa_ray.train.synthetic_stream import SyntheticClipStream
+
+    cfg = tiny_config(tmp_path, "diverged3", "deepspeed.zero_stage=3", *DIVERGING)
+    summary = driver.run(cfg, stream_factory=SyntheticClipStream)
+    assert summary["metrics"]["nonfinite_stop"] == 1
+    assert_stopped_after_three_nonfinite_steps(summary, tmp_path / "diverged3", "fp32")
