@@ -79,7 +79,7 @@ def _engine_run(cfg, kind: str | None, skip: set[int]):
     """``STEPS`` steps of a one-rank ``TrainStep``; steps in ``skip`` are poisoned with ``kind``, or (``kind``
     None) not run at all, their batch drawn and dropped. Returns the applied flags, the state digest (fp32
     masters and Adam moments) and the EMA target."""
-    from vjepa_ray.train.checkpoint import state_digest
+    from vjepa_ray.train.deepspeed_state import state_digest
     from vjepa_ray.train.elastic import global_batch_size, plan_batch
     from vjepa_ray.train.engine import TrainStep
     from vjepa_ray.train.synthetic_stream import SyntheticClipStream
