@@ -129,6 +129,8 @@ def test_ray_noise_is_dropped_and_our_lines_kept():
              '  File "ray/_private/worker.py", line 3009, in get',
              "    values, debugger_breakpoint = worker.get_objects(",
              "ray.exceptions.GetTimeoutError: Get timed out: some object(s) not ready.",
+             "Found multiple active Ray instances: {'192.0.2.2:34401', '192.0.2.2:32993'}. Connecting to latest "
+             "cluster at 192.0.2.2:32993. You can override this by setting the `--address` flag or `RAY_ADDRESS` ...",
              "vjepa_ray.train.loop: step 10/300  loss 0.7767",
              "vjepa_ray.data.pipeline: skipping video /x.mp4 (corrupt): moov atom not found"]
     console._print_forwarded(printed.append, False, {"lines": lines, "pid": 1, "is_err": True})

@@ -22,6 +22,9 @@ RAY_NOISE = re.compile("|".join([
     r"DeepSpeed \S+ built successfully",
     r"Progress bars disabled\. To enable",
     r"core_worker\.cc:\d+: Actor with class name: 'PreemptionWatcher'.*max_restarts > 0",
+    # Ray Train's placement-group monitor finding several local clusters on one machine (it repeats this at every
+    # poll; its failure, if any, stays visible as its own traceback).
+    r"Found multiple active Ray instances: .*Connecting to latest cluster",
     # Ray Train's autoscaling client on a busy machine; it says itself that a transient one is safe to ignore.
     r"Failed to send resource request for train-.*safe to ignore",
 ]))
