@@ -281,11 +281,6 @@ def _check_not_a_source(dest: str, sources: Sequence[str]) -> None:
                                    "apart from the videos")
 
 
-def _preparation_names(names: Sequence[str]) -> list[str]:
-    """The entries of a preparation's folder that a preparation writes (module docstring), finished or not."""
-    return [name for name in names if _OWN_NAME.fullmatch(name)]
-
-
 def check_destination(dest: str, sources: Sequence[str]) -> None:
     """What DEST must be before anything is listed or written: apart from every SOURCE, and either empty or
     a preparation (its ``manifest.json`` of this format). Raises DestinationError."""
@@ -311,7 +306,7 @@ def remove_preparation(dest: str) -> list[str]:
     """Deletes what a preparation wrote in DEST (its manifest, shards and shard records, finished or not) and
     nothing else; returns the names deleted. Call ``check_destination`` first."""
     fs, root = runs.filesystem(dest)
-    names = _preparation_names(runs.list_names(dest))
+    names = [name for name in runs.list_names(dest) if _OWN_NAME.fullmatch(name)]
     # The manifest last: until it goes, what is left is still recognisably a preparation.
     for name in sorted(names, key=lambda n: n.startswith(MANIFEST)):
         fs.delete_file(posixpath.join(root, name))
