@@ -49,6 +49,6 @@ def test_profiled_matmul_flops_equal_the_flop_counters_for_the_same_step():
 def test_family_vjepa2_trains_a_rotary_model():
     trainer = step.Trainer(_args(TOY + ["--family", "vjepa2"]))
     encoder = trainer.train_step.target_encoder
-    assert encoder.family == "vjepa2" and "pos_embed" not in encoder.state_dict()
+    assert encoder.family.name == "vjepa2" and "pos_embed" not in encoder.state_dict()
     losses = [trainer.step(step.StepTimer(trainer.device)) for _ in range(2)]
     assert all(math.isfinite(loss) and loss > 0 for loss in losses)
