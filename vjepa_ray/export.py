@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     prog = f"{PROG} {args.direction}"
     # Imported once the command line is read: --help needs none of torch.
-    from vjepa_ray.models.hf import config_overrides, read_hf_config
+    from vjepa_ray.models.families import get_family
+    from vjepa_ray.models.hf import HF_FAMILY, config_overrides, read_hf_config
     from vjepa_ray.train.weights import from_hf_folder, from_official_file, to_hf_folder, to_official_file
 
     with _local_input(parser, args) as (source, run_config):
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
         try:
             cfg = load_config(args.config or run_config or builtin_config_path("local_demo"), overrides)
-            if args.direction == "to-hf" and cfg.model.family != "vjepa2":
+            if args.direction == "to-hf" and get_family(cfg.model.family) is not HF_FAMILY:
                 raise ConfigError("model.family", f"Hugging Face's VJEPA2Model holds V-JEPA 2.0 models; these are "
                                   f"{cfg.model.family} (to-official writes them in Meta's released layout)")
         except ConfigError as err:
