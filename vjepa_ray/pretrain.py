@@ -15,6 +15,7 @@ from typing import Any
 from vjepa_ray import tracking
 from vjepa_ray.cli import run_command
 from vjepa_ray.config import Config
+from vjepa_ray.redaction import redact
 from vjepa_ray.train import driver
 
 PROG = "python -m vjepa_ray.pretrain"
@@ -35,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = run_command(PROG, __doc__.splitlines()[0], argv, driver.check_runnable, pretrain)
     print(f"{summary['status']}: {summary['steps']} steps, final loss {summary['final_loss']}, "
           f"{summary['restarts']} restart(s), world sizes {summary['world_sizes']}")
-    print(f"checkpoint: {summary['checkpoint']}")
-    print(f"summary: {summary['summary']}")
+    print(f"checkpoint: {redact(summary['checkpoint'])}")
+    print(f"summary: {redact(summary['summary'])}")
     print(f"tensorboard --logdir {summary['tensorboard']}")
     return 0 if summary["status"] == "finished" else 1
 
