@@ -16,6 +16,7 @@ from typing import Any
 
 from vjepa_ray.cli import run_command
 from vjepa_ray.config import Config
+from vjepa_ray.redaction import redact
 
 PROG = "python -m vjepa_ray.pretrain"
 DESCRIPTION = ("V-JEPA pretraining on Ray Train. With no arguments: the built-in local demo (a tiny model on "
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
     console.wait_for_workers()
     for line in summary_lines(summary):
-        print(line, flush=True)
+        print(redact(line), flush=True)
     if summary["status"] == "finished":
         return 0
     return 2 if summary["error_kind"] == "input" else 1

@@ -50,7 +50,9 @@ RETRY_AFTER_S = 30.0
 # mlflow's defaults (120 s per request, 7 retries with backoff) would hold the logger for minutes per call.
 # The logger's process sets these unless its environment has them (the driver passes its own on).
 # No retries within a call: the logger's own pause (RETRY_AFTER_S) is the retry.
-HTTP_ENV = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+# mlflow prints each run's URL, the tracking URI's credentials included, unless told not to.
+HTTP_ENV = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+            "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 # Errors the server answers with (a value it refuses): counted, but the server is there.
 _REJECTIONS = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST"}
 # mlflow's limits per log_batch request and per parameter value.
