@@ -21,6 +21,7 @@ SAMPLE_ARGS = {
     "IncompleteUploadError": ("2 files missing",),
     "NoIntactCheckpointError": ("every checkpoint is damaged",),
     "DestinationError": ("DEST holds another preparation",),
+    "NonFiniteStateError": ("the weights hold a non-finite value",),
     "_TimestampMismatch": ("frame 3",),
 }
 

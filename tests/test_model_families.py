@@ -303,7 +303,7 @@ def test_the_2_0_release_layout_round_trips_through_the_export_commands(tmp_path
         assert written[key].keys() == kept.keys()
         assert all(torch.equal(written[key][k], v) for k, v in kept.items())
     default_tokens = [item for item in config if not item.startswith("model.pred_num_mask_tokens")]
-    assert export_main(["from-official", "--input", str(path), "--output", str(ours), *default_tokens]) == 1
+    assert export_main(["from-official", "--input", str(path), "--output", str(ours), *default_tokens]) == 2
     assert "set model.pred_num_mask_tokens=10" in capsys.readouterr().err
 
 
@@ -353,7 +353,9 @@ def test_our_weights_round_trip_through_a_hugging_face_folder_that_transformers_
     x = torch.randn(1, 3, 4, 32, 32)
     with torch.no_grad():
         assert (encoder(x) - hf_features(reread, x)).abs().max() <= 1e-4
-    assert export_main(["to-hf", "--input", str(ours), "--output", str(back), *config[1:]]) == 1  # vjepa1: refused
+    with pytest.raises(SystemExit) as refused:  # vjepa1: a bad input, exit 2
+        export_main(["to-hf", "--input", str(ours), "--output", str(back), *config[1:]])
+    assert refused.value.code == 2
 
 
 def test_our_vjepa2_predictor_equals_hugging_faces_at_the_same_token_ids(tmp_path):

@@ -153,6 +153,6 @@ def test_export_cli_round_trips_and_rejects_bad_arguments(tmp_path, capsys):
         export_main(["sideways", "--input", str(ours), "--output", str(back)])
     err = capsys.readouterr().err
     assert exited.value.code == 2 and len(err.strip().splitlines()) == 1 and "sideways" in err
-    # Weights that do not fit the config's model: exit 1 naming the mismatched keys.
-    assert export_main(["to-official", "--input", str(ours), "--output", str(back), "model.name=vit_small"]) == 1
+    # Weights that do not fit the config's model: exit 2 naming the mismatched keys.
+    assert export_main(["to-official", "--input", str(ours), "--output", str(back), "model.name=vit_small"]) == 2
     assert "patch_embed.proj.weight (checkpoint [192" in capsys.readouterr().err

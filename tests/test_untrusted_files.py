@@ -84,7 +84,7 @@ def test_every_loader_refuses_a_hostile_file_and_runs_nothing(loader, hostile, t
 def test_export_from_official_refuses_a_hostile_file_in_one_line(hostile, tmp_path, capsys):
     path, marker = hostile
     out = tmp_path / "ours.pt"
-    assert export_main(["from-official", "--input", str(path), "--output", str(out), *TINY]) == 1
+    assert export_main(["from-official", "--input", str(path), "--output", str(out), *TINY]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("python -m vjepa_ray.export from-official: error: ")
     assert str(path) in err[0] and "nothing in it was run" in err[0]

@@ -218,8 +218,28 @@ def video_frames(source: VideoSource, spec: Optional[ClipSpec] = None
     """The video stream as training reads it (same stream, limits and skip reasons) and all its frames in
     presentation order, as PyAV frames neither converted nor rotated (``frame.rotation`` says how). Raises
     VideoSkip; the frames end early when decoding fails, so count them against ``info.frames``."""
+    callers_error = None
     with _Video(source, spec or ClipSpec()) as video:
-        yield video.info, (frame for _, frame in video.sequential_frames())
+        try:
+            yield video.info, _frames(video)
+        except VideoSkip:
+            raise
+        except Exception as err:
+            # Raised by the caller's own code (its arguments, its encoder), not by the video: it leaves as it is
+            # rather than as the video's skip.
+            callers_error = err
+    if callers_error is not None:
+        raise callers_error
+
+
+def _frames(video: "_Video") -> Iterator[av.VideoFrame]:
+    try:
+        for _, frame in video.sequential_frames():
+            yield frame
+    except VideoSkip:
+        raise
+    except Exception as exc:
+        raise _unexpected_error_skip(exc, video.info) from exc
 
 
 def check_file_size(source: VideoSource, spec: ClipSpec) -> None:
@@ -523,8 +543,13 @@ class _Video:
             if exc.info is None:
                 exc.info = info
         elif isinstance(exc, Exception) and not isinstance(exc, _TimestampMismatch):
-            logger.debug("unexpected error decoding a video", exc_info=exc)
-            raise VideoSkip("corrupt", f"unexpected {type(exc).__name__} while decoding: {exc}", info) from exc
+            raise _unexpected_error_skip(exc, info) from exc
+
+
+def _unexpected_error_skip(exc: Exception, info: Optional[VideoInfo]) -> VideoSkip:
+    """A file that PyAV fails on in a way no check foresaw is skipped as corrupt, never a failed task."""
+    logger.debug("unexpected error decoding a video", exc_info=exc)
+    return VideoSkip("corrupt", f"unexpected {type(exc).__name__} while decoding: {exc}", info)
 
 
 def _is_file_object(source: VideoSource) -> bool:
