@@ -123,12 +123,12 @@ def check_mlflow_runs(uri: str, experiment: dict, finished: list[dict], collapse
         assert float(params["optimization.lr"]) == float(row["optimization.lr"])
         assert params["meta.name"] == row["trial_id"] and params["mask.1.spatial_scale"] == row["mask.1.spatial_scale"]
         # The pretraining curve: a loss at every report (every 2 steps). A stopped trial's logger goes down with
-        # it, so its last report may not have reached the server.
-        history = mlflow_api(uri, "metrics/get-history", run_id=run_id, metric_key="loss")["metrics"]
+        # it, so the reports it had not yet sent never reach the server (the server omits an empty history).
+        history = mlflow_api(uri, "metrics/get-history", run_id=run_id, metric_key="loss").get("metrics", [])
         steps = sorted(m["step"] for m in history)
         reports = list(range(2, int(row["pretrain_steps"]) + 1, 2))
         if row in collapsed:
-            assert steps in (reports, reports[:-1]) and steps[0] == 2
+            assert steps == reports[:len(steps)]
             continue
         assert steps == reports
         assert max(history, key=lambda m: m["step"])["value"] == pytest.approx(float(row["loss"]))
