@@ -104,7 +104,8 @@ def check_mlflow_runs(uri: str, experiment: dict, finished: list[dict], collapse
                  .get("mlflow.parentRunId") for run in found}
     (parent,) = [run for run in found if parent_of[run["info"]["run_id"]] is None]
     children = [run for run in found if parent_of[run["info"]["run_id"]] == parent["info"]["run_id"]]
-    assert len(found) == 5 and len(children) == 4
+    # A trial's logger stops with the trial: a collapsed trial stopped early may not have opened its run yet.
+    assert len(found) == 1 + len(children) and len(finished) <= len(children) <= len(finished) + len(collapsed)
     assert summary["mlflow"]["run_id"] == parent["info"]["run_id"] and summary["mlflow"]["not_logged"] == {}
     assert parent["info"]["run_name"] == experiment["name"] and parent["info"]["status"] == "FINISHED"
     parent_metrics = {m["key"]: m["value"] for m in parent["data"]["metrics"]}
@@ -114,7 +115,8 @@ def check_mlflow_runs(uri: str, experiment: dict, finished: list[dict], collapse
     assert {"results.csv", "best.json", "top1_vs_mask_ratio.png"} <= parent_files
 
     by_trial = {r["trial_id"]: r for r in finished + collapsed}
-    assert {run["info"]["run_name"] for run in children} == set(by_trial)
+    names = {run["info"]["run_name"] for run in children}
+    assert {r["trial_id"] for r in finished} <= names <= set(by_trial)
     for run in children:
         row, run_id = by_trial[run["info"]["run_name"]], run["info"]["run_id"]
         params = {p["key"]: p["value"] for p in run["data"]["params"]}
