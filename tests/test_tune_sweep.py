@@ -105,7 +105,8 @@ def check_mlflow_runs(uri: str, experiment: dict, finished: list[dict], collapse
                  .get("mlflow.parentRunId") for run in found}
     (parent,) = [run for run in found if parent_of[run["info"]["run_id"]] is None]
     children = [run for run in found if parent_of[run["info"]["run_id"]] == parent["info"]["run_id"]]
-    assert len(found) == 5 and len(children) == 4
+    # A trial's logger stops with the trial: a collapsed trial stopped early may not have opened its run yet.
+    assert len(found) == 1 + len(children) and len(finished) <= len(children) <= len(finished) + len(collapsed)
     assert summary["mlflow"]["run_id"] == parent["info"]["run_id"] and summary["mlflow"]["not_logged"] == {}
     assert parent["info"]["run_name"] == experiment["name"] and parent["info"]["status"] == "FINISHED"
     parent_metrics = {m["key"]: m["value"] for m in parent["data"]["metrics"]}
@@ -115,23 +116,21 @@ def check_mlflow_runs(uri: str, experiment: dict, finished: list[dict], collapse
     assert {"results.csv", "best.json", "top1_vs_mask_ratio.png"} <= parent_files
 
     by_trial = {r["trial_id"]: r for r in finished + collapsed}
-    assert {run["info"]["run_name"] for run in children} == set(by_trial)
+    names = {run["info"]["run_name"] for run in children}
+    assert {r["trial_id"] for r in finished} <= names <= set(by_trial)
     for run in children:
         row, run_id = by_trial[run["info"]["run_name"]], run["info"]["run_id"]
+        if row in collapsed:
+            # Its logger stopped with it, wherever it was: its params and reports may or may not be there.
+            continue
         params = {p["key"]: p["value"] for p in run["data"]["params"]}
         # The trial's settings, and its resolved config with them applied.
         assert float(params["mask_ratio"]) == float(row["mask_ratio"])
         assert float(params["optimization.lr"]) == float(row["optimization.lr"])
         assert params["meta.name"] == row["trial_id"] and params["mask.1.spatial_scale"] == row["mask.1.spatial_scale"]
-        # The pretraining curve: a loss at every report (every 2 steps). A stopped trial's logger goes down with
-        # it, so its last report may not have reached the server.
+        # The pretraining curve: a loss at every report (every 2 steps).
         history = mlflow_api(uri, "metrics/get-history", run_id=run_id, metric_key="loss")["metrics"]
-        steps = sorted(m["step"] for m in history)
-        reports = list(range(2, int(row["pretrain_steps"]) + 1, 2))
-        if row in collapsed:
-            assert steps in (reports, reports[:-1]) and steps[0] == 2
-            continue
-        assert steps == reports
+        assert sorted(m["step"] for m in history) == list(range(2, int(row["pretrain_steps"]) + 1, 2))
         assert max(history, key=lambda m: m["step"])["value"] == pytest.approx(float(row["loss"]))
         assert run["info"]["status"] == "FINISHED"
         metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
