@@ -79,11 +79,8 @@ def test_mlflow_ui_lists_the_sweeps_trials_under_it_with_their_top1(tracked_swee
             page.screenshot(path=str(tmp_path / "mlflow_sweep.png"))
         finally:
             browser.close()
-    # The parent with the best top-1, and under it every trial, a finished one with its own top-1 (the UI rounds
-    # to a few digits); the collapsed trials stopped before their probe.
+    # The parent with the best top-1, and under it every trial with its own (the UI rounds to a few digits).
     assert set(shown) == {experiment["name"], *(r["trial_id"] for r in rows)}
-    probed = [r for r in rows if r["status"] == "finished"]
-    assert len(probed) == 2
-    assert float(shown[experiment["name"]]) == pytest.approx(max(float(r["probe_top1"]) for r in probed), abs=0.01)
-    for row in probed:
+    assert float(shown[experiment["name"]]) == pytest.approx(max(float(r["probe_top1"]) for r in rows), abs=0.01)
+    for row in rows:
         assert float(shown[row["trial_id"]]) == pytest.approx(float(row["probe_top1"]), abs=0.01)

@@ -199,11 +199,14 @@ def assert_stopped_after_three_nonfinite_steps(summary: dict, run_folder, precis
 def test_a_far_too_large_learning_rate_stops_the_run_from_the_command_line_under_zero2(ray_local, tmp_path, capsys,
                                                                                       caplog):
     from vjepa_ray import pretrain
+    from vjepa_ray.data.demo import write_demo_videos
 
+    args = ["meta.name=diverged", f"ray.storage_path={tmp_path}", "data.synthetic_videos=4",
+            f"data.paths=[{tmp_path / 'videos'}]", "model.pred_depth=1", "deepspeed.zero_stage=2",
+            "deepspeed.precision=bf16", *DIVERGING]
+    write_demo_videos(tmp_path / "videos", load_config(builtin_config_path("local_demo"), args))
     with caplog.at_level(logging.ERROR, logger="vjepa_ray.train.driver"):
-        code = pretrain.main(["meta.name=diverged", f"ray.storage_path={tmp_path}", "data.synthetic_videos=4",
-                              f"data.paths=[{tmp_path / 'videos'}]", "model.pred_depth=1",
-                              "deepspeed.zero_stage=2", "deepspeed.precision=bf16", *DIVERGING])
+        code = pretrain.main(args)
     summary = json.loads((tmp_path / "diverged" / "summary.json").read_text())
     assert code == 1 and capsys.readouterr().out.startswith(f"failed: {summary['steps']} steps")
     assert_stopped_after_three_nonfinite_steps(summary, tmp_path / "diverged", "bf16")
