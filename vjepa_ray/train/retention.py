@@ -65,6 +65,10 @@ class CheckpointRetention(UserCallback):
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         if checkpoint is None:
             return
-        emptied = rotate(self.run_folder, self.num_to_keep)
+        try:
+            emptied = rotate(self.run_folder, self.num_to_keep)
+        except OSError as err:  # the store may be away for a while: the next checkpoint rotates again
+            log.warning("checkpoint.num_to_keep: could not rotate the run's checkpoints now (%s)", err)
+            return
         if emptied:
             log.info("checkpoint.num_to_keep=%d: emptied %s", self.num_to_keep, ", ".join(emptied))
