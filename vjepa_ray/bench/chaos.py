@@ -335,7 +335,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
         if args.elastic:
             out["elastic"] = elastic_run(cluster, storage, overrides, args.seed)
+    except BaseException:
+        # The drivers' logs and run folders are what explain a failed bench: kept, and named.
+        log.error("chaos bench failed; its drivers' logs and run folders are kept in %s", storage)
+        raise
+    else:
+        shutil.rmtree(storage, ignore_errors=True)
         return out
     finally:
         cluster.shutdown()
-        shutil.rmtree(storage, ignore_errors=True)
