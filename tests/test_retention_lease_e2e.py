@@ -1,7 +1,7 @@
-"""On Ray Train, local disk and S3 (moto): the run keeps the newest ``checkpoint.num_to_keep`` intact checkpoints
-(a damaged latest one is emptied after the fallback, never kept in place of the intact one), a second driver on
-a live run folder stops with exit 2 naming the owner, and once that driver is killed a rerun takes its lease over
-and resumes.
+"""On Ray Train: the run keeps the newest ``checkpoint.num_to_keep`` intact checkpoints (a damaged latest one is
+emptied after the fallback, never kept in place of the intact one), a second driver on a live run folder stops
+with exit 2 naming the owner, and once that driver is killed a rerun takes its lease over and resumes. On S3 (moto)
+the same lease is checked at the end of test_storage_faults' outage run, which has a finished run there already.
 """
 
 from __future__ import annotations
@@ -35,16 +35,31 @@ def _checkpoints(folder: str) -> dict[str, bool]:
     return {name: runs.is_checkpoint(runs.join(folder, name)) for name in runs.list_checkpoints(folder)}
 
 
-@pytest.fixture(params=["local", "s3"])
-def storage(request, tmp_path):
-    if request.param == "local":
-        request.getfixturevalue("ray_local")
-        return str(tmp_path / "runs")
-    request.getfixturevalue("ray_s3")
-    return f"{request.getfixturevalue('s3_bucket')}/runs"
+def refuse_a_second_driver_until_the_holder_is_killed(storage: str, name: str) -> int:
+    """With a live driver holding run ``name``'s lease, ``pretrain`` on the same folder exits 2 at once with one line
+    naming that owner; then the holder is killed (SIGKILL: its lease stays behind). Returns the holder's pid."""
+    folder = runs.join(storage, name)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, folder], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": REPO})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        command = [sys.executable, "-m", "vjepa_ray.pretrain", "--config", str(builtin_config_path("local_demo")),
+                   f"meta.name={name}", f"ray.storage_path={storage}", "model.pred_depth=2"]
+        second = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                                env={**os.environ, "PYTHONPATH": REPO})
+        assert second.returncode == 2 and second.stdout == ""
+        assert second.stderr.count("\n") == 1 and f"pid {holder.pid}" in second.stderr
+        assert "meta.name" in second.stderr and "heartbeat" in second.stderr
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert runs.exists(runs.join(folder, LEASE_FILE))  # the killed driver's lease, left behind
+    return holder.pid
 
 
-def test_damaged_latest_is_emptied_intact_ones_kept_and_a_second_driver_waits_for_the_lease(storage, caplog):
+def test_damaged_latest_is_emptied_intact_ones_kept_and_a_second_driver_waits_for_the_lease(ray_local, tmp_path,
+                                                                                           caplog):
+    storage = str(tmp_path / "runs")
     overrides = ["checkpoint.every_steps=2", "checkpoint.num_to_keep=3", "logging.every_steps=2"]
     first = driver.run(tiny_config(storage, "kept", *overrides), stream_factory=SyntheticClipStream)
     folder = runs.join(storage, "kept")
@@ -55,27 +70,12 @@ def test_damaged_latest_is_emptied_intact_ones_kept_and_a_second_driver_waits_fo
     assert not runs.exists(runs.join(folder, LEASE_FILE))
     runs.delete_file(runs.join(folder, "step_00000008", TRAIN_STATE))  # the latest checkpoint, damaged
 
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, folder], stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": REPO})
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        command = [sys.executable, "-m", "vjepa_ray.pretrain", "--config", str(builtin_config_path("local_demo")),
-                   "meta.name=kept", f"ray.storage_path={storage}", "model.pred_depth=2"]
-        second = subprocess.run(command, capture_output=True, text=True, timeout=600,
-                                env={**os.environ, "PYTHONPATH": REPO})
-        assert second.returncode == 2 and second.stdout == ""
-        assert second.stderr.count("\n") == 1 and f"pid {holder.pid}" in second.stderr
-        assert "meta.name" in second.stderr and "heartbeat" in second.stderr
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
-    assert runs.exists(runs.join(folder, LEASE_FILE))  # the killed driver's lease, left behind
-
+    holder_pid = refuse_a_second_driver_until_the_holder_is_killed(storage, "kept")
     # The rerun takes the dead driver's lease over, falls back on step 6 and saves twice (8 again, then 10).
     with caplog.at_level(logging.WARNING, logger="vjepa_ray.train.lease"):
         rerun = driver.run(tiny_config(storage, "kept", *overrides, "optimization.total_steps=10"),
                            stream_factory=SyntheticClipStream)
-    assert any(f"pid {holder.pid}" in r.getMessage() and "taking over" in r.getMessage() for r in caplog.records)
+    assert any(f"pid {holder_pid}" in r.getMessage() and "taking over" in r.getMessage() for r in caplog.records)
     assert rerun["status"] == "finished" and rerun["steps"] == 10 and rerun["starts"][0]["step"] == 6
     kept = _checkpoints(folder)
     assert [name for name, holds in kept.items() if holds] == ["step_00000006", "step_00000008_1", "step_00000010"]

@@ -5,6 +5,7 @@ the chaos test (test_chaos.py)."""
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from pathlib import Path
@@ -178,8 +179,10 @@ def test_a_store_that_refuses_writes_is_a_one_line_error_before_any_worker_start
 
 
 @pytest.mark.slow
-def test_an_s3_outage_during_a_checkpoint_upload_is_ridden_out(ray_s3, s3_server, s3_bucket):
+def test_an_s3_outage_during_a_checkpoint_upload_is_ridden_out_and_the_run_folders_lease_holds_on_s3(
+        ray_s3, s3_server, s3_bucket, caplog):
     boto3 = pytest.importorskip("boto3")
+    from test_retention_lease_e2e import refuse_a_second_driver_until_the_holder_is_killed
     from test_train_e2e import tiny_config
 
     from vjepa_ray.train import driver
@@ -209,6 +212,15 @@ def test_an_s3_outage_during_a_checkpoint_upload_is_ridden_out(ray_s3, s3_server
     for name in ("step_00000004", "step_00000006", "step_00000008"):
         with runs.local_copy(runs.join(s3_bucket, "outage", name)) as local:
             assert manifest.problems(local) == [], name
+
+    # One driver per run folder on S3: a second driver on a live run is refused; once that driver is killed, a
+    # rerun takes its lease over and resumes.
+    holder_pid = refuse_a_second_driver_until_the_holder_is_killed(s3_bucket, "outage")
+    with caplog.at_level(logging.WARNING, logger="vjepa_ray.train.lease"):
+        rerun = driver.run(tiny_config(s3_bucket, "outage", "checkpoint.every_steps=2", "optimization.total_steps=10"),
+                           stream_factory=SyntheticClipStream)
+    assert any(f"pid {holder_pid}" in r.getMessage() and "taking over" in r.getMessage() for r in caplog.records)
+    assert rerun["status"] == "finished" and rerun["starts"] == [{"world_size": 2, "step": 8}]
 
 
 def _registered(client, bucket: str, key: str) -> set[str]:
