@@ -176,8 +176,9 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     # A registered family (vjepa_ray.models.families): vjepa1: fixed sin-cos position tables (V-JEPA 1);
-    # vjepa2: 3D rotary embeddings in every attention block (V-JEPA 2.0); vjepa2_1: V-JEPA 2.1's encoder
-    # (hierarchical norms, modality embeddings).
+    # vjepa2: 3D rotary embeddings in every attention block (V-JEPA 2.0); vjepa2_1: V-JEPA 2.1's models
+    # (hierarchical norms, modality embeddings, a predictor of four levels and of the context tokens), whose
+    # encoders are 12, 24, 40 or 48 blocks deep.
     family: str = "vjepa1"
     name: str = "vit_large"
     patch_size: int = 16
@@ -186,8 +187,9 @@ class ModelConfig:
     pred_embed_dim: int = 384
     # Predictor heads; None = the encoder's (V-JEPA 1).
     pred_num_heads: int | None = None
-    # The predictor's learned mask tokens; None = one per mask config and clip length (data.clip_lengths();
-    # V-JEPA 2's release files hold 10).
+    # The predictor's learned mask tokens; None = as the family counts them: one per mask config and clip length
+    # (data.clip_lengths(); V-JEPA 2's release files hold 10), for vjepa2_1 one per mask config and data.paths
+    # entry, as its release counts them.
     pred_num_mask_tokens: int | None = None
     uniform_power: bool = True
     activation_checkpointing: bool = False
@@ -201,10 +203,16 @@ class ModelConfig:
         # processes that only read configs (data tasks, the data doctor until it validates).
         from vjepa_ray.models.families import FAMILIES
         from vjepa_ray.models.sizes import MODEL_SPECS
+        from vjepa_ray.models.vit import HIERARCHICAL_LAYERS
 
         check = _SectionChecks(key)
         check.require(self.family in FAMILIES, "family", f"{self.family!r} is not one of {', '.join(FAMILIES)}")
         check.require(self.name in MODEL_SPECS, "name", f"{self.name!r} is not one of {', '.join(MODEL_SPECS)}")
+        depth = MODEL_SPECS[self.name][1]
+        known = [name for name, spec in MODEL_SPECS.items() if spec[1] in HIERARCHICAL_LAYERS]
+        check.require(not FAMILIES[self.family].hierarchical_norms or depth in HIERARCHICAL_LAYERS, "name",
+                      f"{self.name} is {depth} blocks deep; {self.family}'s hierarchical levels are defined for "
+                      f"depths {', '.join(map(str, HIERARCHICAL_LAYERS))} ({', '.join(known)})")
         check.require(self.patch_size >= 1, "patch_size", "must be >= 1")
         check.require(self.tubelet_size >= 1, "tubelet_size", "must be >= 1")
         check.require(self.pred_depth >= 1, "pred_depth", "must be >= 1")
@@ -241,6 +249,39 @@ def _default_masks() -> list[MaskConfig]:
         MaskConfig(num_blocks=8, spatial_scale=[0.15, 0.15]),  # short-range
         MaskConfig(num_blocks=2, spatial_scale=[0.7, 0.7]),  # long-range
     ]
+
+
+@dataclass
+class LossConfig:
+    """The objective's terms (vjepa_ray.recipe.objective). A key left None takes the family's release value
+    (vjepa_ray.models.families.ContextLoss); the release's own key names are given beside each."""
+
+    # The loss is mean(|prediction - target|^loss_exp) / loss_exp: 1 is the L1 of every release (loss.loss_exp).
+    loss_exp: float = 1.0
+    # V-JEPA 2.1's dense context loss (families with one: model.family=vjepa2_1). Its weight lambda once warmed
+    # up (model.lambda_value_vid; lambda_value_img on image ranks): 0.5.
+    context_weight: float | None = None
+    # [start, end] steps: lambda is 0 before start, rises linearly to context_weight at end, then holds
+    # (Lambda_LinearWarmupHold's fixed 15000, 30000; [0, 0] holds it from the start: model.lambda_progressive
+    # false). The cooldown schedule always holds it, as the release's cooldown does.
+    context_warmup: list[int] | None = None
+    # Divide each context token's error by the square root of its distance to the nearest target token
+    # (loss.weight_distance_loss): true in the pretraining recipe; the release's cooldown sets false.
+    context_distance_weighting: bool | None = None
+
+    def validate(self, key: str) -> None:
+        check = _SectionChecks(key)
+        check.require(math.isfinite(self.loss_exp) and self.loss_exp > 0, "loss_exp", "must be a number > 0")
+        check.require(self.context_weight is None or self.context_weight >= 0, "context_weight", "must be >= 0")
+        if self.context_warmup is not None:
+            warmup = self.context_warmup
+            check.require(len(warmup) == 2 and 0 <= warmup[0] <= warmup[1], "context_warmup",
+                          f"expected [start, end] steps with 0 <= start <= end, got {warmup}")
+
+    def context_keys(self) -> list[str]:
+        """The context-loss keys that are set."""
+        return [name for name in ("context_weight", "context_warmup", "context_distance_weighting")
+                if getattr(self, name) is not None]
 
 
 # How the LR, weight decay and EMA momentum move over a run (vjepa_ray.recipe.schedules).
@@ -491,6 +532,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     mask: list[MaskConfig] = field(default_factory=_default_masks)
+    loss: LossConfig = field(default_factory=LossConfig)
     optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -509,6 +551,7 @@ class Config:
         _require(len(self.mask) >= 1, "mask", "needs at least one mask config")
         for i, mask in enumerate(self.mask):
             mask.validate(f"mask.{i}")
+        self.loss.validate("loss")
         self.optimization.validate("optimization")
         self.deepspeed.validate("deepspeed")
         self.checkpoint.validate("checkpoint")
@@ -516,6 +559,13 @@ class Config:
         self.probe.validate("probe")
         self.tune.validate("tune")
 
+        from vjepa_ray.models.families import FAMILIES
+
+        context_keys = self.loss.context_keys()
+        if context_keys and FAMILIES[self.model.family].context_loss is None:
+            raise ConfigError(f"loss.{context_keys[0]}", f"model.family {self.model.family} has no context loss "
+                              f"(families with one: "
+                              f"{', '.join(name for name, f in FAMILIES.items() if f.context_loss is not None)})")
         _require(not (self.model.init_from and self.checkpoint.start_from), "model.init_from",
                  "cannot be combined with checkpoint.start_from, whose checkpoint holds the weights already")
         # The clip must tile into whole patches and tubelets.
@@ -537,7 +587,7 @@ class Config:
 
         family = get_family(self.model.family)
         _require(family.pretrainable, "model.family",
-                 f"{family.name} pretraining (its predictor) is not supported; its encoders load for evaluate and "
+                 f"{family.name} pretraining is not supported by the trainer yet; its encoders load for evaluate and "
                  f"export, and {', '.join(pretrainable_families())} pretrain")
         tableless = [f"model.family={name}" for name, other in FAMILIES.items()
                      if other.pretrainable and not other.positions.has_table]
