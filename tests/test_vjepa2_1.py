@@ -1,10 +1,11 @@
 """V-JEPA 2.1's models in training mode and its objective, against what the release computes
 (shared/notes/vjepa2_1-step-facts.md): four separately normalised target levels, the distance-weighted
-context loss and its warm-up, the predictor's layout and mask tokens, and a tiny 2.1 model
+context loss and its warm-up, loss regulation, the predictor's layout and mask tokens, and a tiny 2.1 model
 whose loss falls through ``JepaStep``."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -12,11 +13,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from vjepa_ray.config import ConfigError, LossConfig, load_config
+from vjepa_ray.config import ConfigError, LossConfig, OptimizationConfig, load_config
 from vjepa_ray.models import Predictor, VisionTransformer, build_encoder, build_models, get_family
 from vjepa_ray.models.families import tokens_per_mask_and_length, tokens_per_mask_and_source
 from vjepa_ray.recipe import objective
-from vjepa_ray.recipe.masks import distance_to_targets
+from vjepa_ray.recipe.masks import MaskCollator, distance_to_targets
+from vjepa_ray.recipe.regulation import LossRegulation, LossRegulationError, exceeds_bound
 from vjepa_ray.recipe.step import JepaStep, MicroBatch
 from vjepa_ray.video.synthetic import moving_pattern
 
@@ -127,11 +129,65 @@ def test_lambda_is_zero_until_15k_linear_to_its_value_at_30k_then_held_and_held_
         load_config(None, ["model.family=vjepa2", "loss.context_weight=0.5"])
 
 
+def test_loss_regulation_skips_a_loss_above_mean_plus_k_std_past_its_start_with_half_a_window():
+    history = [1.0, 2.0, 3.0, 2.0]  # mean 2, population std sqrt(0.5)
+    bound = 2.0 + 2.0 * math.sqrt(0.5)
+    assert exceeds_bound(bound + 1e-9, history, 2.0, min_history=3) and not exceeds_bound(bound, history, 2.0, 3)
+    assert not exceeds_bound(100.0, history, 2.0, min_history=4)  # needs more than half the window
+    reg = LossRegulation(std_mult=2.0, window=6, start_step=10, max_skips=1)
+    for loss in history:  # 4 of a window of 6: more than half
+        reg.record(loss)
+    assert not reg.skips_update(10.0, step=9)  # before its start
+    assert reg.skips_update(10.0, step=10) and reg.skips == 1
+    assert not reg.skips_update(bound, step=11)
+    for loss in range(20):  # the window keeps the last 6 applied steps
+        reg.record(float(loss))
+    assert list(reg.history) == [float(x) for x in range(14, 20)]
+    restored = LossRegulation(std_mult=2.0, window=6, start_step=10, max_skips=1)
+    restored.load_state_dict(reg.state_dict())
+    assert (list(restored.history), restored.skips) == (list(reg.history), 1)
+    with pytest.raises(LossRegulationError, match="skipped 2 steps, more than optimization.loss_reg_max_skips=1"):
+        reg.skips_update(1000.0, step=12)
+    assert LossRegulation.of(OptimizationConfig()) is None  # off unless loss_reg_std_mult is set, as in the release
+    # The trainer's workers do not share a decision yet: a pretraining run refuses it.
+    with pytest.raises(ConfigError, match="^optimization.loss_reg_std_mult: loss regulation runs in the recipe's"):
+        load_config(None, ["optimization.loss_reg_std_mult=3"]).validate_pretraining()
+
+
 def micro_models(family: str = "vjepa1"):
     torch.manual_seed(0)
     encoder = VisionTransformer(img_size=32, num_frames=4, patch_size=8, embed_dim=48, depth=2, num_heads=3,
                                 family=family)
     return encoder, Predictor(encoder.grid, 48, 32, 1, num_heads=2, num_mask_tokens=2, family=family)
+
+
+def test_regulation_decides_on_the_loss_of_every_ranks_micro_batches_and_still_moves_the_target(one_thread):
+    encoder, predictor = micro_models()
+    module, target = objective.JepaModule(encoder, predictor), copy.deepcopy(encoder).requires_grad_(False)
+    with torch.no_grad():
+        for p in target.parameters():
+            p.add_(1.0)  # apart from the encoder, so that an EMA update shows
+    opt = OptimizationConfig(total_steps=10, warmup_steps=0, schedule="constant", ema=[0.5, 0.5], clip_grad=0,
+                             loss_reg_std_mult=0.0, loss_reg_window=4, loss_reg_start_step=0)
+    step = JepaStep(module, target, torch.optim.SGD(module.parameters(), lr=0.1),
+                    MaskCollator(load_config().mask, encoder.grid), opt, seed=0)
+    seen = []
+    decide = step.regulation.skips_update
+    step.regulation.skips_update = lambda loss, s: seen.append(loss) or decide(loss, s)
+    step.regulation.history.extend([0.0, 0.0, 0.0])  # any loss above 0 is then above the bound
+    clips = torch.randint(0, 256, (3, 4, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    online = copy.deepcopy(module.state_dict())
+    before = {k: p.clone() for k, p in target.named_parameters()}
+    out = step([MicroBatch(clips[:2], rank=0), MicroBatch(clips[2:], rank=1, weight=0.5)], step=0)
+
+    # One decision, on the loss whose gradient the update would follow: both ranks' micro batches, weighted.
+    assert seen == [pytest.approx((float(out.outputs[0].loss) + 0.5 * float(out.outputs[1].loss)) / 2, rel=1e-12)]
+    assert out.loss_regulated and not out.applied and step.regulation.skips == 1
+    assert all(torch.equal(v, online[k]) for k, v in module.state_dict().items())
+    assert all(p.grad is None for p in module.parameters())
+    moved = {k: (p - before[k]).abs().max().item() for k, p in target.named_parameters()}
+    assert min(moved.values()) == pytest.approx(0.5, abs=1e-6)  # halfway back to the encoder (momentum 0.5)
+    assert list(step.regulation.history) == [0.0, 0.0, 0.0]  # a skipped step's loss is not tracked
 
 
 def test_the_2_1_predictor_has_the_release_layout_shapes_and_modalities():

@@ -325,6 +325,18 @@ class OptimizationConfig:
     # or two is survivable, but a diverged run makes every step non-finite: 10 stops it within a few
     # seconds of wasted steps, and ten bad batches in a row are rarer than a divergence.
     max_nonfinite_steps: int = 10
+    # Loss regulation (V-JEPA 2.1's, vjepa_ray.recipe.regulation): skip the update of a step whose loss is above
+    # the mean + loss_reg_std_mult x the standard deviation of the last loss_reg_window applied steps' losses
+    # (optimization.loss_reg_std_mult; None = off, as in the release's recipes). The loss is the step's over all
+    # workers, so every worker skips alike (the release lets each rank decide on its own loss).
+    loss_reg_std_mult: float | None = None
+    # Applied steps whose losses are tracked; the rule waits for more than half of them
+    # (optimization.loss_reg_num_tracking_steps).
+    loss_reg_window: int = 300
+    # The first step the rule may skip (optimization.loss_reg_min_epoch 50: its epoch > 50, epochs of 300 steps).
+    loss_reg_start_step: int = 15_300
+    # More skips than this over the run stop it (the release's MAX_REPEAT_COUNTS).
+    loss_reg_max_skips: int = 10
 
     def validate(self, key: str) -> None:
         check = _SectionChecks(key)
@@ -346,6 +358,11 @@ class OptimizationConfig:
                       f"expected two values in [0, 1), got {self.betas}")
         check.require(self.global_batch_size >= 0, "global_batch_size", "must be >= 0")
         check.require(self.max_nonfinite_steps >= 1, "max_nonfinite_steps", "must be >= 1")
+        check.require(self.loss_reg_std_mult is None or self.loss_reg_std_mult >= 0, "loss_reg_std_mult",
+                      "must be >= 0, or null for no loss regulation")
+        check.require(self.loss_reg_window >= 2, "loss_reg_window", "must be >= 2")
+        check.require(self.loss_reg_start_step >= 0, "loss_reg_start_step", "must be >= 0")
+        check.require(self.loss_reg_max_skips >= 0, "loss_reg_max_skips", "must be >= 0")
 
 
 @dataclass
@@ -589,6 +606,9 @@ class Config:
         _require(family.pretrainable, "model.family",
                  f"{family.name} pretraining is not supported by the trainer yet; its encoders load for evaluate and "
                  f"export, and {', '.join(pretrainable_families())} pretrain")
+        _require(self.optimization.loss_reg_std_mult is None, "optimization.loss_reg_std_mult",
+                 "loss regulation runs in the recipe's one-process step only: the trainer does not yet share one "
+                 "decision between its workers")
         tableless = [f"model.family={name}" for name, other in FAMILIES.items()
                      if other.pretrainable and not other.positions.has_table]
         _require(len(self.data.clip_lengths()) == 1 or not family.positions.has_table,

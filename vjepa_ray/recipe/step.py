@@ -1,7 +1,8 @@
 """The V-JEPA training step: schedules -> masks -> normalise -> loss -> backward -> optimizer -> EMA.
 
 The loss is the module's ``Objective`` (its family's: V-JEPA 1's and 2.0's, or 2.1's with its context term,
-whose weight the step takes from the objective at each step).
+whose weight the step takes from the objective at each step); a run may regulate its loss
+(``recipe.regulation``: skip the update of a step whose loss is far above the recent ones).
 
 A step takes the micro batches of one optimizer step. Each names the rank that draws it and its index
 among that rank's micro batches, and its masks follow from them as in a distributed run: block sizes from
@@ -37,6 +38,7 @@ from vjepa_ray.recipe.ema import ema_update_
 from vjepa_ray.recipe.masks import Grid, MaskCollator
 from vjepa_ray.recipe.objective import ClipGroup, JepaModule, JepaOutput, build_objective, normalize_clips
 from vjepa_ray.recipe.optimizer import adamw, apply_schedules
+from vjepa_ray.recipe.regulation import LossRegulation
 from vjepa_ray.recipe.schedules import StepSchedules, step_schedules
 
 # uint8 clips [B, T, H, W, 3] of one length, or one such tensor per length (ascending lengths).
@@ -80,7 +82,8 @@ class StepOutput:
     """The schedules' values a step used, each micro batch's (detached) objective, the norm of the whole
     gradient before clipping (None where it was not computed: ``JepaStep`` computes it only to clip), and
     whether the update was applied (False: a loss or the gradient was not finite, and neither the weights, the
-    optimizer state nor the EMA target moved). ``context_weight``: the objective's context-term weight."""
+    optimizer state nor the EMA target moved; or ``loss_regulated``: loss regulation skipped the update, and
+    the EMA target still moved, as in the release). ``context_weight``: the objective's context-term weight."""
 
     lr: float
     weight_decay: float
@@ -88,6 +91,7 @@ class StepOutput:
     outputs: list[JepaOutput]
     grad_norm: float | None
     applied: bool = True
+    loss_regulated: bool = False
     context_weight: float = 0.0
 
     @property
@@ -133,6 +137,8 @@ class JepaStep:
     models run in ``dtype`` on ``device``. Masks come from ``collator`` seeded with ``seed`` (``meta.seed``),
     on the token grid of each clip length. The models' family (``module.predictor.family``) and
     ``clip_lengths`` (``DataConfig.clip_lengths``; empty: one length) choose the predictor's mask tokens.
+    ``optimization.loss_reg_std_mult`` turns loss regulation on (``recipe.regulation``), decided on the step's
+    loss over all its micro batches, whichever ranks they stand for.
     """
 
     def __init__(self, module: JepaModule, target_encoder: nn.Module, optimizer: torch.optim.Optimizer,
@@ -144,6 +150,7 @@ class JepaStep:
         self.device, self.dtype = torch.device(device), dtype
         self.family, self.clip_lengths = module.predictor.family, tuple(clip_lengths)
         self.clipping = GradClipping.of(optimization, self.family)
+        self.regulation = LossRegulation.of(optimization)
         self._collators: dict[Grid, MaskCollator] = {collator.grid: collator}
 
     @classmethod
@@ -176,13 +183,25 @@ class JepaStep:
                 self.backward(out.loss * batch.weight, len(micro_batches))
             outputs.append(dataclasses.replace(out, loss=out.loss.detach()))
         with timer.phase("optimizer"):
-            # A non-finite loss or gradient would poison the weights, Adam's moments and, through the EMA, the
-            # target: such a step is dropped whole.
-            grad_norm, applied = self.apply_gradients(step, outputs)
-        if applied:
+            regulated = False
+            if self.regulation is not None:
+                # The loss whose gradient the update follows: the same on every rank.
+                step_loss = math.fsum(batch.weight * float(out.loss) for batch, out in zip(micro_batches, outputs)) \
+                    / len(micro_batches)
+                regulated = math.isfinite(step_loss) and self.regulation.skips_update(step_loss, step)
+            if regulated:
+                self.optimizer.zero_grad(set_to_none=True)
+                grad_norm, applied = None, False
+            else:
+                # A non-finite loss or gradient would poison the weights, Adam's moments and, through the EMA,
+                # the target: such a step is dropped whole.
+                grad_norm, applied = self.apply_gradients(step, outputs)
+        if applied and self.regulation is not None:
+            self.regulation.record(step_loss)
+        if applied or regulated:
             with timer.phase("ema"):
                 self.update_target(momentum)
-        return StepOutput(lr, weight_decay, momentum, outputs, grad_norm, applied, context_weight)
+        return StepOutput(lr, weight_decay, momentum, outputs, grad_norm, applied, regulated, context_weight)
 
     def schedules(self, step: int) -> StepSchedules:
         """The LR, weight decay and EMA momentum of ``step`` (``schedules.step_schedules``)."""
