@@ -14,7 +14,14 @@ import torch
 import torch.nn as nn
 
 from vjepa_ray.config import ConfigError, LossConfig, OptimizationConfig, load_config
-from vjepa_ray.models import Predictor, VisionTransformer, build_encoder, build_models, get_family
+from vjepa_ray.models import (
+    Predictor,
+    VisionTransformer,
+    build_encoder,
+    build_models,
+    get_family,
+    load_pretrained_predictor,
+)
 from vjepa_ray.models.families import tokens_per_mask_and_length, tokens_per_mask_and_source
 from vjepa_ray.recipe import objective
 from vjepa_ray.recipe.masks import MaskCollator, distance_to_targets
@@ -220,6 +227,15 @@ def test_the_2_1_predictor_has_the_release_layout_shapes_and_modalities():
     with pytest.raises(ValueError, match="predict_context: family vjepa2's predictor predicts the targets only"):
         micro_models("vjepa2")[1](torch.zeros(1, 1, 48), torch.tensor([[0]]), torch.tensor([[1]]), 0,
                                   predict_context=True)
+
+
+def test_a_2_1_predictor_in_the_release_layout_loads_with_its_width_depth_and_mask_tokens(tmp_path):
+    saved = Predictor((2, 2, 2), 192, 48, 2, num_heads=4, num_mask_tokens=6, family=V2_1)
+    torch.save({"predictor": {f"module.backbone.{k}": v for k, v in saved.state_dict().items()}}, tmp_path / "2.1.pt")
+    loaded = load_pretrained_predictor(tmp_path / "2.1.pt", model_name="vit_tiny", num_frames=4, crop_size=32,
+                                       num_heads=4, family=V2_1)
+    assert (loaded.predictor_embed_dim, len(loaded.predictor_blocks), loaded.num_mask_tokens) == (48, 2, 6)
+    assert all(torch.equal(v, saved.state_dict()[k]) for k, v in loaded.state_dict().items())
 
 
 def test_a_release_size_2_1_predictor_has_the_release_parameter_count():
