@@ -176,8 +176,9 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     # A registered family (vjepa_ray.models.families): vjepa1: fixed sin-cos position tables (V-JEPA 1);
-    # vjepa2: 3D rotary embeddings in every attention block (V-JEPA 2.0); vjepa2_1: V-JEPA 2.1's encoder
-    # (hierarchical norms, modality embeddings).
+    # vjepa2: 3D rotary embeddings in every attention block (V-JEPA 2.0); vjepa2_1: V-JEPA 2.1's models
+    # (hierarchical norms, modality embeddings, a predictor of four levels and of the context tokens), whose
+    # encoders are 12, 24, 40 or 48 blocks deep.
     family: str = "vjepa1"
     name: str = "vit_large"
     patch_size: int = 16
@@ -186,8 +187,9 @@ class ModelConfig:
     pred_embed_dim: int = 384
     # Predictor heads; None = the encoder's (V-JEPA 1).
     pred_num_heads: int | None = None
-    # The predictor's learned mask tokens; None = one per mask config and clip length (data.clip_lengths();
-    # V-JEPA 2's release files hold 10).
+    # The predictor's learned mask tokens; None = as the family counts them: one per mask config and clip length
+    # (data.clip_lengths(); V-JEPA 2's release files hold 10), for vjepa2_1 one per mask config and data.paths
+    # entry, as its release counts them.
     pred_num_mask_tokens: int | None = None
     uniform_power: bool = True
     activation_checkpointing: bool = False
@@ -201,10 +203,16 @@ class ModelConfig:
         # processes that only read configs (data tasks, the data doctor until it validates).
         from vjepa_ray.models.families import FAMILIES
         from vjepa_ray.models.sizes import MODEL_SPECS
+        from vjepa_ray.models.vit import HIERARCHICAL_LAYERS
 
         check = _SectionChecks(key)
         check.require(self.family in FAMILIES, "family", f"{self.family!r} is not one of {', '.join(FAMILIES)}")
         check.require(self.name in MODEL_SPECS, "name", f"{self.name!r} is not one of {', '.join(MODEL_SPECS)}")
+        depth = MODEL_SPECS[self.name][1]
+        known = [name for name, spec in MODEL_SPECS.items() if spec[1] in HIERARCHICAL_LAYERS]
+        check.require(not FAMILIES[self.family].hierarchical_norms or depth in HIERARCHICAL_LAYERS, "name",
+                      f"{self.name} is {depth} blocks deep; {self.family}'s hierarchical levels are defined for "
+                      f"depths {', '.join(map(str, HIERARCHICAL_LAYERS))} ({', '.join(known)})")
         check.require(self.patch_size >= 1, "patch_size", "must be >= 1")
         check.require(self.tubelet_size >= 1, "tubelet_size", "must be >= 1")
         check.require(self.pred_depth >= 1, "pred_depth", "must be >= 1")
@@ -241,6 +249,39 @@ def _default_masks() -> list[MaskConfig]:
         MaskConfig(num_blocks=8, spatial_scale=[0.15, 0.15]),  # short-range
         MaskConfig(num_blocks=2, spatial_scale=[0.7, 0.7]),  # long-range
     ]
+
+
+@dataclass
+class LossConfig:
+    """The objective's terms (vjepa_ray.recipe.objective). A key left None takes the family's release value
+    (vjepa_ray.models.families.ContextLoss); the release's own key names are given beside each."""
+
+    # The loss is mean(|prediction - target|^loss_exp) / loss_exp: 1 is the L1 of every release (loss.loss_exp).
+    loss_exp: float = 1.0
+    # V-JEPA 2.1's dense context loss (families with one: model.family=vjepa2_1). Its weight lambda once warmed
+    # up (model.lambda_value_vid; lambda_value_img on image ranks): 0.5.
+    context_weight: float | None = None
+    # [start, end] steps: lambda is 0 before start, rises linearly to context_weight at end, then holds
+    # (Lambda_LinearWarmupHold's fixed 15000, 30000; [0, 0] holds it from the start: model.lambda_progressive
+    # false). The cooldown schedule always holds it, as the release's cooldown does.
+    context_warmup: list[int] | None = None
+    # Divide each context token's error by the square root of its distance to the nearest target token
+    # (loss.weight_distance_loss): true in the pretraining recipe; the release's cooldown sets false.
+    context_distance_weighting: bool | None = None
+
+    def validate(self, key: str) -> None:
+        check = _SectionChecks(key)
+        check.require(math.isfinite(self.loss_exp) and self.loss_exp > 0, "loss_exp", "must be a number > 0")
+        check.require(self.context_weight is None or self.context_weight >= 0, "context_weight", "must be >= 0")
+        if self.context_warmup is not None:
+            warmup = self.context_warmup
+            check.require(len(warmup) == 2 and 0 <= warmup[0] <= warmup[1], "context_warmup",
+                          f"expected [start, end] steps with 0 <= start <= end, got {warmup}")
+
+    def context_keys(self) -> list[str]:
+        """The context-loss keys that are set."""
+        return [name for name in ("context_weight", "context_warmup", "context_distance_weighting")
+                if getattr(self, name) is not None]
 
 
 # How the LR, weight decay and EMA momentum move over a run (vjepa_ray.recipe.schedules).
@@ -284,6 +325,18 @@ class OptimizationConfig:
     # or two is survivable, but a diverged run makes every step non-finite: 10 stops it within a few
     # seconds of wasted steps, and ten bad batches in a row are rarer than a divergence.
     max_nonfinite_steps: int = 10
+    # Loss regulation (V-JEPA 2.1's, vjepa_ray.recipe.regulation): skip the update of a step whose loss is above
+    # the mean + loss_reg_std_mult x the standard deviation of the last loss_reg_window applied steps' losses
+    # (optimization.loss_reg_std_mult; None = off, as in the release's recipes). The loss is the step's over all
+    # workers, so every worker skips alike (the release lets each rank decide on its own loss).
+    loss_reg_std_mult: float | None = None
+    # Applied steps whose losses are tracked; the rule waits for more than half of them
+    # (optimization.loss_reg_num_tracking_steps).
+    loss_reg_window: int = 300
+    # The first step the rule may skip (optimization.loss_reg_min_epoch 50: its epoch > 50, epochs of 300 steps).
+    loss_reg_start_step: int = 15_300
+    # More skips than this over the run stop it (the release's MAX_REPEAT_COUNTS).
+    loss_reg_max_skips: int = 10
 
     def validate(self, key: str) -> None:
         check = _SectionChecks(key)
@@ -305,6 +358,11 @@ class OptimizationConfig:
                       f"expected two values in [0, 1), got {self.betas}")
         check.require(self.global_batch_size >= 0, "global_batch_size", "must be >= 0")
         check.require(self.max_nonfinite_steps >= 1, "max_nonfinite_steps", "must be >= 1")
+        check.require(self.loss_reg_std_mult is None or self.loss_reg_std_mult >= 0, "loss_reg_std_mult",
+                      "must be >= 0, or null for no loss regulation")
+        check.require(self.loss_reg_window >= 2, "loss_reg_window", "must be >= 2")
+        check.require(self.loss_reg_start_step >= 0, "loss_reg_start_step", "must be >= 0")
+        check.require(self.loss_reg_max_skips >= 0, "loss_reg_max_skips", "must be >= 0")
 
 
 @dataclass
@@ -491,6 +549,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     mask: list[MaskConfig] = field(default_factory=_default_masks)
+    loss: LossConfig = field(default_factory=LossConfig)
     optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -509,6 +568,7 @@ class Config:
         _require(len(self.mask) >= 1, "mask", "needs at least one mask config")
         for i, mask in enumerate(self.mask):
             mask.validate(f"mask.{i}")
+        self.loss.validate("loss")
         self.optimization.validate("optimization")
         self.deepspeed.validate("deepspeed")
         self.checkpoint.validate("checkpoint")
@@ -516,6 +576,13 @@ class Config:
         self.probe.validate("probe")
         self.tune.validate("tune")
 
+        from vjepa_ray.models.families import FAMILIES
+
+        context_keys = self.loss.context_keys()
+        if context_keys and FAMILIES[self.model.family].context_loss is None:
+            raise ConfigError(f"loss.{context_keys[0]}", f"model.family {self.model.family} has no context loss "
+                              f"(families with one: "
+                              f"{', '.join(name for name, f in FAMILIES.items() if f.context_loss is not None)})")
         _require(not (self.model.init_from and self.checkpoint.start_from), "model.init_from",
                  "cannot be combined with checkpoint.start_from, whose checkpoint holds the weights already")
         # The clip must tile into whole patches and tubelets.
@@ -537,8 +604,11 @@ class Config:
 
         family = get_family(self.model.family)
         _require(family.pretrainable, "model.family",
-                 f"{family.name} pretraining (its predictor) is not supported; its encoders load for evaluate and "
+                 f"{family.name} pretraining is not supported by the trainer yet; its encoders load for evaluate and "
                  f"export, and {', '.join(pretrainable_families())} pretrain")
+        _require(self.optimization.loss_reg_std_mult is None, "optimization.loss_reg_std_mult",
+                 "loss regulation runs in the recipe's one-process step only: the trainer does not yet share one "
+                 "decision between its workers")
         tableless = [f"model.family={name}" for name, other in FAMILIES.items()
                      if other.pretrainable and not other.positions.has_table]
         _require(len(self.data.clip_lengths()) == 1 or not family.positions.has_table,

@@ -16,18 +16,21 @@ __all__ = ["FAMILIES", "MODEL_SPECS", "Family", "Predictor", "VisionTransformer"
 
 def build_models(cfg: Any) -> tuple[VisionTransformer, Predictor]:
     """The encoder and predictor of a run's ``vjepa_ray.config.Config`` (the models import nothing from the
-    config layer above them): cfg.model, clip size from cfg.data, by default one mask token per mask config
-    and clip length (the 2.0 release's count).
+    config layer above them): cfg.model, clip size from cfg.data, by default as many mask tokens as the
+    family counts (``Family.mask_token_count``: per mask config and clip length, or per mask config and data
+    source as the 2.1 release counts them).
 
     The target encoder is a deep copy of the encoder, made by the caller.
     """
     m = cfg.model
+    num_mask_tokens = m.pred_num_mask_tokens or get_family(m.family).mask_token_count(
+        len(cfg.mask), len(cfg.data.paths) or 1, len(cfg.data.clip_lengths()))
     encoder = build_encoder(m.name, cfg.data.frames_per_clip, cfg.data.crop_size, m.patch_size, m.tubelet_size,
                             uniform_power=m.uniform_power, activation_checkpointing=m.activation_checkpointing,
                             family=m.family)
     predictor = Predictor(encoder.grid, encoder.embed_dim, m.pred_embed_dim, m.pred_depth,
                           num_heads=m.pred_num_heads or encoder.num_heads,
-                          num_mask_tokens=m.pred_num_mask_tokens or len(cfg.mask) * len(cfg.data.clip_lengths()),
-                          uniform_power=m.uniform_power, activation_checkpointing=m.activation_checkpointing,
+                          num_mask_tokens=num_mask_tokens, uniform_power=m.uniform_power,
+                          activation_checkpointing=m.activation_checkpointing, patch_size=m.patch_size,
                           family=m.family)
     return encoder, predictor

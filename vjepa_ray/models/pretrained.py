@@ -240,15 +240,18 @@ def load_pretrained_predictor(path: str | os.PathLike, model_name: str = "vit_la
     if model_name not in MODEL_SPECS:
         raise ValueError(f"model name: expected one of {', '.join(MODEL_SPECS)}, got {model_name!r}")
     state = state_from_checkpoint(read_checkpoint(path), key, str(path))
-    if "predictor_embed.weight" not in state:
+    # 2.1's predictor_embed is a Linear, GELU, Linear sequence whose last layer sets the width.
+    embed = state.get("predictor_embed.weight", state.get("predictor_embed.2.weight"))
+    if embed is None:
         raise ValueError(f"{path}[{key}]: expected a predictor state dict, found keys {_listed(sorted(state))}")
     embed_dim, _, spec_heads, _ = MODEL_SPECS[model_name]
-    predictor_dim = state["predictor_embed.weight"].shape[0]
+    predictor_dim = embed.shape[0]
     depth = len({k.split(".")[1] for k in state if k.startswith("predictor_blocks.")})
     num_mask_tokens = sum(1 for k in state if k.startswith("mask_tokens."))
     grid = (num_frames // tubelet_size, crop_size // patch_size, crop_size // patch_size)
     default_heads = family.predictor_heads or spec_heads
     predictor = build_empty(Predictor, grid, embed_dim, predictor_dim, depth, num_heads=num_heads or default_heads,
-                            num_mask_tokens=max(num_mask_tokens, 1), family=family, **predictor_kwargs)
+                            num_mask_tokens=max(num_mask_tokens, 1), patch_size=patch_size, family=family,
+                            **predictor_kwargs)
     load_state_checked(predictor, state, f"{path}[{key}]")
     return predictor

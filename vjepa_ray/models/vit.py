@@ -4,7 +4,9 @@ The family (``vjepa_ray.models.families``) says how tokens learn their position 
 2.0's rotary embeddings, 2.1's interleaved and interpolated ones), whether the blocks start depth-scaled,
 and what 2.1 adds: a modality embedding added to the tokens, a second patch embedding (tubelet 1) for
 single-frame inputs (images), and a LayerNorm at each of four depths (``norms_block``) whose last one takes
-the place of the final ``norm``.
+the place of the final ``norm``. 2.1 trains on all four: ``forward(..., all_levels=True)`` returns their
+outputs concatenated, [B, N, 4 D] (the release's ``training_mode=True``), and its features are the last
+level alone.
 
 Module and parameter names follow the reference code (patch_embed.proj, pos_embed, blocks.i.{norm1,
 attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}, norm, and 2.1's patch_embed_img, img_mod_embed,
@@ -30,13 +32,17 @@ from vjepa_ray.models.sizes import MODEL_SPECS
 LAYER_NORM_EPS = 1e-6
 INIT_STD = 0.02
 
-# 2.1's depths at which a LayerNorm taps the residual stream (``norms_block``), by encoder depth.
+# 2.1's depths at which a LayerNorm taps the residual stream (``norms_block``), by encoder depth; the
+# release knows no others (vit_base, vit_large, vit_giant_xformers, vit_gigantic_xformers; vit_tiny and
+# vit_small share vit_base's depth). 48's levels are not evenly spaced in the release either.
 HIERARCHICAL_LAYERS: dict[int, tuple[int, ...]] = {
     12: (2, 5, 8, 11),
     24: (5, 11, 17, 23),
     40: (9, 19, 29, 39),
     48: (11, 23, 37, 47),
 }
+# Every depth taps four blocks: 2.1's models train on four levels.
+HIERARCHICAL_LEVELS = 4
 
 
 class Attention(nn.Module):
@@ -279,7 +285,23 @@ class VisionTransformer(nn.Module):
                              f"got {layer}")
         return self.norms_block[self.hierarchical_layers.index(layer)]
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    @property
+    def output_layers(self) -> tuple[int, ...]:
+        """The blocks whose normalised outputs the encoder trains on: 2.1's four hierarchical layers, else the
+        last block."""
+        return self.hierarchical_layers if self.family.hierarchical_norms else (len(self.blocks) - 1,)
+
+    @property
+    def num_levels(self) -> int:
+        """How many D-wide levels ``forward(..., all_levels=True)`` concatenates."""
+        return len(self.output_layers)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None, all_levels: bool = False) -> torch.Tensor:
+        """Features [B, K or N, D] of the kept tokens (all by default); ``all_levels``: the normalised outputs of
+        ``output_layers`` concatenated, [B, K or N, num_levels * D], what 2.1 trains on (one level elsewhere:
+        the features)."""
+        if all_levels:
+            return torch.cat(self.forward_layers(x, self.output_layers, keep), dim=-1)
         tokens, rope = self.embed(x, keep)
         tokens = run_blocks(self.blocks, tokens, self.activation_checkpointing and self.training, rope=rope)
         return self.output_norm(len(self.blocks) - 1)(tokens)

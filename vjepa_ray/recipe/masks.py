@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from vjepa_ray.config import MaskConfig
+from vjepa_ray.models.rope import token_positions
 
 Grid = tuple[int, int, int]
 Seed = Union[int, Sequence[int]]
@@ -149,3 +150,15 @@ class MaskCollator:
             pairs.append(gen(batch_size, np.random.default_rng([*entropy, index, rank]), block))
         return pairs
 
+
+def distance_to_targets(context_ids: torch.Tensor, target_ids: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+    """The Euclidean distance of each context token to the nearest target token of its clip, in tokens over
+    (frame, row, column) of ``grid`` (a frame is a tubelet): context ids [B, Nc], target ids [B, Nt] -> float32
+    [B, Nc]. V-JEPA 2.1 weights its context loss by it (``compute_mask_distance``); a context token is never
+    a target, so every distance is at least 1.
+    """
+    grid = _check_grid(grid)
+    # Integer positions: the direct differences are exact, where the matrix-product shortcut may round.
+    distances = torch.cdist(token_positions(context_ids, grid), token_positions(target_ids, grid),
+                            compute_mode="donot_use_mm_for_euclid_dist")
+    return distances.amin(dim=-1)

@@ -20,6 +20,8 @@ weight-decay schedulers are advanced before each step uses them (jepa and vjepa2
 from a generator that starts at index 0 (``momentum_scheduler``, drawn after ``optimizer.step()``). So step
 ``s`` (0-based) trains at the LR and weight decay of index ``s + 1`` and updates the target with the
 momentum of index ``s``.
+
+``context_weight_at`` is V-JEPA 2.1's weight of its context loss (lambda), warmed up over the run.
 """
 
 from __future__ import annotations
@@ -89,3 +91,16 @@ class StepSchedules(NamedTuple):
 def step_schedules(step: int, cfg: OptimizationConfig) -> StepSchedules:
     """The LR, weight decay and EMA momentum of step ``step`` (0-based), indexed as the releases do."""
     return StepSchedules(lr_at(step + 1, cfg), weight_decay_at(step + 1, cfg), ema_momentum_at(step, cfg))
+
+
+def context_weight_at(step: int, weight: float, warmup: tuple[int, int]) -> float:
+    """V-JEPA 2.1's lambda at step ``step`` (0-based, the release's ``epoch * ipe + itr``): 0 before
+    ``warmup[0]``, then linear to ``weight`` at ``warmup[1]`` and ``weight`` from there on
+    (``Lambda_LinearWarmupHold``; a warm-up that ends at 0 holds ``weight`` from the start)."""
+    _check_step(step)
+    start, end = warmup
+    if step >= end:
+        return weight
+    if step < start:
+        return 0.0
+    return weight * (step - start) / (end - start)

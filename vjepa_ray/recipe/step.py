@@ -1,5 +1,9 @@
 """The V-JEPA training step: schedules -> masks -> normalise -> loss -> backward -> optimizer -> EMA.
 
+The loss is the module's ``Objective`` (its family's: V-JEPA 1's and 2.0's, or 2.1's with its context term,
+whose weight the step takes from the objective at each step); a run may regulate its loss
+(``recipe.regulation``: skip the update of a step whose loss is far above the recent ones).
+
 A step takes the micro batches of one optimizer step. Each names the rank that draws it and its index
 among that rank's micro batches, and its masks follow from them as in a distributed run: block sizes from
 ``(meta.seed, step, micro)``, shared by every rank, positions from those and the rank. A micro batch of
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import statistics
 from dataclasses import dataclass
@@ -27,12 +32,13 @@ import torch
 from torch import nn
 
 from vjepa_ray.config import Config, OptimizationConfig
-from vjepa_ray.models import build_models
+from vjepa_ray.models import build_models, get_family
 from vjepa_ray.recipe.clipping import GradClipping
 from vjepa_ray.recipe.ema import ema_update_
 from vjepa_ray.recipe.masks import Grid, MaskCollator
-from vjepa_ray.recipe.objective import ClipGroup, JepaModule, JepaOutput, normalize_clips
+from vjepa_ray.recipe.objective import ClipGroup, JepaModule, JepaOutput, build_objective, normalize_clips
 from vjepa_ray.recipe.optimizer import adamw, apply_schedules
+from vjepa_ray.recipe.regulation import LossRegulation
 from vjepa_ray.recipe.schedules import StepSchedules, step_schedules
 
 # uint8 clips [B, T, H, W, 3] of one length, or one such tensor per length (ascending lengths).
@@ -76,7 +82,8 @@ class StepOutput:
     """The schedules' values a step used, each micro batch's (detached) objective, the norm of the whole
     gradient before clipping (None where it was not computed: ``JepaStep`` computes it only to clip), and
     whether the update was applied (False: a loss or the gradient was not finite, and neither the weights, the
-    optimizer state nor the EMA target moved)."""
+    optimizer state nor the EMA target moved; or ``loss_regulated``: loss regulation skipped the update, and
+    the EMA target still moved, as in the release). ``context_weight``: the objective's context-term weight."""
 
     lr: float
     weight_decay: float
@@ -84,6 +91,8 @@ class StepOutput:
     outputs: list[JepaOutput]
     grad_norm: float | None
     applied: bool = True
+    loss_regulated: bool = False
+    context_weight: float = 0.0
 
     @property
     def loss(self) -> float:
@@ -108,7 +117,8 @@ def init_networks(cfg: Config, weights: Mapping[str, Mapping[str, torch.Tensor]]
     ``cfg.meta.seed``: every rank of a run, and any one-process replay of it, starts from these weights.
 
     ``weights`` (state dicts under ``encoder``, ``predictor`` and ``target_encoder`` that fit the config's
-    models, e.g. ``model.init_from``'s) replace the random initialisation, strictly.
+    models, e.g. ``model.init_from``'s) replace the random initialisation, strictly. The module's objective is
+    the family's (``objective.build_objective``).
     """
     torch.manual_seed(cfg.meta.seed)
     encoder, predictor = build_models(cfg)
@@ -116,7 +126,8 @@ def init_networks(cfg: Config, weights: Mapping[str, Mapping[str, torch.Tensor]]
     if weights is not None:
         for key, model in (("encoder", encoder), ("predictor", predictor), ("target_encoder", target)):
             model.load_state_dict(weights[key], strict=True)
-    return JepaModule(encoder, predictor), target.requires_grad_(False)
+    objective = build_objective(cfg.loss, cfg.optimization.schedule, get_family(cfg.model.family))
+    return JepaModule(encoder, predictor, objective), target.requires_grad_(False)
 
 
 class JepaStep:
@@ -126,6 +137,8 @@ class JepaStep:
     models run in ``dtype`` on ``device``. Masks come from ``collator`` seeded with ``seed`` (``meta.seed``),
     on the token grid of each clip length. The models' family (``module.predictor.family``) and
     ``clip_lengths`` (``DataConfig.clip_lengths``; empty: one length) choose the predictor's mask tokens.
+    ``optimization.loss_reg_std_mult`` turns loss regulation on (``recipe.regulation``), decided on the step's
+    loss over all its micro batches, whichever ranks they stand for.
     """
 
     def __init__(self, module: JepaModule, target_encoder: nn.Module, optimizer: torch.optim.Optimizer,
@@ -137,6 +150,7 @@ class JepaStep:
         self.device, self.dtype = torch.device(device), dtype
         self.family, self.clip_lengths = module.predictor.family, tuple(clip_lengths)
         self.clipping = GradClipping.of(optimization, self.family)
+        self.regulation = LossRegulation.of(optimization)
         self._collators: dict[Grid, MaskCollator] = {collator.grid: collator}
 
     @classmethod
@@ -152,6 +166,7 @@ class JepaStep:
         """Optimizer step ``step`` (0-based) over ``micro_batches``, in their order."""
         timer = timer or _Untimed()
         lr, weight_decay, momentum = self.schedules(step)
+        context_weight = self.module.objective.context_weight(step)
         with timer.phase("optimizer"):
             apply_schedules(self.optimizer, lr, weight_decay)
         outputs = []
@@ -160,27 +175,41 @@ class JepaStep:
                 groups = [normalize_clips(clips.to(self.device, non_blocking=True), self.dtype)
                           for clips in clip_groups(batch.clips)]
             with timer.phase("masks"):
-                groups = [self.group(clips, (self.seed, step, batch.micro), batch.rank) for clips in groups]
+                groups = [self.group(clips, (self.seed, step, batch.micro), batch.rank, context_weight)
+                          for clips in groups]
             with timer.phase("forward"):
                 out = self.forward(groups)
             with timer.phase("backward"):
                 self.backward(out.loss * batch.weight, len(micro_batches))
-            outputs.append(JepaOutput(out.loss.detach(), out.per_mask_losses, out.target_features_std))
+            outputs.append(dataclasses.replace(out, loss=out.loss.detach()))
         with timer.phase("optimizer"):
-            # A non-finite loss or gradient would poison the weights, Adam's moments and, through the EMA, the
-            # target: such a step is dropped whole.
-            grad_norm, applied = self.apply_gradients(step, outputs)
-        if applied:
+            regulated = False
+            if self.regulation is not None:
+                # The loss whose gradient the update follows: the same on every rank.
+                step_loss = math.fsum(batch.weight * float(out.loss) for batch, out in zip(micro_batches, outputs)) \
+                    / len(micro_batches)
+                regulated = math.isfinite(step_loss) and self.regulation.skips_update(step_loss, step)
+            if regulated:
+                self.optimizer.zero_grad(set_to_none=True)
+                grad_norm, applied = None, False
+            else:
+                # A non-finite loss or gradient would poison the weights, Adam's moments and, through the EMA,
+                # the target: such a step is dropped whole.
+                grad_norm, applied = self.apply_gradients(step, outputs)
+        if applied and self.regulation is not None:
+            self.regulation.record(step_loss)
+        if applied or regulated:
             with timer.phase("ema"):
                 self.update_target(momentum)
-        return StepOutput(lr, weight_decay, momentum, outputs, grad_norm, applied)
+        return StepOutput(lr, weight_decay, momentum, outputs, grad_norm, applied, regulated, context_weight)
 
     def schedules(self, step: int) -> StepSchedules:
         """The LR, weight decay and EMA momentum of ``step`` (``schedules.step_schedules``)."""
         return step_schedules(step, self.optimization)
 
-    def group(self, clips: torch.Tensor, seed: Sequence[int], rank: int) -> ClipGroup:
-        """Normalised clips of one length with their masks (drawn from ``seed`` and ``rank``) and mask tokens."""
+    def group(self, clips: torch.Tensor, seed: Sequence[int], rank: int, context_weight: float = 0.0) -> ClipGroup:
+        """Normalised clips of one length with their masks (drawn from ``seed`` and ``rank``), mask tokens and
+        the step's ``context_weight``."""
         grid = self.module.encoder.input_grid(clips)
         if grid not in self._collators:
             self._collators[grid] = self.collator.on_grid(grid)
@@ -190,7 +219,7 @@ class JepaStep:
         if self.clip_lengths and frames not in self.clip_lengths:
             raise ValueError(f"clips: {frames} frames is not one of the run's clip lengths {self.clip_lengths}")
         length_index = self.clip_lengths.index(frames) if self.clip_lengths else 0
-        return ClipGroup(clips, masks, self.family.mask_tokens(len(masks), length_index), grid)
+        return ClipGroup(clips, masks, self.family.mask_tokens(len(masks), length_index), grid, context_weight)
 
     def forward(self, groups: list[ClipGroup]) -> JepaOutput:
         return self.module(groups, self.target_encoder)
