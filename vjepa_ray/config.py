@@ -199,11 +199,10 @@ class ModelConfig:
     init_from: str = ""
 
     def validate(self, key: str) -> None:
-        # The registries, imported on use: the schema module itself stays free of torch for the
-        # processes that only read configs (data tasks, the data doctor until it validates).
+        # The registries, imported on use; like this module they import no torch, so reading and checking a
+        # config (data tasks, the data doctor, --dry-run) never loads it.
         from vjepa_ray.models.families import FAMILIES
-        from vjepa_ray.models.sizes import MODEL_SPECS
-        from vjepa_ray.models.vit import HIERARCHICAL_LAYERS
+        from vjepa_ray.models.sizes import HIERARCHICAL_LAYERS, MODEL_SPECS
 
         check = _SectionChecks(key)
         check.require(self.family in FAMILIES, "family", f"{self.family!r} is not one of {', '.join(FAMILIES)}")

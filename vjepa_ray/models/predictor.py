@@ -17,8 +17,8 @@ import torch.nn as nn
 from vjepa_ray.models.families import DEFAULT_FAMILY, Family, get_family
 from vjepa_ray.models.pos_embed import Grid
 from vjepa_ray.models.rope import Rotary3D
+from vjepa_ray.models.sizes import HIERARCHICAL_LEVELS
 from vjepa_ray.models.vit import (
-    HIERARCHICAL_LEVELS,
     LAYER_NORM_EPS,
     Block,
     check_index,

@@ -1,4 +1,5 @@
-"""The encoder sizes by name, as in the reference's ``vit_*`` constructors."""
+"""The encoder sizes by name, as in the reference's ``vit_*`` constructors, and the blocks whose outputs are
+V-JEPA 2.1's hierarchical levels, by depth."""
 
 from __future__ import annotations
 
@@ -17,3 +18,15 @@ MODEL_SPECS: dict[str, tuple[int, int, int, float]] = {
     "vit_giant_xformers": (1408, 40, 22, 48 / 11),
     "vit_gigantic_xformers": (1664, 48, 26, 64 / 13),
 }
+
+# 2.1's depths at which a LayerNorm taps the residual stream (``norms_block``), by encoder depth; the
+# release knows no others (vit_base, vit_large, vit_giant_xformers, vit_gigantic_xformers; vit_tiny and
+# vit_small share vit_base's depth). 48's levels are not evenly spaced in the release either.
+HIERARCHICAL_LAYERS: dict[int, tuple[int, ...]] = {
+    12: (2, 5, 8, 11),
+    24: (5, 11, 17, 23),
+    40: (9, 19, 29, 39),
+    48: (11, 23, 37, 47),
+}
+# Every depth taps four blocks: 2.1's models train on four levels.
+HIERARCHICAL_LEVELS = 4

@@ -27,22 +27,10 @@ from torch.utils.checkpoint import checkpoint
 from vjepa_ray.models.families import DEFAULT_FAMILY, Family, get_family
 from vjepa_ray.models.pos_embed import Grid, resize_table
 from vjepa_ray.models.rope import RopeTables, Rotary3D, rotate
-from vjepa_ray.models.sizes import MODEL_SPECS
+from vjepa_ray.models.sizes import HIERARCHICAL_LAYERS, MODEL_SPECS
 
 LAYER_NORM_EPS = 1e-6
 INIT_STD = 0.02
-
-# 2.1's depths at which a LayerNorm taps the residual stream (``norms_block``), by encoder depth; the
-# release knows no others (vit_base, vit_large, vit_giant_xformers, vit_gigantic_xformers; vit_tiny and
-# vit_small share vit_base's depth). 48's levels are not evenly spaced in the release either.
-HIERARCHICAL_LAYERS: dict[int, tuple[int, ...]] = {
-    12: (2, 5, 8, 11),
-    24: (5, 11, 17, 23),
-    40: (9, 19, 29, 39),
-    48: (11, 23, 37, 47),
-}
-# Every depth taps four blocks: 2.1's models train on four levels.
-HIERARCHICAL_LEVELS = 4
 
 
 class Attention(nn.Module):
