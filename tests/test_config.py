@@ -119,12 +119,11 @@ def test_model_names_are_the_model_registry():
     assert str(info.value) == f"model.name: 'vit_bogus' is not one of {', '.join(MODEL_SPECS)}"
 
 
-def test_importing_the_schema_leaves_torch_out():
-    # Data tasks import the schema; torch comes in only when a model name is validated.
-    code = ("import sys, vjepa_ray.config as c; before = 'torch' in sys.modules; c.load_config(); "
-            "print(before, 'torch' in sys.modules)")
+def test_loading_a_config_leaves_torch_out():
+    # Data tasks and --dry-run load configs: the model names and families they are checked against need no torch.
+    code = "import sys, vjepa_ray.config as c; c.load_config(); print('torch' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
-    assert proc.stdout.split() == ["False", "True"]
+    assert proc.stdout.split() == ["False"]
 
 
 def test_frames_per_clip_per_source_one_per_path_each_a_multiple_of_the_tubelet():

@@ -4,17 +4,21 @@ A scheme gives a model (the encoder or the predictor) an additive position table
 and keys in every attention block, or both. The model registers the table as a buffer under the
 reference's name (``pos_embed``, ``predictor_pos_embed``) and asks the rotation for its tables once per
 forward. A family (``vjepa_ray.models.families``) names the scheme both of its models use.
+
+A scheme itself is a plain description: the families' registry is read without torch (command lines list the
+families), and the table and rotation modules are imported where a model asks for them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-from vjepa_ray.models.pos_embed import Grid, sincos_3d
-from vjepa_ray.models.rope import Rotary3D
+    from vjepa_ray.models.pos_embed import Grid
+    from vjepa_ray.models.rope import Rotary3D
 
 # The reference's names of the encoder's and the predictor's position tables (state-dict keys).
 FIXED_TABLES = ("pos_embed", "predictor_pos_embed")
@@ -43,6 +47,8 @@ class SinCosTable(PositionScheme):
     has_table: ClassVar[bool] = True
 
     def table(self, width: int, grid: Grid, uniform_power: bool) -> torch.Tensor:
+        from vjepa_ray.models.pos_embed import sincos_3d
+
         return sincos_3d(width, *grid, uniform_power).unsqueeze(0)
 
 
@@ -55,6 +61,8 @@ class RotaryPositions(PositionScheme):
     interpolate_to_pixels: int | None = None
 
     def rotary(self, head_dim: int, patch_size: int | None = None) -> Rotary3D:
+        from vjepa_ray.models.rope import Rotary3D
+
         interpolate_to = None
         if self.interpolate_to_pixels is not None:
             if patch_size is None:
