@@ -56,8 +56,9 @@ from vjepa_ray.bench._cluster import (
 )
 from vjepa_ray.bench._faults import EXIT_IN_SAVE_ENV
 from vjepa_ray.config import Config, builtin_config_path, load_config
-from vjepa_ray.train.checkpoint import TRAIN_STATE
-from vjepa_ray.train.deepspeed_state import DEEPSPEED_DIR, DEEPSPEED_TAG
+
+# Ray, torch and the training modules are imported by the functions that use them: ``bench chaos --help``
+# reads the options without them.
 
 log = logging.getLogger(__name__)
 
@@ -259,6 +260,9 @@ class Disturber:
 
     def _damage_latest_checkpoint(self) -> None:
         """A truncated optimizer shard and no ``train_state.json`` in the run's last checkpoint."""
+        from vjepa_ray.train.checkpoint import TRAIN_STATE
+        from vjepa_ray.train.deepspeed_state import DEEPSPEED_DIR, DEEPSPEED_TAG
+
         latest = self.run_dir / list(registered_checkpoints(self.run_dir))[-1]
         shard = next((latest / DEEPSPEED_DIR / DEEPSPEED_TAG).glob("*optim_states.pt"))
         shard.write_bytes(shard.read_bytes()[:1000])

@@ -46,10 +46,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
 from vjepa_ray.config import Config, load_config
-from vjepa_ray.models import MODEL_SPECS, build_models
+from vjepa_ray.models.sizes import MODEL_SPECS
+
+# torch, the models and the training modules are imported by the functions that use them:
+# ``bench checkpoint --help`` reads the options without them.
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,10 @@ class ModelSizes:
     @classmethod
     def of(cls, cfg: Config) -> "ModelSizes":
         """Counted on the meta device: no memory, so ViT-g counts as fast as ViT-tiny."""
+        import torch
+
+        from vjepa_ray.models import build_models
+
         with torch.device("meta"):
             encoder, predictor = build_models(cfg)
         trained = tuple(p.numel() for m in (encoder, predictor) for p in m.parameters())
@@ -168,6 +173,7 @@ def _timed(write: Callable[[], object]) -> float:
 
 def _rank(rank: int, args: argparse.Namespace, port: int, workdir: str) -> None:
     """One rank: build, step, then ``--repeats`` rounds of a save and a plain write of as many bytes."""
+    import torch
     import torch.distributed as dist
 
     from vjepa_ray.train.checkpoint import Checkpointer

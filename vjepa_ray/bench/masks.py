@@ -12,10 +12,10 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
-
 from vjepa_ray.config import load_config
-from vjepa_ray.recipe.masks import MaskCollator
+
+# numpy and the mask collator (torch) are imported by ``run``: ``bench masks --help`` reads the options without
+# them.
 
 REFERENCE_224_16F_B24 = [{"context_fraction": 0.23, "target_fraction": 0.48},
                          {"context_fraction": 0.066, "target_fraction": 0.70}]
@@ -32,6 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
+    import numpy as np
+
+    from vjepa_ray.recipe.masks import MaskCollator
+
     cfg = load_config(None, [f"data.frames_per_clip={args.frames}", f"data.crop_size={args.crop}",
                              f"model.patch_size={args.patch}", f"model.tubelet_size={args.tubelet}"])
     grid = (args.frames // args.tubelet, args.crop // args.patch, args.crop // args.patch)

@@ -38,10 +38,11 @@ import tempfile
 import time
 from typing import Any
 
-import torch
-
 from vjepa_ray.bench._processes import CpuSampler
 from vjepa_ray.config import Config, builtin_config_path, load_config
+
+# Ray, torch and the training modules are imported by the functions that use them: ``bench train --help``
+# reads the options without them.
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ def _config(args: argparse.Namespace, storage: str, name: str, *extra: str) -> C
 
 def _time_local_steps(cfg: Config, steps: int, warmup: int = 3) -> float:
     """Steps/s of one worker's share of the step in this process (world of one, no Ray)."""
+    import torch
     import torch.distributed as dist
 
     from vjepa_ray.train.elastic import plan_batch
