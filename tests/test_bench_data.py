@@ -12,7 +12,7 @@ from vjepa_ray.bench import data as bench
 from vjepa_ray.config import load_config
 from vjepa_ray.data.pipeline import DecodeJob
 from vjepa_ray.data.prepare import PrepareSettings
-from vjepa_ray.data.sources import open_video
+from vjepa_ray.data.sources import VideoRef, open_video
 from vjepa_ray.video.decode import read_video_info
 
 
@@ -46,6 +46,6 @@ def test_prepared_shard_holds_every_raw_video_by_resolution_scaled_down(toy):
         info = read_video_info(member)
     assert (info.frames, info.height, info.width) == (50, 64, 84)  # short side 288 -> 64, never upscaled
     job = DecodeJob.from_config(toy[0].data, seed=0, epoch=0)
-    costs = bench._clip_costs({"raw": [bench.VideoRef(str(raw["large"][0]))], "prepared": prepared["large"]},
+    costs = bench._clip_costs({"raw": [VideoRef(str(raw["large"][0]))], "prepared": prepared["large"]},
                               job, clips=2, rounds=2)
     assert set(costs) == {"raw", "prepared"} and all(cost > 0 for cost in costs.values())

@@ -39,16 +39,17 @@ import time
 from collections import Counter
 from fractions import Fraction
 from pathlib import Path
-
-import av
-import numpy as np
+from typing import TYPE_CHECKING
 
 from vjepa_ray.bench._processes import tree_cpu_seconds
 from vjepa_ray.config import DataConfig, load_config
-from vjepa_ray.data.pipeline import DecodeJob, decode_video
-from vjepa_ray.data.prepare import PrepareSettings, ShardJob, fingerprint, shard_name, write_shard
-from vjepa_ray.data.sources import VideoRef, list_videos
-from vjepa_ray.video.decode import decode_clips
+
+# PyAV, numpy, torch and the data pipeline are imported by the functions that use them: ``bench data --help``
+# reads the options without them.
+if TYPE_CHECKING:
+    from vjepa_ray.data.pipeline import DecodeJob
+    from vjepa_ray.data.prepare import PrepareSettings
+    from vjepa_ray.data.sources import VideoRef
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +97,9 @@ def write_texture_video(path: Path, seconds: float, height: int, width: int, fps
                         bits_per_pixel: float) -> Path:
     """A periodic colour texture translating at a constant velocity under per-frame grain, encoded frame by
     frame (a long video never sits in memory whole) at ``bits_per_pixel`` per frame."""
+    import av
+    import numpy as np
+
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
     texture = np.zeros((height, width, 3), np.float32)
@@ -136,6 +140,9 @@ def _raw_videos(cache: Path, args: argparse.Namespace) -> dict[str, list[Path]]:
 
 def _prepared_videos(cache: Path, raw: dict[str, list[Path]], settings: PrepareSettings) -> dict[str, list[VideoRef]]:
     """The raw videos in one shard written by `data prepare`'s shard writer, by resolution."""
+    from vjepa_ray.data.prepare import ShardJob, fingerprint, shard_name, write_shard
+    from vjepa_ray.data.sources import VideoRef, list_videos
+
     ordered = [(name, VideoRef(str(path))) for name, paths in raw.items() for path in paths]
     dest = cache / f"prepared_{fingerprint(settings, [ref for _, ref in ordered])}"
     shard = dest / shard_name(0)
@@ -151,6 +158,8 @@ def _prepared_videos(cache: Path, raw: dict[str, list[Path]], settings: PrepareS
 def _clip_costs(sources: dict[str, list[VideoRef]], job: DecodeJob, clips: int, rounds: int) -> dict[str, float]:
     """CPU seconds per clip of a decode task's work for each named list of videos; the lists are taken in
     turn, in reverse order every other round, so that a shared machine's changing load weighs on all alike."""
+    from vjepa_ray.data.pipeline import decode_video
+
     cpu: Counter = Counter()
     count: Counter = Counter()
     names = list(sources)
@@ -166,6 +175,8 @@ def _clip_costs(sources: dict[str, list[VideoRef]], job: DecodeJob, clips: int, 
 
 def _decode_only(refs: list[VideoRef], data: DataConfig, round_index: int) -> tuple[int, float]:
     """(clips, CPU seconds) of the decode tasks' work done in a plain loop in this process."""
+    from vjepa_ray.data.pipeline import DecodeJob, decode_video
+
     job = DecodeJob.from_config(data, seed=0, epoch=round_index)
     clips, cpu = 0, time.process_time()
     for slot, ref in enumerate(refs):
@@ -232,6 +243,10 @@ def _compare_sources(sources: dict[str, list[VideoRef]], data: DataConfig, round
 
 
 def _full_vs_clip(path: Path, job: DecodeJob, clips: int = 4) -> dict:
+    import av
+
+    from vjepa_ray.video.decode import decode_clips
+
     start = time.process_time()
     for slot in range(clips):
         decode_clips(str(path), job.spec, job.rng(0, slot))
@@ -251,6 +266,10 @@ def _full_vs_clip(path: Path, job: DecodeJob, clips: int = 4) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     import torch
+
+    from vjepa_ray.data.pipeline import DecodeJob
+    from vjepa_ray.data.prepare import PrepareSettings
+    from vjepa_ray.data.sources import VideoRef
 
     torch.set_num_threads(1)  # the crop's resize: one thread, like a decode task with decode_cpus=1
     cache = Path(args.cache).expanduser()
