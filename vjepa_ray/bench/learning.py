@@ -19,25 +19,20 @@ import math
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-import torch.nn.functional as F
 import yaml
 
 from vjepa_ray.config import MaskConfig, OptimizationConfig
-from vjepa_ray.data.sources import list_videos
-from vjepa_ray.eval.probes import ProbeBank, grid_specs
 from vjepa_ray.models.families import DEFAULT_FAMILY, get_family, pretrainable_families
-from vjepa_ray.models.predictor import Predictor
-from vjepa_ray.models.probe import AttentiveClassifier
-from vjepa_ray.models.vit import VisionTransformer
-from vjepa_ray.recipe.masks import MaskCollator
-from vjepa_ray.recipe.objective import JepaModule, normalize_clips
-from vjepa_ray.recipe.optimizer import adamw
-from vjepa_ray.recipe.step import JepaStep, MicroBatch
-from vjepa_ray.video.decode import ClipSpec, VideoSkip, decode_clips
-from vjepa_ray.video.labelled_synthetic import MOTION_CLASSES, make_labelled_motion_videos
+
+# numpy, torch, the models, the recipe and the video decoder are imported by the functions that use them:
+# ``bench learning --help`` reads the options without them.
+if TYPE_CHECKING:
+    import torch
+
+    from vjepa_ray.models.vit import VisionTransformer
+    from vjepa_ray.video.decode import ClipSpec
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +108,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _decode_manifest(manifest: Path, spec: ClipSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Every video of a manifest as uint8 clips [N, T, H, W, 3] and labels [N]."""
+    import numpy as np
+    import torch
+
+    from vjepa_ray.data.sources import list_videos
+    from vjepa_ray.video.decode import VideoSkip, decode_clips
+
     clips, labels = [], []
     rng = np.random.default_rng(0)
     for ref in list_videos([str(manifest)]):
@@ -126,6 +127,8 @@ def _decode_manifest(manifest: Path, spec: ClipSpec) -> tuple[torch.Tensor, torc
 
 
 def _build_encoder(args: argparse.Namespace) -> VisionTransformer:
+    from vjepa_ray.models.vit import VisionTransformer
+
     return VisionTransformer(args.size, args.frames, args.patch, args.tubelet, embed_dim=args.embed_dim,
                              depth=args.depth, num_heads=args.heads, family=args.family)
 
@@ -150,6 +153,15 @@ def predictor_width(args: argparse.Namespace) -> int:
 def _pretrain(args: argparse.Namespace, clips: torch.Tensor, encoder: VisionTransformer) -> tuple[
         VisionTransformer, list[float]]:
     """V-JEPA pretraining in this process; returns the target (EMA) encoder and the loss curve."""
+    import numpy as np
+    import torch
+
+    from vjepa_ray.models.predictor import Predictor
+    from vjepa_ray.recipe.masks import MaskCollator
+    from vjepa_ray.recipe.objective import JepaModule
+    from vjepa_ray.recipe.optimizer import adamw
+    from vjepa_ray.recipe.step import JepaStep, MicroBatch
+
     masks = [MaskConfig(num_blocks=8, spatial_scale=[0.15, 0.15]),  # the recipe's short- and long-range masks
              MaskConfig(num_blocks=2, spatial_scale=[0.7, 0.7])]
     predictor = Predictor(encoder.grid, args.embed_dim, predictor_width(args), args.pred_depth, num_heads=args.heads,
@@ -171,24 +183,30 @@ def _pretrain(args: argparse.Namespace, clips: torch.Tensor, encoder: VisionTran
     return target, losses
 
 
-@torch.no_grad()
 def _features(encoder: VisionTransformer, clips: torch.Tensor, frame_only: bool, chunk: int = 64) -> torch.Tensor:
     """Frozen tokens [N, 1 view, tokens, D]; frame_only shows the middle frame repeated."""
+    import torch
+
+    from vjepa_ray.recipe.objective import normalize_clips
+
     encoder.eval()
     out = []
-    for start in range(0, len(clips), chunk):
-        x = clips[start:start + chunk]
-        if frame_only:
-            x = x[:, x.shape[1] // 2:x.shape[1] // 2 + 1].expand_as(x)
-        out.append(encoder(normalize_clips(x.to(next(encoder.parameters()).device))))
+    with torch.no_grad():
+        for start in range(0, len(clips), chunk):
+            x = clips[start:start + chunk]
+            if frame_only:
+                x = x[:, x.shape[1] // 2:x.shape[1] // 2 + 1].expand_as(x)
+            out.append(encoder(normalize_clips(x.to(next(encoder.parameters()).device))))
     return torch.cat(out).unsqueeze(1)
 
 
-@torch.no_grad()
 def _effective_rank(tokens: torch.Tensor) -> float:
     """How many directions the features vary in from clip to clip: exp of the entropy of their variance
     spectrum. tokens [N, 1, tokens, D], layer-normed as the probe sees them, minus each position's mean
     over clips. Near 1 when the features have collapsed onto one direction."""
+    import torch
+    import torch.nn.functional as F
+
     x = F.layer_norm(tokens[:, 0].float(), tokens.shape[-1:])
     x = (x - x.mean(dim=0)).flatten(0, 1)
     variance = torch.linalg.svdvals(x) ** 2
@@ -200,6 +218,11 @@ def _probe_top1(args: argparse.Namespace, train: tuple[torch.Tensor, torch.Tenso
                 val: tuple[torch.Tensor, torch.Tensor], num_classes: int) -> dict[str, list[float]]:
     """Trains the probe grid, ``args.probe_seeds`` initialisations of each point, on cached features;
     returns each grid point's val top-1 (percent) per initialisation."""
+    import torch
+
+    from vjepa_ray.eval.probes import ProbeBank, grid_specs
+    from vjepa_ray.models.probe import AttentiveClassifier
+
     (x_train, y_train), (x_val, y_val) = train, val
     steps_per_epoch = math.ceil(len(x_train) / args.probe_batch)
     specs = grid_specs(args.probe_lr, args.probe_wd, args.seed, args.probe_seeds)
@@ -220,6 +243,12 @@ def _probe_top1(args: argparse.Namespace, train: tuple[torch.Tensor, torch.Tenso
 
 
 def run(args: argparse.Namespace) -> dict:
+    import numpy as np
+    import torch
+
+    from vjepa_ray.video.decode import ClipSpec
+    from vjepa_ray.video.labelled_synthetic import MOTION_CLASSES, make_labelled_motion_videos
+
     start = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
