@@ -8,7 +8,7 @@ import math
 import pytest
 from torch.utils.flop_counter import FlopCounterMode
 
-from vjepa_ray.bench import step
+from vjepa_ray.bench import _step_timing, step
 
 TOY = ["--model", "vit_tiny", "--frames", "4", "--crop", "32", "--batch", "2", "--steps", "2", "--threads", "1"]
 
@@ -35,20 +35,20 @@ def test_toy_run_reports_rate_phases_and_time_shares():
 
 def test_profiled_matmul_flops_equal_the_flop_counters_for_the_same_step():
     # Two trainers built from one seed draw the same weights, clips and (for one step index) masks.
-    profiled, counted = step.Trainer(_args(TOY)), step.Trainer(_args(TOY))
-    breakdown = step.where_time_goes(profiled)
+    profiled, counted = _step_timing.Trainer(_args(TOY)), _step_timing.Trainer(_args(TOY))
+    breakdown = _step_timing.where_time_goes(profiled)
     counter = FlopCounterMode(display=False)
     with counter:
-        counted.step(step.StepTimer(counted.device))
-    names = {name.replace("::", ".") for name in step.GEMM_OPS}
+        counted.step(_step_timing.StepTimer(counted.device))
+    names = {name.replace("::", ".") for name in _step_timing.GEMM_OPS}
     expected = sum(n for op, n in counter.get_flop_counts()["Global"].items() if str(op) in names)
 
     assert breakdown["gemm"]["gflop_per_step"] == pytest.approx(expected / 1e9, rel=1e-9)
 
 
 def test_family_vjepa2_trains_a_rotary_model():
-    trainer = step.Trainer(_args(TOY + ["--family", "vjepa2"]))
+    trainer = _step_timing.Trainer(_args(TOY + ["--family", "vjepa2"]))
     encoder = trainer.train_step.target_encoder
     assert encoder.family.name == "vjepa2" and "pos_embed" not in encoder.state_dict()
-    losses = [trainer.step(step.StepTimer(trainer.device)) for _ in range(2)]
+    losses = [trainer.step(_step_timing.StepTimer(trainer.device)) for _ in range(2)]
     assert all(math.isfinite(loss) and loss > 0 for loss in losses)
