@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -14,6 +15,27 @@ from vjepa_ray.config import SECTIONS, Config, ConfigError
 def test_help_lists_every_config_section():
     text = " ".join(build_arg_parser("prog", "test").format_help().split())
     assert "Config sections: " + ", ".join(SECTIONS) + "." in text
+
+
+BENCH_HELP = """
+import contextlib, io, json, sys
+from vjepa_ray.bench.__main__ import _figures, main
+heavy = {}
+for figure in _figures():
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
+        main([figure, "--help"])
+    heavy[figure] = sorted(m for m in ("torch", "ray", "deepspeed", "av") if m in sys.modules)
+print(json.dumps(heavy))
+"""
+
+
+def test_bench_figure_help_imports_neither_torch_ray_deepspeed_nor_av():
+    # A fresh interpreter, one figure after the other: the first figure whose options import one of them names it.
+    proc = subprocess.run([sys.executable, "-c", BENCH_HELP], capture_output=True, text=True, timeout=60, check=True)
+    heavy = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert sorted(heavy) == ["chaos", "checkpoint", "data", "learning", "masks", "object_store", "scale", "step",
+                             "train"]
+    assert heavy == {figure: [] for figure in heavy}
 
 
 def test_dry_run_prints_the_resolved_config_and_runs_nothing(capsys):
