@@ -26,5 +26,5 @@ def test_importing_every_recipe_module_loads_neither_ray_nor_deepspeed():
     result = subprocess.run([sys.executable, "-c", PROBE], cwd=REPO, capture_output=True, text=True, check=True,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     found = json.loads(result.stdout.strip().splitlines()[-1])
-    assert found["modules"] == ["clipping", "ema", "masks", "objective", "optimizer", "schedules", "step"]
+    assert found["modules"] == ["clipping", "ema", "masks", "objective", "optimizer", "regulation", "schedules", "step"]
     assert found["heavy"] == []
