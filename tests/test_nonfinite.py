@@ -14,7 +14,6 @@ import math
 
 import pytest
 import torch
-from conftest import _free_port
 from test_step import CONSTANT, random_clips, tiny_step, weights
 
 from vjepa_ray.config import ConfigError, builtin_config_path, load_config
@@ -56,23 +55,6 @@ def test_the_recipe_step_drops_a_nonfinite_step_whole(one_thread, kind):
         assert torch.equal(weights(poisoned)[name], value), name
     assert all(p.grad is None for p in poisoned.module.parameters())
     assert str(poisoned.optimizer.state_dict()) == str(clean.optimizer.state_dict())
-
-
-@pytest.fixture(scope="module")
-def one_rank_group():
-    """A torch.distributed group of one process (gloo), as a Ray Train worker has, for DeepSpeed in this process;
-    one per module: DeepSpeed keeps the groups it derives from the first one."""
-    import torch.distributed as dist
-
-    with pytest.MonkeyPatch.context() as env:
-        for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0",
-                           "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}.items():
-            env.setenv(key, value)
-        dist.init_process_group("gloo", rank=0, world_size=1)
-        try:
-            yield
-        finally:
-            dist.destroy_process_group()
 
 
 def _engine_run(cfg, kind: str | None, skip: set[int]):
