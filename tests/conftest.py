@@ -84,23 +84,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def one_rank_group():
-    """A torch.distributed group of one process (gloo), as a Ray Train worker has, for DeepSpeed in this process;
-    one per module: DeepSpeed keeps the groups it derives from the first one."""
-    import torch.distributed as dist
-
-    with pytest.MonkeyPatch.context() as env:
-        for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0",
-                           "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}.items():
-            env.setenv(key, value)
-        dist.init_process_group("gloo", rank=0, world_size=1)
-        try:
-            yield
-        finally:
-            dist.destroy_process_group()
-
-
 class MotoS3:
     """moto's S3 server on a loopback port, in this process: ``stop()`` then ``start()`` brings it back on the
     same port with its buckets (moto keeps them in this process), as an outage of the store would."""
