@@ -1,5 +1,7 @@
 """Non-finite steps never reach the weights: the recipe's step and the DeepSpeed engine (ZeRO 0-3, fp32 and bf16)
-in one process, a non-finite step injected by the test; the counter that stops a run; the save's refusal.
+in one process, a non-finite step injected by the test; the counter that stops a run; the save's refusal. And,
+on the same one-rank group (DeepSpeed keeps the groups of the first one): the DeepSpeed step against the recipe's
+for V-JEPA 1 and 2.1, unused parameters, and loss regulation held back through the same gate.
 
 A step made non-finite must leave weights, Adam's state and the EMA target bit for bit as a run that never
 took that step's update (same seeds, the step's batch drawn and dropped).
@@ -18,8 +20,9 @@ from conftest import _free_port
 from test_step import CONSTANT, random_clips, tiny_step, weights
 
 from vjepa_ray.config import ConfigError, builtin_config_path, load_config
-from vjepa_ray.recipe.step import MicroBatch
+from vjepa_ray.recipe.step import JepaStep, MicroBatch
 from vjepa_ray.train.nonfinite import NonFiniteStateError, NonFiniteSteps, check_finite_state, stop_message
+from vjepa_ray.train.synthetic_stream import SyntheticClipStream, synthetic_clips
 
 POISONED = 2  # the 0-based step whose loss the test makes non-finite
 STEPS = 4
@@ -113,6 +116,85 @@ def test_the_deepspeed_step_drops_a_nonfinite_step_whole(one_rank_group, one_thr
     assert target.keys() == want_target.keys()
     for name, value in want_target.items():
         assert torch.equal(target[name], value), name
+
+
+ENGINE_STEPS = 4
+# Three sources: 2.1 then holds six mask tokens, as its release does, and trains token 0 only.
+TINY_ENGINE = ["data.synthetic_videos=0", "ray.num_workers=1", "data.batch_size=2", "data.frames_per_clip=4",
+               "data.crop_size=32", "data.paths=[a,b,c]", "model.pred_depth=1", "model.pred_embed_dim=48",
+               "deepspeed.zero_stage=2", "deepspeed.precision=fp32", "optimization.schedule=constant",
+               "optimization.warmup_steps=0", "optimization.start_lr=1e-3", "optimization.lr=1e-3",
+               # A large weight decay: a parameter it wrongly reached would move visibly.
+               "optimization.weight_decay=0.5", "optimization.final_weight_decay=0.5", "optimization.ema=[0.9,0.9]",
+               "optimization.clip_grad_rule=none",
+               # Regulation from step 2 on, on a window of 2, at mean + 0 std: 2.1's loss rises with lambda and is held.
+               "optimization.loss_reg_std_mult=0", "optimization.loss_reg_window=2",
+               "optimization.loss_reg_start_step=2"]
+FAMILIES = {"vjepa1": ["model.family=vjepa1"],
+            "vjepa2_1": ["model.family=vjepa2_1", "model.pred_num_heads=4", "loss.context_warmup=[0,3]"]}
+# What no video step of 2.1 reaches: the image path and the mask tokens its rule never picks.
+UNUSED_2_1 = {"encoder.patch_embed_img.proj.weight", "encoder.patch_embed_img.proj.bias", "encoder.img_mod_embed",
+              "predictor.img_mod_embed", *(f"predictor.mask_tokens.{k}" for k in range(1, 6))}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_one_rank_deepspeed_step_is_the_recipe_step(one_rank_group, one_thread, tmp_path, family):
+    from vjepa_ray.train.checkpoint import Checkpointer
+    from vjepa_ray.train.elastic import global_batch_size, plan_batch
+    from vjepa_ray.train.engine import TrainStep
+    from vjepa_ray.train.loop import register_run_state
+    from vjepa_ray.train.state import TrainState
+    from vjepa_ray.train.weights import read_model_weights
+
+    cfg = load_config(builtin_config_path("local_demo"),
+                      [*TINY_ENGINE, *FAMILIES[family], f"ray.storage_path={tmp_path}"])
+    plan = plan_batch(global_batch_size(cfg), cfg.data.batch_size, 1)
+    data = dataclasses.replace(cfg.data, batch_size=plan.micro_batch)
+    train_step, reference = TrainStep(cfg, plan, 0, torch.device("cpu")), JepaStep.from_config(cfg)
+    engine = train_step.engine
+    initial = {k: p.detach().clone() for k, p in engine.module.named_parameters()}
+    batches = iter(SyntheticClipStream(data, cfg.meta.seed))
+    outs, want = [], []
+    for step in range(ENGINE_STEPS):
+        outs.append(train_step(batches, step))
+        want.append(reference([MicroBatch(synthetic_clips(data, cfg.meta.seed, 0, step), 0, 0)], step))
+
+    assert [out.loss for out in outs] == [out.loss for out in want]
+    assert [(o.applied, o.loss_regulated) for o in outs] == [(o.applied, o.loss_regulated) for o in want]
+    assert list(train_step.jepa_step.regulation.history) == list(reference.regulation.history)
+    online = dict(engine.module.named_parameters())
+    for name, value in reference.module.named_parameters():
+        assert torch.equal(online[name], value), name
+    target = dict(train_step.target.module.named_parameters())
+    for name, value in reference.target_encoder.named_parameters():
+        assert torch.equal(target[name], value), name
+    frozen = {name for name, p in engine.module.named_parameters() if not p.requires_grad}
+    trained = {id(p) for group in engine.optimizer.params_in_partition for p in group}
+    assert not {id(online[name]) for name in frozen} & trained  # out of ZeRO's flat buffers
+    assert all(torch.equal(online[name], initial[name]) for name in frozen)
+    if family == "vjepa2_1":
+        assert frozen == UNUSED_2_1
+        assert [o.loss_regulated for o in outs] == [False, False, True, True]  # held, the EMA still moved
+        assert engine.global_steps == ENGINE_STEPS  # DeepSpeed stepped through the held steps
+    else:
+        assert not frozen
+
+    # The regulation's state is run state: a checkpoint holds it (and the frozen parameters) and restores it.
+    checkpointer = Checkpointer(cfg, rank=0, world_size=1)
+    stream = SyntheticClipStream(data, cfg.meta.seed)
+    register_run_state(checkpointer, train_step, stream, TrainState(step=ENGINE_STEPS), 0)
+    folder = tmp_path / "step_00000004"
+    folder.mkdir()
+    checkpointer.write(folder)
+    saved = train_step.jepa_step.regulation.state_dict()
+    train_step.jepa_step.regulation.load_state_dict({"history": [], "skips": 0})
+    checkpointer.restore(folder, folder.name)
+    assert train_step.jepa_step.regulation.state_dict() == saved and saved["history"]
+    exported = read_model_weights(folder)
+    for name, value in reference.module.encoder.named_parameters():
+        assert torch.equal(exported["encoder"][name], value), name
+    for name, value in reference.module.predictor.named_parameters():
+        assert torch.equal(exported["predictor"][name], value), name
 
 
 def test_max_nonfinite_steps_in_a_row_stop_the_run_and_applied_steps_reset_the_streak(caplog):

@@ -154,3 +154,65 @@ def test_init_from_a_hugging_face_folder_starts_with_its_features_and_the_target
     with pytest.raises(ConfigError, match=r"^model.init_from: .*"):  # a folder of another size fails before workers
         driver.check_start_sources(tiny(tmp_path, f"model.init_from={folder}", "model.family=vjepa2",
                                         "model.name=vit_small", "data.frames_per_clip=4", "data.crop_size=32"))
+
+
+# A tiny 2.1 run of three sources: six mask tokens, as the release's predictors hold.
+TINY_2_1 = ("model.family=vjepa2_1", "model.pred_embed_dim=48", "model.pred_num_heads=4", "data.frames_per_clip=4",
+            "data.crop_size=32")
+
+
+def release_2_1(tmp_path: Path, target_key: str) -> tuple[Config, dict[str, dict[str, torch.Tensor]], dict]:
+    """A tiny 2.1 run's random weights (a target apart from its encoder) and their export in the release layout,
+    its target under ``target_key``."""
+    cfg = tiny(tmp_path, *TINY_2_1, f"data.paths=[{tmp_path / 'a'},{tmp_path / 'b'},{tmp_path / 'c'}]")
+    module, target = init_networks(cfg)
+    with torch.no_grad():
+        for p in target.parameters():
+            p.normal_(generator=torch.Generator().manual_seed(3))
+    ours = {"encoder": module.encoder.state_dict(), "predictor": module.predictor.state_dict(),
+            "target_encoder": target.state_dict()}
+    release = official_checkpoint(**ours)
+    release[target_key] = release.pop("target_encoder")
+    return cfg, ours, release
+
+
+@pytest.mark.parametrize("target_key", ["target_encoder", "ema_encoder"])
+def test_a_2_1_run_exports_to_the_release_layout_and_starts_from_it_bit_for_bit(tmp_path, target_key):
+    cfg, ours, release = release_2_1(tmp_path, target_key)
+    # The release's keys: its train.py writes target_encoder, its published models ema_encoder.
+    assert set(release) == {"encoder", "predictor", target_key, "epoch"}
+    prefix = "module.backbone."
+    assert all(k.startswith(prefix) for key in ("encoder", "predictor", target_key) for k in release[key])
+    assert {f"{prefix}{k}" for k in ("norms_block.3.weight", "patch_embed.proj.weight", "patch_embed_img.proj.weight",
+                                     "img_mod_embed", "video_mod_embed")} <= set(release["encoder"])
+    assert {f"{prefix}{k}" for k in ("predictor_embed.2.weight", "predictor_proj.weight",
+                                     "predictor_proj_context.weight", "mask_tokens.5", "img_mod_embed")} \
+        <= set(release["predictor"])
+    torch.save(release, tmp_path / "release_2_1.pt")
+
+    start = tiny(tmp_path, *TINY_2_1, f"data.paths=[{tmp_path / 'a'},{tmp_path / 'b'},{tmp_path / 'c'}]",
+                 f"model.init_from={tmp_path / 'release_2_1.pt'}")
+    driver.check_start_sources(start)
+    loaded = read_initial_weights(start)
+    module, target = init_networks(start, loaded)
+    for key, model in (("encoder", module.encoder), ("predictor", module.predictor), ("target_encoder", target)):
+        assert model.state_dict().keys() == ours[key].keys(), key
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in ours[key].items()), key
+
+
+@pytest.mark.parametrize("model, key, change", [("predictor", "predictor_proj_context.bias", "missing"),
+                                                 ("encoder", "norms_block.4.weight", "unexpected")])
+def test_a_2_1_release_file_with_a_missing_or_an_extra_key_is_refused_in_one_line_naming_it(tmp_path, model, key,
+                                                                                             change):
+    cfg, _, release = release_2_1(tmp_path, "ema_encoder")
+    if change == "missing":
+        del release[model][f"module.backbone.{key}"]
+    else:
+        release[model][f"module.backbone.{key}"] = torch.zeros(192)
+    torch.save(release, tmp_path / "release_2_1.pt")
+    with pytest.raises(ConfigError) as err:
+        driver.check_start_sources(tiny(tmp_path, *TINY_2_1, f"data.paths=[{tmp_path / 'a'},{tmp_path / 'b'},"
+                                        f"{tmp_path / 'c'}]", f"model.init_from={tmp_path / 'release_2_1.pt'}"))
+    message = str(err.value)
+    assert message.startswith("model.init_from: ") and "\n" not in message
+    assert f"[{model}] does not fit" in message and f"{change} (1): {key}" in message

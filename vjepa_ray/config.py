@@ -605,9 +605,10 @@ class Config:
         _require(family.pretrainable, "model.family",
                  f"{family.name} pretraining is not supported by the trainer yet; its encoders load for evaluate and "
                  f"export, and {', '.join(pretrainable_families())} pretrain")
-        _require(self.optimization.loss_reg_std_mult is None, "optimization.loss_reg_std_mult",
-                 "loss regulation runs in the recipe's one-process step only: the trainer does not yet share one "
-                 "decision between its workers")
+        _require(self.optimization.loss_reg_std_mult is None or self.deepspeed.precision != "fp16",
+                 "optimization.loss_reg_std_mult",
+                 "loss regulation holds updates back through the trainer's step gate, which fp16 runs leave to "
+                 "DeepSpeed's loss scaler: use bf16 or fp32")
         tableless = [f"model.family={name}" for name, other in FAMILIES.items()
                      if other.pretrainable and not other.positions.has_table]
         _require(len(self.data.clip_lengths()) == 1 or not family.positions.has_table,

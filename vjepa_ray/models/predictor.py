@@ -93,6 +93,10 @@ class Predictor(nn.Module):
     def num_mask_tokens(self) -> int:
         return len(self.mask_tokens)
 
+    def image_parameters(self) -> list[nn.Parameter]:
+        """The parameters that only images reach (``forward(..., image=True)``): 2.1's image modality embedding."""
+        return [self.img_mod_embed] if self.family.image_inputs else []
+
     @property
     def predicts_context(self) -> bool:
         """Whether ``forward(..., predict_context=True)`` can also predict the context tokens."""

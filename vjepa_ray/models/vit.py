@@ -226,6 +226,13 @@ class VisionTransformer(nn.Module):
             self.img_mod_embed = nn.Parameter(torch.empty(1, 1, embed_dim).normal_(std=1e-6))
             self.video_mod_embed = nn.Parameter(torch.empty(1, 1, embed_dim).normal_(std=1e-6))
 
+    def image_parameters(self) -> list[nn.Parameter]:
+        """The parameters that only images (``is_image``) reach: 2.1's tubelet-1 patch embedding and image
+        modality embedding; none for a family without image inputs."""
+        if not self.family.image_inputs:
+            return []
+        return [*self.patch_embed_img.parameters(), self.img_mod_embed]
+
     def is_image(self, x: torch.Tensor) -> bool:
         """2.1 reads a single-frame clip as an image: its own patch embedding (tubelet 1) and modality."""
         return self.family.image_inputs and x.dim() == 5 and x.shape[2] == 1

@@ -118,7 +118,8 @@ def init_networks(cfg: Config, weights: Mapping[str, Mapping[str, torch.Tensor]]
 
     ``weights`` (state dicts under ``encoder``, ``predictor`` and ``target_encoder`` that fit the config's
     models, e.g. ``model.init_from``'s) replace the random initialisation, strictly. The module's objective is
-    the family's (``objective.build_objective``).
+    the family's (``objective.build_objective``). Parameters no step of the run uses are frozen
+    (``freeze_unused_``).
     """
     torch.manual_seed(cfg.meta.seed)
     encoder, predictor = build_models(cfg)
@@ -127,7 +128,33 @@ def init_networks(cfg: Config, weights: Mapping[str, Mapping[str, torch.Tensor]]
         for key, model in (("encoder", encoder), ("predictor", predictor), ("target_encoder", target)):
             model.load_state_dict(weights[key], strict=True)
     objective = build_objective(cfg.loss, cfg.optimization.schedule, get_family(cfg.model.family))
-    return JepaModule(encoder, predictor, objective), target.requires_grad_(False)
+    module = JepaModule(encoder, predictor, objective)
+    freeze_unused_(module, len(cfg.mask), cfg.data.clip_lengths())
+    return module, target.requires_grad_(False)
+
+
+def freeze_unused_(module: JepaModule, num_masks: int, clip_lengths: Sequence[int]) -> list[str]:
+    """Turns off ``requires_grad`` of the parameters that no step of a run reaches, and returns their names.
+
+    Unused are the predictor's mask tokens that the family never picks for the run's ``num_masks`` mask configs
+    and ``clip_lengths``, and the image path (``image_parameters``) unless a clip length is one frame. The
+    releases' AdamW skips a parameter whose gradient is None, so these never move there; DeepSpeed's ZeRO
+    optimizers instead flatten every parameter they are given and zero-fill the missing gradients, on which
+    AdamW's decoupled weight decay still shrinks them. Frozen, they stay out of the optimizer's groups
+    (``optimizer.param_groups``) and of ZeRO's flat buffers, and keep their values on every runtime. The EMA
+    target still averages them, as the releases' EMA averages every encoder parameter.
+    """
+    family = module.predictor.family
+    used_tokens = {token for index in range(max(len(clip_lengths), 1))
+                   for token in family.mask_tokens(num_masks, index)}
+    unused = {f"predictor.mask_tokens.{k}": token for k, token in enumerate(module.predictor.mask_tokens)
+              if k not in used_tokens}
+    if 1 not in clip_lengths:
+        images = {id(p) for p in [*module.encoder.image_parameters(), *module.predictor.image_parameters()]}
+        unused.update((name, p) for name, p in module.named_parameters() if id(p) in images)
+    for param in unused.values():
+        param.requires_grad_(False)
+    return sorted(unused)
 
 
 class JepaStep:
@@ -185,23 +212,21 @@ class JepaStep:
         with timer.phase("optimizer"):
             regulated = False
             if self.regulation is not None:
-                # The loss whose gradient the update follows: the same on every rank.
-                step_loss = math.fsum(batch.weight * float(out.loss) for batch, out in zip(micro_batches, outputs)) \
-                    / len(micro_batches)
+                step_loss = self.step_loss(micro_batches, outputs)
                 regulated = math.isfinite(step_loss) and self.regulation.skips_update(step_loss, step)
-            if regulated:
-                self.optimizer.zero_grad(set_to_none=True)
-                grad_norm, applied = None, False
-            else:
-                # A non-finite loss or gradient would poison the weights, Adam's moments and, through the EMA,
-                # the target: such a step is dropped whole.
-                grad_norm, applied = self.apply_gradients(step, outputs)
+            grad_norm, applied = self.apply_gradients(step, outputs, skip=regulated)
         if applied and self.regulation is not None:
             self.regulation.record(step_loss)
         if applied or regulated:
             with timer.phase("ema"):
                 self.update_target(momentum)
         return StepOutput(lr, weight_decay, momentum, outputs, grad_norm, applied, regulated, context_weight)
+
+    def step_loss(self, micro_batches: Sequence[MicroBatch], outputs: Sequence[JepaOutput]) -> float:
+        """The loss whose gradient the update follows (the weighted mean over the micro batches of every rank the
+        step holds), on which loss regulation decides: the same on every rank."""
+        return math.fsum(batch.weight * float(out.loss) for batch, out in zip(micro_batches, outputs)) \
+            / len(micro_batches)
 
     def schedules(self, step: int) -> StepSchedules:
         """The LR, weight decay and EMA momentum of ``step`` (``schedules.step_schedules``)."""
@@ -244,11 +269,13 @@ class JepaStep:
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
-    def apply_gradients(self, step: int, outputs: Sequence[JepaOutput]) -> tuple[float | None, bool]:
-        """Clips and applies the step's gradient (``optimizer_step``) when every micro batch's loss and the
-        gradient are finite, else drops the gradient; returns the norm before clipping (or None) and whether
-        the update was applied."""
-        if not self.is_finite(outputs):
+    def apply_gradients(self, step: int, outputs: Sequence[JepaOutput], skip: bool = False
+                        ) -> tuple[float | None, bool]:
+        """Clips and applies the step's gradient (``optimizer_step``) unless ``skip`` (loss regulation held the
+        step back) or a micro batch's loss or the gradient is not finite (it would poison the weights, Adam's
+        moments and, through the EMA, the target), else drops the gradient; returns the norm before clipping
+        (or None) and whether the update was applied."""
+        if skip or not self.is_finite(outputs):
             self.optimizer.zero_grad(set_to_none=True)
             return None, False
         return self.optimizer_step(step), True

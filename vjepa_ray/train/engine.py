@@ -196,7 +196,9 @@ class DeepSpeedStep(JepaStep):
     clip here between that last backward and the optimizer step (``check_clipping`` says where they run).
     The EMA updates this rank's share of the target (its ZeRO-3 partition, or all of it).
     Whether a step is applied is decided inside the engine's step (``vjepa_ray.train.nonfinite.StepGate``;
-    none under fp16, whose loss scaler decides).
+    none under fp16, whose loss scaler decides). Loss regulation decides on the loss all-reduced over the ranks
+    before the engine steps, and a step it holds back goes through the engine's step with the gate closed, so
+    DeepSpeed's counters and gradient buffers move on as after any step.
     """
 
     def __init__(self, engine, target: TargetEncoder, cfg: Config, device: torch.device, dtype: torch.dtype):
@@ -216,6 +218,12 @@ class DeepSpeedStep(JepaStep):
         if not self.engine.is_gradient_accumulation_boundary():
             self.engine.step()  # DeepSpeed only counts a micro step; the last one steps in optimizer_step
 
+    def step_loss(self, micro_batches, outputs) -> float:
+        # This rank's share, averaged over the ranks as the engine averages the gradient: one value everywhere.
+        loss = torch.tensor([super().step_loss(micro_batches, outputs)], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(loss)
+        return float(loss) / torch.distributed.get_world_size()
+
     def clip_gradients(self, step: int) -> float | None:
         if deepspeed_clips(self.clipping) or self.clipping is None or not self.clipping.clips_at(step):
             return None
@@ -233,8 +241,11 @@ class DeepSpeedStep(JepaStep):
         ds_norm = self.engine.get_global_grad_norm()
         return None if ds_norm is None else float(ds_norm)
 
-    def apply_gradients(self, step: int, outputs) -> tuple[float | None, bool]:
-        # The gate around the engine's optimizer (or DeepSpeed before it) decides inside the engine's step.
+    def apply_gradients(self, step: int, outputs, skip: bool = False) -> tuple[float | None, bool]:
+        # The gate around the engine's optimizer (or DeepSpeed before it) decides inside the engine's step; a
+        # skip (every rank's alike) closes it first. fp16 has no gate, and pretraining refuses regulation there.
+        if skip:
+            self.gate.close()
         norm = self.optimizer_step(step)
         return norm, self.gate is None or self.gate.take()
 
@@ -255,7 +266,7 @@ def gradient_partitions(engine, modules: list[nn.Module]) -> list[GradientPiece]
         from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
 
         pieces = []
-        for param in (p for module in modules for p in module.parameters()):
+        for param in (p for module in modules for p in module.parameters() if p.requires_grad):
             grad = safe_get_local_grad(param)
             if grad is not None and grad.numel():
                 pieces.append((owner[id(param)], grad, lambda value, p=param: safe_set_local_grad(p, value)))

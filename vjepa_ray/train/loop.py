@@ -79,6 +79,8 @@ def register_run_state(checkpointer: ckpt.Checkpointer, step: TrainStep, stream:
     register("rng", RngState(), "per_rank")
     register("train_state", state, "shared")
     register("data_position", stream, "all_ranks")
+    if step.jepa_step.regulation is not None:
+        register("loss_regulation", step.jepa_step.regulation, "shared")
 
 
 # What ``checkpoint.start_from`` carries over from another run: its weights, optimizer state and EMA target.
@@ -199,12 +201,14 @@ class Run:
             out = self.step(batches, state.step, meter)
             state.step += 1
             step = state.step
-            stop = nonfinite.record(step, out.applied, out.loss, out.grad_norm, self.rank)
+            # A step loss regulation held back was finite: it counts as applied here.
+            kept = out.applied or out.loss_regulated
+            stop = nonfinite.record(step, kept, out.loss, out.grad_norm, self.rank)
             state.nonfinite_steps = nonfinite.total
             preempted = self._new_preemption_notice(step)
             # No checkpoint from a step that was not applied: its save waits for the next step that is.
             due = self.checkpointer.due(step, preempted) or deferred_save
-            checkpoint, deferred_save = due and out.applied, due and not out.applied
+            checkpoint, deferred_save = due and kept, due and not kept
             if step % cfg.logging.every_steps and not checkpoint and not stop:
                 continue
             metrics = meter.reduce(self.device)

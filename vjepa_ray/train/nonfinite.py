@@ -46,9 +46,10 @@ def _all_finite(tensors: Iterable[torch.Tensor]) -> bool:
 class StepGate:
     """Lets ``optimizer`` (the torch optimizer inside a DeepSpeed engine) step only when the step is finite.
 
-    The training step reports each micro batch's loss (``note_loss``) before the engine steps; ``take`` says,
-    once per step, whether the update was applied (False also when DeepSpeed skipped it first) and starts the
-    next step. ``device``: where the all-reduced flag lives (the process group's device).
+    The training step reports each micro batch's loss (``note_loss``) before the engine steps, or closes the
+    gate for this step (``close``: loss regulation, decided alike on every rank, holds the update back); ``take``
+    says, once per step, whether the update was applied (False also when DeepSpeed skipped it first) and starts
+    the next step. ``device``: where the all-reduced flag lives (the process group's device).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device):
@@ -56,17 +57,22 @@ class StepGate:
         self._step = optimizer.step
         # DeepSpeed calls ``optimizer.step()`` on the object it was given: the bound method is replaced.
         optimizer.step = self._gated_step
-        self._losses_finite, self._applied = True, False
+        self._losses_finite, self._applied, self._closed = True, False, False
+
+    def close(self) -> None:
+        self._closed = True
 
     def note_loss(self, loss: torch.Tensor) -> None:
         self._losses_finite = self._losses_finite and bool(torch.isfinite(loss).all())
 
     def take(self) -> bool:
         applied = self._applied
-        self._losses_finite, self._applied = True, False
+        self._losses_finite, self._applied, self._closed = True, False, False
         return applied
 
     def _gated_step(self, *args: Any, **kwargs: Any) -> Any:
+        if self._closed:  # closed on every rank alike: no rank waits in the collective below
+            return None
         grads = (p.grad for group in self.optimizer.param_groups for p in group["params"])
         finite = not _any_rank(not (self._losses_finite and _all_finite(grads)), self.device)
         if not finite:

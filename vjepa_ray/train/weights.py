@@ -21,7 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 from vjepa_ray import runs
 from vjepa_ray.config import Config, ConfigError, from_dict, load_config
 from vjepa_ray.models import build_models
-from vjepa_ray.models.families import get_family
+from vjepa_ray.models.families import Family, get_family
 from vjepa_ray.models.hf import HF_FAMILY, hf_config, is_hf_folder, read_hf_folder, write_hf_folder
 from vjepa_ray.models.pretrained import (
     MODEL_KEYS,
@@ -125,10 +125,10 @@ def read_training_weights(path: str | os.PathLike) -> dict[str, dict[str, torch.
 def read_initial_weights(cfg: Config) -> dict[str, dict[str, torch.Tensor]]:
     """``model.init_from``'s encoder, predictor and target encoder, verified against the run's models.
 
-    ``model.init_from`` is a file in Meta's release layout or ours, a Hugging Face V-JEPA 2 folder, or a run
-    folder. A file or folder without a ``target_encoder`` starts the target as a copy of its encoder, as a
-    fresh run's target starts. Raises FileNotFoundError, or ValueError naming the keys and shapes that do not
-    fit.
+    ``model.init_from`` is a file in Meta's release layout or ours (``release_weights``), a Hugging Face V-JEPA 2
+    folder, or a run folder. A file or folder without a target encoder starts the target as a copy of its
+    encoder, as a fresh run's target starts. Raises FileNotFoundError, or ValueError naming the keys and shapes
+    that do not fit.
     """
     path = cfg.model.init_from
     if is_hf_folder(path):
@@ -136,11 +136,21 @@ def read_initial_weights(cfg: Config) -> dict[str, dict[str, torch.Tensor]]:
     elif Path(path).is_dir():
         weights = read_training_weights(path)
     else:
-        checkpoint = read_checkpoint(path)
-        weights = {key: state_from_checkpoint(checkpoint, key, path) for key in ("encoder", "predictor")}
-        weights["target_encoder"] = (state_from_checkpoint(checkpoint, "target_encoder", path)
-                                     if "target_encoder" in checkpoint else weights["encoder"])
+        weights = release_weights(read_checkpoint(path), get_family(cfg.model.family), path)
     return verified_weights(cfg, weights, path)
+
+
+def release_weights(checkpoint: Mapping[str, Any], family: Family, source: str) -> dict[str, StateDict]:
+    """The ``encoder``, ``predictor`` and target encoder of a file in Meta's release layout (or ours).
+
+    The target is the first of the family's ``encoder_keys`` the file holds (a training checkpoint's
+    ``target_encoder``; 2.1's released models keep it under ``ema_encoder``), else a copy of the encoder.
+    """
+    weights = {key: state_from_checkpoint(checkpoint, key, source) for key in ("encoder", "predictor")}
+    target = next((key for key in family.encoder_keys if key in checkpoint), None)
+    weights["target_encoder"] = weights["encoder"] if target is None else state_from_checkpoint(checkpoint, target,
+                                                                                                   source)
+    return weights
 
 
 def read_hf_weights(folder: str | os.PathLike) -> dict[str, StateDict]:
@@ -173,8 +183,7 @@ def to_official_file(cfg: Config, source: str | os.PathLike, dest: str | os.Path
 
 
 def from_official_file(cfg: Config, source: str | os.PathLike, dest: str | os.PathLike) -> None:
-    checkpoint = read_checkpoint(source)
-    weights = {key: state_from_checkpoint(checkpoint, key, str(source)) for key in MODEL_KEYS}
+    weights = release_weights(read_checkpoint(source), get_family(cfg.model.family), str(source))
     write_training_weights(dest, verified_weights(cfg, weights, str(source)))
 
 
