@@ -22,6 +22,7 @@ SAMPLE_ARGS = {
     "NoIntactCheckpointError": ("every checkpoint is damaged",),
     "DestinationError": ("DEST holds another preparation",),
     "NonFiniteStateError": ("the weights hold a non-finite value",),
+    "LossRegulationError": ("11 steps in a row held back by loss regulation",),
     "_TimestampMismatch": ("frame 3",),
 }
 
