@@ -211,10 +211,10 @@ def write_sweep_data(tmp: Path, cfg) -> None:
 
 
 # Learning rates 1e-3 and 3 with a target that follows the encoder at once (EMA momentum 0). Measured in this
-# sweep: both start at a target feature spread of 0.47 (report at step 2, still in the warmup); at lr 3 the
-# loss explodes (160+) and the spread of the next report (steps 2-3) falls to 0.05-0.13, at 1e-3 it stays
-# above 0.29 up to step 6. Reports every 2 steps; the collapse stop ends a trial at its first report below 0.2,
-# so the lr-3 trials end at step 4 of 6, without a probe.
+# sweep: at lr 3 the loss explodes (170+) and the target feature spread of the reports falls to 0.24-0.25 at
+# step 2 and 0.02-0.09 at step 4; at 1e-3 it goes from 0.46 (step 2) to 0.28 (step 6). Reports every 2 steps;
+# the collapse stop ends a trial at its first report below 0.2, so the lr-3 trials end at step 4 of 6, without
+# a probe.
 COLLAPSING_GRID = ("tune.lr=[1e-3,3.0]", "optimization.ema=[0.0,0.0]", "logging.every_steps=2",
                    "logging.collapse_std_threshold=0.2", "tune.collapse_patience=1")
 
