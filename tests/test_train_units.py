@@ -353,3 +353,19 @@ def test_workers_take_their_node_labels_resources_and_resize_interval_from_the_c
     assert scaling.label_selector == {"vjepa-role": "train"} and scaling.elastic_resize_monitor_interval_s == 5
     assert scaling.resources_per_worker == {"CPU": 0.25, "sim_gpu": 1}
     assert cfg.ray.worker_threads() == 1  # what Ray gives a worker of under one CPU
+
+
+def test_a_callbacks_stop_reaches_the_driver_as_a_stop_with_its_report_not_a_fault():
+    import ray.train
+
+    from vjepa_ray.train.failures import RunStopped, failure
+
+    report = {"step": 4, "loss": 170.3, "target_feature_std": 0.05}
+    # What fit() raises after a callback raised: the controller's error, pickled from the controller's process.
+    raised = pickle.loads(pickle.dumps(ray.train.ControllerError(RunStopped("target collapsed", report))))
+    assert failure(raised) == failure(RunStopped("target collapsed", report))
+    assert (failure(raised).kind, failure(raised).cause, failure(raised).report) == ("stopped", "target collapsed",
+                                                                                     report)
+    assert failure(ray.train.ControllerError(ConfigError("data.paths", "no videos"))).kind == "input"
+    fault = failure(ray.train.ControllerError(RuntimeError("lost\nmore")))
+    assert (fault.kind, fault.cause, fault.report) == ("fault", "RuntimeError: lost", None)

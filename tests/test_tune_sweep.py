@@ -31,38 +31,48 @@ REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def test_four_trial_sweep_writes_table_best_and_plots(tracked_sweep):
+def test_four_trial_sweep_writes_table_best_and_plots_and_ends_collapsed_trials(tracked_sweep):
     cfg, summary, folder = tracked_sweep.cfg, tracked_sweep.summary, tracked_sweep.folder
     assert summary["folder"] == str(folder)
     with open(folder / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 4 and summary["trials"] == summary["finished"] == 4
-    # The grid: 2 mask ratios x 2 learning rates, each trial once, each pretrained to the end and probed.
+    assert len(rows) == summary["trials"] == 4
+    # The grid: 2 mask ratios x 2 learning rates, each trial once. At lr 1e-3 each pretrained to the end and
+    # probed; at lr 3 the target collapsed and the collapse stop ended the trial at its first report under the
+    # threshold (step 4 of 6), before its probe.
     settings = {(float(r["mask_ratio"]), float(r["optimization.lr"])) for r in rows}
-    assert settings == {(0.5, 1e-3), (0.5, 3e-4), (0.8, 1e-3), (0.8, 3e-4)}
-    assert all(r["status"] == "finished" and int(r["pretrain_steps"]) == 6 for r in rows)
+    assert settings == {(0.5, 1e-3), (0.5, 3.0), (0.8, 1e-3), (0.8, 3.0)}
+    finished = [r for r in rows if float(r["optimization.lr"]) == 1e-3]
+    collapsed = [r for r in rows if float(r["optimization.lr"]) == 3.0]
+    assert (summary["finished"], summary["collapsed"], summary["stopped_early"], summary["error"]) == (2, 2, 0, 0)
+    assert all(r["status"] == "finished" and int(r["pretrain_steps"]) == 6 for r in finished)
+    threshold = cfg.logging.collapse_std_threshold
+    for row in collapsed:
+        assert row["status"] == "collapsed" and int(row["pretrain_steps"]) == 4 and row["probe_top1"] == ""
+        assert float(row["target_feature_std"]) < threshold
+    assert all(float(r["target_feature_std"]) > threshold for r in finished)
     # A higher ratio masks more: its mask configs got larger spatial scales.
-    for lr in (1e-3, 3e-4):
+    for lr in (1e-3, 3.0):
         low, high = (next(r for r in rows if float(r["mask_ratio"]) == m and float(r["optimization.lr"]) == lr)
                      for m in (0.5, 0.8))
         assert float(high["masked_fraction"]) > float(low["masked_fraction"])
         assert json.loads(high["mask.1.spatial_scale"])[0] > json.loads(low["mask.1.spatial_scale"])[0]
-    # Every trial trained the whole probe grid in its one probe pass; top-1 is a percentage.
+    # Every finished trial trained the whole probe grid in its one probe pass; top-1 is a percentage.
     heads = [c for c in rows[0] if c.startswith("top1[")]
     assert len(heads) == len(cfg.tune.probe_lr) * len(cfg.tune.probe_weight_decay) > 1
-    for row in rows:
+    for row in finished:
         top1 = [float(row[h]) for h in heads]
         assert all(0.0 <= t <= 100.0 for t in top1) and float(row["probe_top1"]) == max(top1)
         # The demo's grid points each average several probe initialisations; the row keeps each one's top-1.
         inits = json.loads(row["probe_top1_inits"])
         assert len(inits) == cfg.probe.num_inits > 1
         assert float(row["probe_top1"]) == pytest.approx(sum(inits) / len(inits), abs=1e-3)
-    # Four distinct results: distinct (settings, pretraining loss) per trial; each with its seed and the
-    # collapse monitor at the end of its pretraining.
+    # Four distinct results: distinct (settings, pretraining loss) per trial; each with its seed.
     assert len({(r["mask_ratio"], r["optimization.lr"], r["loss"]) for r in rows}) == 4
     assert len({r["loss"] for r in rows}) == 4
-    assert all(int(r["seed"]) == cfg.meta.seed and 0.0 < float(r["target_feature_std"]) < 10.0 for r in rows)
-    # One seed per grid point: the summary has a row per trial, its mean the trial's top-1 and no std.
+    assert all(int(r["seed"]) == cfg.meta.seed for r in rows)
+    # One seed per grid point: the summary has a row per trial, its mean the trial's top-1 and no std; a
+    # collapsed point keeps its row, with no top-1 and its trial counted as collapsed.
     with open(folder / "summary.csv") as f:
         summary_rows = list(csv.DictReader(f))
     assert list(summary_rows[0]) == ["mask_ratio", "optimization.lr", "top1_mean", "top1_std", "n", "collapsed"]
@@ -70,24 +80,38 @@ def test_four_trial_sweep_writes_table_best_and_plots(tracked_sweep):
     assert set(by_point) == settings
     for row in rows:
         point = by_point[float(row["mask_ratio"]), float(row["optimization.lr"])]
-        assert (float(point["top1_mean"]), point["top1_std"], point["n"], point["collapsed"]) == (
-            float(row["probe_top1"]), "", "1", "0")
+        expected = (row["probe_top1"], "", "1", "0") if row in finished else ("", "", "0", "1")
+        assert (point["top1_mean"], point["top1_std"], point["n"], point["collapsed"]) == expected
 
     table = json.loads((folder / "results.json").read_text())
     assert sorted(r["trial_id"] for r in table) == sorted(r["trial_id"] for r in rows)
     best = json.loads((folder / "best.json").read_text())
-    assert best["trial"]["probe_top1"] == max(float(r["probe_top1"]) for r in rows)
+    assert best["trial"]["probe_top1"] == max(float(r["probe_top1"]) for r in finished)
     assert best["config"]["meta"]["name"] == best["trial"]["trial_id"]
     for name in ("top1_vs_mask_ratio.png", "top1_vs_probe_lr.png"):
         data = (folder / name).read_bytes()
         assert data[:8] == PNG_SIGNATURE and 10_000 < len(data) < 2_000_000
+    # Every trial ran once: a collapsed trial ends like a finished one, not as a failure Tune retries.
     assert trial_starts(str(folder)) == {r["trial_id"]: 1 for r in rows}
-    check_mlflow_runs(tracked_sweep.mlflow_uri, tracked_sweep.experiment, rows, summary, len(heads))
+    check_mlflow_runs(tracked_sweep.mlflow_uri, tracked_sweep.experiment, finished, collapsed, summary, len(heads))
 
 
-def check_mlflow_runs(uri: str, experiment: dict, rows: list[dict], summary: dict, probes: int) -> None:
-    """The sweep as the server holds it: a finished parent run with the results, one finished child per trial
-    with its settings, its loss curve and its probe top-1s."""
+def test_sweep_returns_with_every_placement_group_it_made_removed_and_the_cpus_free(tracked_sweep, ray_local):
+    # A trial stopped mid-run by Tune left its Train workers' placement group holding the shared cluster's CPUs
+    # for the rest of the session, and the next Ray Train test waited for them. The sweep made the Tune trials'
+    # groups and, inside them, their Train runs' (one per trial here, collapsed ones included).
+    made = tracked_sweep.placement_groups
+    assert len(made) >= 2 * tracked_sweep.summary["trials"]
+    assert set(made.values()) == {"REMOVED"}
+    assert [pg for pg in ray_local.util.placement_group_table().values() if pg["state"] != "REMOVED"] == []
+    assert ray_local.available_resources().get("CPU") == ray_local.cluster_resources()["CPU"]
+
+
+def check_mlflow_runs(uri: str, experiment: dict, finished: list[dict], collapsed: list[dict], summary: dict,
+                      probes: int) -> None:
+    """The sweep as the server holds it: a finished parent run with the results, one child per trial with its
+    settings, its loss curve and its collapse flag; the finished trials' children finished, with their probe
+    top-1s; the collapsed trials' children ended as killed at the report that stopped them."""
     found = mlflow_api(uri, "runs/search", {"experiment_ids": [experiment["experiment_id"]],
                                             "max_results": 100})["runs"]
     parent_of = {run["info"]["run_id"]: {t["key"]: t["value"] for t in run["data"].get("tags", [])}
@@ -98,33 +122,36 @@ def check_mlflow_runs(uri: str, experiment: dict, rows: list[dict], summary: dic
     assert summary["mlflow"]["run_id"] == parent["info"]["run_id"] and summary["mlflow"]["not_logged"] == {}
     assert parent["info"]["run_name"] == experiment["name"] and parent["info"]["status"] == "FINISHED"
     parent_metrics = {m["key"]: m["value"] for m in parent["data"]["metrics"]}
-    assert parent_metrics["probe_top1"] == max(float(r["probe_top1"]) for r in rows)
-    assert (parent_metrics["trials"], parent_metrics["finished"]) == (4, 4)
+    assert parent_metrics["probe_top1"] == max(float(r["probe_top1"]) for r in finished)
+    assert (parent_metrics["trials"], parent_metrics["finished"], parent_metrics["collapsed"]) == (4, 2, 2)
     parent_files = {f["path"] for f in mlflow_api(uri, "artifacts/list", run_id=parent["info"]["run_id"])["files"]}
     assert {"results.csv", "best.json", "top1_vs_mask_ratio.png"} <= parent_files
 
-    by_trial = {r["trial_id"]: r for r in rows}
+    by_trial = {r["trial_id"]: r for r in finished + collapsed}
     assert {run["info"]["run_name"] for run in children} == set(by_trial)
     for run in children:
         row, run_id = by_trial[run["info"]["run_name"]], run["info"]["run_id"]
-        assert run["info"]["status"] == "FINISHED"
         params = {p["key"]: p["value"] for p in run["data"]["params"]}
         # The trial's settings, and its resolved config with them applied.
         assert float(params["mask_ratio"]) == float(row["mask_ratio"])
         assert float(params["optimization.lr"]) == float(row["optimization.lr"])
         assert params["meta.name"] == row["trial_id"] and params["mask.1.spatial_scale"] == row["mask.1.spatial_scale"]
-        metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
-        assert metrics["probe_top1"] == float(row["probe_top1"])
-        heads = {key: value for key, value in metrics.items() if key.startswith("probe_top1/")}
-        assert sorted(heads.values()) == sorted(float(v) for k, v in row.items() if k.startswith("top1["))
-        assert len(heads) == probes
-        # The pretraining curve: a loss at every report (steps 3 and 6), the last one the trial's final loss.
+        # The pretraining curve: a loss at every report (every 2 steps), up to the one the trial ended at.
         history = mlflow_api(uri, "metrics/get-history", run_id=run_id, metric_key="loss")["metrics"]
-        assert [m["step"] for m in sorted(history, key=lambda m: m["step"])] == [3, 6]
+        assert sorted(m["step"] for m in history) == list(range(2, int(row["pretrain_steps"]) + 1, 2))
         assert max(history, key=lambda m: m["step"])["value"] == pytest.approx(float(row["loss"]))
+        metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
         assert {"lr", "clips_per_s", "target_feature_std"} <= set(metrics)
         files = {f["path"] for f in mlflow_api(uri, "artifacts/list", run_id=run_id)["files"]}
         assert files == {"summary.json"}
+        heads = {key: value for key, value in metrics.items() if key.startswith("probe_top1")}
+        if row in collapsed:
+            assert (run["info"]["status"], metrics["collapsed"], heads) == ("KILLED", 1.0, {})
+            continue
+        assert (run["info"]["status"], metrics["collapsed"]) == ("FINISHED", 0.0)
+        assert heads.pop("probe_top1") == float(row["probe_top1"])
+        assert sorted(heads.values()) == sorted(float(v) for k, v in row.items() if k.startswith("top1["))
+        assert len(heads) == probes
 
 
 def _ray_processes(temp_root: str) -> list[psutil.Process]:

@@ -239,8 +239,9 @@ def test_asha_compares_pretraining_loss_by_step_and_never_stops_a_trial_before_i
     with pytest.raises(ConfigError, match="tune.grace_period"):  # rung 16 is judged at the report of step 20
         check_runnable(demo("tune.grace_period=8", *short))
     check_runnable(demo("tune.grace_period=10", "tune.reduction_factor=3", *short))
-    # Tune refuses a result without the scheduler's metric and time: the trial's last one (its probe) too.
-    from vjepa_ray.sweep.trial import trial_result
+    # Tune refuses a result without the scheduler's metric and time: a trial's last one (its probe's, or the
+    # one saying its target collapsed) too.
+    from vjepa_ray.sweep.trial import collapsed_result, trial_result
 
     last = trial_result({"steps": 300, "final_loss": 0.4, "checkpoint": "/runs/t/step_00000300",
                          "metrics": {"target_feature_std": 0.45}},
@@ -249,27 +250,38 @@ def test_asha_compares_pretraining_loss_by_step_and_never_stops_a_trial_before_i
     assert (last[asha._time_attr], last[asha._metric]) == (300, 0.4)
     assert (last["probe_top1"], last["probe_lr"]) == (55.0, 3e-4) and len(last["probe_heads"]) == 2
     assert last["probe_top1_inits"] == [50.0, 60.0]  # the best point's initialisations, whose mean it reports
-    assert last["target_feature_std"] == 0.45  # the collapse monitor of the last pretraining report
+    assert last["target_feature_std"] == 0.45 and not last["collapsed"]  # the last pretraining report's monitor
+    last = collapsed_result({"steps": 40, "final_loss": 9.5, "checkpoint": None,
+                             "metrics": {"target_feature_std": 0.004}})
+    assert (last[asha._time_attr], last[asha._metric]) == (40, 9.5) and "probe_top1" not in last
+    assert last["collapsed"] and last["target_feature_std"] == 0.004
 
 
-def test_collapse_stopper_stops_a_trial_after_patience_low_reports_in_a_row():
-    from vjepa_ray.sweep.collapse import CollapseStopper, collapsed, low_streak
+def test_collapse_stop_ends_a_run_at_its_patience_th_low_report_in_a_row():
+    from vjepa_ray.sweep.collapse import CollapseStop, collapsed, low_streak
+    from vjepa_ray.train.failures import RunStopped
 
     assert low_streak([0.5, 0.001, 0.2, 0.001, 0.002], 0.01) == 2
     assert low_streak([0.001, float("nan")], 0.01) == 0  # a diverged spread is no collapse
     assert collapsed([0.5, 0.001, 0.002], 0.01, 2) and not collapsed([0.001, 0.5, 0.002], 0.01, 2)
-    assert not collapsed([0.001] * 5, 0.01, 0)  # patience 0: no stopper
-    stopper = CollapseStopper(threshold=0.01, patience=2)
-    reports = {"low": [0.3, 0.005, 0.3, 0.004, 0.003], "healthy": [0.3, 0.005, 0.3, 0.2, 0.3]}
-    decisions = {trial: [stopper(trial, {"step": 10 * i, "target_feature_std": std}) for i, std in enumerate(stds)]
-                 for trial, stds in reports.items()}
-    assert decisions == {"low": [False, False, False, False, True], "healthy": [False] * 5}
-    assert stopper.stopped("low") and not stopper.stopped("healthy")
-    # The probe's result repeats the last report's spread and is not counted again; nor is a result without one.
-    stopper = CollapseStopper(threshold=0.01, patience=2)
-    assert not stopper("t", {"target_feature_std": 0.001})
-    assert not stopper("t", {"target_feature_std": 0.001, "probe_top1": 40.0})
-    assert not stopper("t", {"step": 3}) and stopper("t", {"target_feature_std": 0.002})
+    assert not collapsed([0.001] * 5, 0.01, 0)  # patience 0: no collapse stop
+
+    def ends_at(stds: list[float]) -> int | None:
+        """The step whose report the callback ended the run at (reports every 10 steps), or None."""
+        stop = CollapseStop(threshold=0.01, patience=2)
+        for i, std in enumerate(stds, 1):
+            # Rank 0's report (the spread is all-reduced); a report without the monitor is not counted.
+            reports = [{"step": 10 * i, "loss": 0.5, "target_feature_std": std}, {"step": 10 * i}]
+            try:
+                stop.after_report(None, reports, None)
+                stop.after_report(None, [{"step": 10 * i}], None)
+            except RunStopped as stopped:
+                assert stopped.metrics == reports[0] and "at step" in stopped.reason
+                return stopped.metrics["step"]
+        return None
+
+    assert ends_at([0.3, 0.005, 0.3, 0.004, 0.003]) == 50
+    assert ends_at([0.3, 0.005, 0.3, 0.2, 0.3]) is None
 
 
 def test_trial_pretrains_in_its_own_folder_of_the_sweep(tmp_path):

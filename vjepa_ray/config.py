@@ -505,7 +505,7 @@ class SweepConfig:
     # Any other config key -> its values, e.g. {mask.0.num_blocks: [4, 8]}.
     space: dict[str, Any] = field(default_factory=dict)
     # Stop a trial whose target features stay below logging.collapse_std_threshold for this many pretraining
-    # reports in a row (status "collapsed", no probe); 0 turns the stopper off.
+    # reports in a row (status "collapsed", no probe); 0 turns the collapse stop off.
     collapse_patience: int = 3
     # Retries of a failed trial (its pretraining resumes from its last checkpoint).
     max_failures: int = 1
@@ -535,7 +535,7 @@ class SweepConfig:
         for name, values in self.space.items():
             check.require(isinstance(values, list) and len(values) >= 1, f"space.{name}",
                           f"expected a list of values, got {values!r}")
-        check.require(self.collapse_patience >= 0, "collapse_patience", "must be >= 0 (0 = no collapse stopper)")
+        check.require(self.collapse_patience >= 0, "collapse_patience", "must be >= 0 (0 = no collapse stop)")
         check.require(self.max_failures >= -1, "max_failures", "must be >= 0, or -1 for no limit")
         check.require(self.driver_cpus >= 0, "driver_cpus", "must be >= 0")
         check.require(self.synthetic_probe_videos >= 0, "synthetic_probe_videos", "must be >= 0")

@@ -7,8 +7,8 @@ the ``tune`` section: ``mask_ratio`` (sets every mask config's spatial scale, se
 ``vjepa_ray.sweep.mask_ratio``), ``lr``, ``ema``, ``num_samples`` (repeats with other seeds) and ``space``
 (any other key, e.g. ``mask.0.num_blocks``); ``probe_lr`` / ``probe_weight_decay`` set the probe grid.
 
-ASHA (``tune.grace_period`` > 0) stops trials whose pretraining loss lags at the same step; the collapse stopper
-(``tune.collapse_patience``, ``vjepa_ray.sweep.collapse``) stops trials whose target features collapsed. Trials in
+ASHA (``tune.grace_period`` > 0) stops trials whose pretraining loss lags at the same step; the collapse stop
+(``tune.collapse_patience``, ``vjepa_ray.sweep.collapse``) ends trials whose target features collapsed. Trials in
 flight follow the cluster's resources unless ``tune.max_concurrent_trials`` says otherwise; a failed trial
 runs again (``tune.max_failures``) and its pretraining resumes from its last checkpoint. Running the same
 command again after the driver died resumes the sweep in ``<ray.storage_path>/<meta.name>``: finished

@@ -30,25 +30,30 @@ MALLOC_ENV = {
 _TRAIN_REPORT_LOGGER_MODULE = "ray.train.v2._internal.execution.context"
 
 
-class HideConfigErrorTracebacks(logging.Filter):
-    """Drops Ray Train's console records of a ``ConfigError`` (the worker's "Error in training function", the
-    controller's "Error in control loop iteration", each with a traceback): the driver prints its one line.
+class HideTracebacks(logging.Filter):
+    """Drops Ray Train's console records of the ``errors`` (the worker's "Error in training function", the
+    controller's "Error in control loop iteration", each with a traceback): a ``ConfigError``, whose one line
+    the driver prints, or a run a callback stopped on purpose (``vjepa_ray.train.failures.RunStopped``).
 
     Ray Train logs the worker's record inside the ``except`` block that caught the error, without
     ``exc_info``: the error being handled is the one the record is about."""
 
+    def __init__(self, errors: tuple[type[BaseException], ...]):
+        super().__init__()
+        self.errors = errors
+
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
-        return not isinstance(error, ConfigError)
+        return not isinstance(error, self.errors)
 
 
-def hide_config_error_tracebacks() -> None:
-    """Adds the filter to the console handlers of Ray Train's logger in this process (a worker, the controller);
-    its log files keep every record."""
+def hide_tracebacks(*errors: type[BaseException]) -> None:
+    """Adds the filter for ``errors`` to the console handlers of Ray Train's logger in this process (a worker,
+    the controller); its log files keep every record."""
     for handler in logging.getLogger("ray.train").handlers:
         console = isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
-        if console and not any(isinstance(f, HideConfigErrorTracebacks) for f in handler.filters):
-            handler.addFilter(HideConfigErrorTracebacks())
+        if console and not any(isinstance(f, HideTracebacks) and f.errors == errors for f in handler.filters):
+            handler.addFilter(HideTracebacks(errors))
 
 
 def configure_worker_logging(verbose: bool = False) -> None:
@@ -60,7 +65,7 @@ def configure_worker_logging(verbose: bool = False) -> None:
     records carry no credentials (``vjepa_ray.redaction``).
     """
     if not verbose:
-        hide_config_error_tracebacks()
+        hide_tracebacks(ConfigError)
     install_log_redaction()
     package = logging.getLogger("vjepa_ray")
     if not package.handlers:

@@ -19,7 +19,6 @@ from vjepa_ray import cluster, runs, tracking
 from vjepa_ray.config import Config, ConfigError, to_dict
 from vjepa_ray.data.demo import prepare_demo_videos, prepare_probe_videos
 from vjepa_ray.sweep import results as tables
-from vjepa_ray.sweep.collapse import STD, CollapseStopper, collapsed
 from vjepa_ray.sweep.mask_ratio import masked_fraction
 from vjepa_ray.sweep.space import SEED, check_axes, grid_point_keys, sweep_axes, token_grid, trial_config
 from vjepa_ray.sweep.trial import run_trial, trial_run_config
@@ -32,14 +31,16 @@ log = logging.getLogger(__name__)
 class ProgressLines(Callback):
     """One line per trial result, so the sweep's progress reads in the job logs."""
 
-    def __init__(self, stopper: CollapseStopper | None):
+    def __init__(self):
         self.done = 0
-        self.stopper = stopper
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if "probe_top1" in result:
             log.info("[tune] %s probe top-1 %.1f%% (probe lr %g, wd %g)", trial.trial_id, result["probe_top1"],
                      result["probe_lr"], result["probe_weight_decay"])
+        elif result.get("collapsed"):
+            log.info("[tune] %s target collapsed at step %s (feature std %.3g)", trial.trial_id, result["step"],
+                     result["target_feature_std"])
         elif "step" in result and "loss" in result:
             log.info("[tune] %s step %s loss %.4f", trial.trial_id, result["step"], result["loss"])
 
@@ -48,7 +49,7 @@ class ProgressLines(Callback):
         top1 = trial.last_result.get("probe_top1")
         if top1 is not None:
             outcome = f"probe top-1 {top1:.1f}%"
-        elif self.stopper is not None and self.stopper.stopped(trial.trial_id):
+        elif trial.last_result.get("collapsed"):
             outcome = "collapsed (target feature std below the threshold), stopped early"
         else:
             outcome = "stopped early (ASHA)"
@@ -108,7 +109,6 @@ def _tuner(cfg: Config, axes: dict[str, list[Any]], mlflow: tracking.MlflowTarge
         log.info("resuming the sweep in %s", path)
         # Finished trials keep their results; unfinished and errored ones run again.
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
-    stopper = _collapse_stopper(cfg)
     concurrency = max_concurrent_trials(cfg, ray.cluster_resources())
     log.info("sweep %s: %d trials over %s; up to %d at a time; results in %s", cfg.meta.name,
              math.prod(len(v) for v in axes.values()), ", ".join(axes) or "no axes", concurrency, path)
@@ -118,24 +118,8 @@ def _tuner(cfg: Config, axes: dict[str, list[Any]], mlflow: tracking.MlflowTarge
         tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=concurrency, scheduler=_scheduler(cfg)),
         run_config=tune.RunConfig(name=cfg.meta.name, storage_path=runs.storage_path(cfg),
                                   failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures),
-                                  stop=stopper, callbacks=[ProgressLines(stopper)], verbose=0),
+                                  callbacks=[ProgressLines()], verbose=0),
     )
-
-
-def _collapse_stopper(cfg: Config) -> CollapseStopper | None:
-    if cfg.tune.collapse_patience == 0:
-        return None
-    return CollapseStopper(cfg.logging.collapse_std_threshold, cfg.tune.collapse_patience)
-
-
-def _pretraining_stds(result) -> list[float]:
-    """The collapse monitor of every pretraining report of a trial, in order (its probe's result left out)."""
-    history = result.metrics_dataframe
-    if history is None or STD not in history:
-        return []
-    if "probe_top1" in history:
-        history = history[history["probe_top1"].isna()]
-    return history[STD].dropna().tolist()
 
 
 def _row(cfg: Config, result, keys: list[str]) -> dict[str, Any]:
@@ -146,7 +130,7 @@ def _row(cfg: Config, result, keys: list[str]) -> dict[str, Any]:
         status = "error"
     elif "probe_top1" in metrics:
         status = "finished"
-    elif collapsed(_pretraining_stds(result), cfg.logging.collapse_std_threshold, cfg.tune.collapse_patience):
+    elif metrics.get("collapsed"):  # the trial's own last result (vjepa_ray.sweep.collapse)
         status = "collapsed"
     else:
         status = "stopped_early"

@@ -52,7 +52,7 @@ def best_row(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
 def summary_rows(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> list[dict[str, Any]]:
     """One row per grid point (its settings: the columns ``keys``), in the order of the settings: ``top1_mean``
     and ``top1_std`` (sample standard deviation, ddof 1) of the best probe top-1 of its trials, and ``n``,
-    how many of its trials have one, and ``collapsed``, how many of its trials the collapse stopper stopped. With
+    how many of its trials have one, and ``collapsed``, how many of its trials the collapse stop ended. With
     one trial with a top-1 the std is None; with none, the mean too."""
     points: dict[str, tuple[list[Any], list[float], list[bool]]] = {}
     for row in rows:

@@ -20,7 +20,7 @@ from vjepa_ray.data.demo import generated_paths, prepare_demo_videos
 from vjepa_ray.data.sources import check_sources
 from vjepa_ray.train.elastic import check_elastic_batch, global_batch_size
 from vjepa_ray.train.engine import check_clipping
-from vjepa_ray.train.failures import failure_cause
+from vjepa_ray.train.failures import failure
 from vjepa_ray.train.lease import RunLease
 from vjepa_ray.train.loop import StreamFactory, train_func
 from vjepa_ray.train.nonfinite import stop_message
@@ -152,10 +152,12 @@ def run(cfg: Config, *, stream_factory: StreamFactory | None = None, callbacks: 
     """Trains as ``cfg`` says; returns the summary (also written to ``<run folder>/summary.json``).
 
     ``stream_factory`` replaces the Ray Data clip stream (see ``vjepa_ray.train.loop``).
-    ``callbacks`` (``ray.train.UserCallback``) join the run's own, e.g. a ``TuneReportCallback`` when a
-    Tune trial runs this. ``mlflow`` logs the run's parameters, every report and summary.json to MLflow;
-    its owner ends it (a sweep's trial adds its probe's results first). ``hold_lease``: take the run folder's
-    lease (``vjepa_ray.train.lease``) for the run; a sweep's driver holds the sweep folder's for its trials.
+    ``callbacks`` (``ray.train.UserCallback``) join the run's own, after them, e.g. a ``TuneReportCallback``
+    when a Tune trial runs this; one that raises ``RunStopped`` at a report ends the run there (``error_kind``
+    "stopped"), after the run's own callbacks logged that report. ``mlflow`` logs the run's parameters, every
+    report and summary.json to MLflow; its owner ends it (a sweep's trial adds its probe's results first).
+    ``hold_lease``: take the run folder's lease (``vjepa_ray.train.lease``) for the run; a sweep's driver holds
+    the sweep folder's for its trials.
     """
     check_runnable(cfg)
     check_data(cfg)
@@ -183,11 +185,13 @@ def _train(cfg: Config, stream_factory: StreamFactory | None, callbacks: list | 
     cluster.connect(cfg)
     tracker = _tracker(cfg.meta.name)
     folder, tensorboard = runs.run_dir(cfg), runs.tensorboard_dir(cfg)
-    callbacks = [TensorBoardCallback(tensorboard), RayMetricsCallback(cfg.meta.name),
-                 CheckpointRetention(folder, cfg.checkpoint.num_to_keep), *(callbacks or [])]
+    own = [TensorBoardCallback(tensorboard), RayMetricsCallback(cfg.meta.name),
+           CheckpointRetention(folder, cfg.checkpoint.num_to_keep)]
     if mlflow is not None:
         mlflow.start(cfg, folder)
-        callbacks.append(mlflow.callback())
+        own.append(mlflow.callback())
+    # The caller's last: Ray calls them in order, and one that ends the run skips the ones after it.
+    callbacks = [*own, *(callbacks or [])]
     trainer = build_trainer(
         cfg, train_func,
         {"cfg": to_dict(cfg), "stream_factory": stream_factory, "tracker": tracker},
@@ -196,13 +200,11 @@ def _train(cfg: Config, stream_factory: StreamFactory | None, callbacks: list | 
     log.info("run %s: %s workers, global batch %d, results in %s", cfg.meta.name,
              low if low == high else f"{low}-{high}", global_batch_size(cfg), folder)
     started = time.time()
-    error = cause = None
-    bad_input = False
+    error = ended = None
     try:
         result = trainer.fit()
     except (ray.train.TrainingFailedError, ray.exceptions.RayError) as err:  # the latter: the controller lost
-        error = err
-        cause, bad_input = failure_cause(err)
+        error, ended = err, failure(err)
         result = _last_result(folder)
     try:
         starts, stop = ray.get([tracker.get.remote(), tracker.get_stop.remote()])
@@ -210,7 +212,9 @@ def _train(cfg: Config, stream_factory: StreamFactory | None, callbacks: list | 
         starts, stop = [], None
     if runs.is_uri(folder) and Path(tensorboard).is_dir():
         runs.upload(tensorboard, runs.join(folder, runs.TENSORBOARD_DIR))
-    metrics = stop or (result.metrics if result is not None else None) or {}
+    # The report a stop came at (non-finite steps, or a callback's), else the last checkpoint's.
+    stopped_at = stop or (ended.report if ended is not None else None)
+    metrics = stopped_at or (result.metrics if result is not None else None) or {}
     checkpoint = result.checkpoint if result is not None else None
     checkpoint_path = runs.checkpoint_path(folder, checkpoint.path) if checkpoint is not None else None
     stopped = stop_message(metrics, checkpoint_path, cfg.optimization.lr, cfg.deepspeed.precision) if stop else None
@@ -230,10 +234,10 @@ def _train(cfg: Config, stream_factory: StreamFactory | None, callbacks: list | 
         "elapsed_s": round(time.time() - started, 1),
         "tensorboard": tensorboard,
         "run_folder": folder,
-        "error": stopped or cause,
-        # Bad input (a config or data error, not retried), a fault that outlasted ray.max_failures, or a run
-        # stopped by non-finite steps.
-        "error_kind": "nonfinite" if stopped else None if error is None else "input" if bad_input else "fault",
+        "error": stopped or (ended.cause if ended is not None else None),
+        # Bad input (a config or data error, not retried), a fault that outlasted ray.max_failures, a run
+        # stopped by non-finite steps, or one a callback stopped on purpose (RunStopped).
+        "error_kind": "nonfinite" if stopped else None if ended is None else ended.kind,
         "error_detail": None if error is None else str(error)[-2000:],
         "metrics": metrics,
     }
