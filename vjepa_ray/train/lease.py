@@ -35,6 +35,11 @@ LEASE_FILE = "driver.lease"
 HEARTBEAT_S = 10.0
 STALE_AFTER_S = 60.0
 SETTLE_S = 2.0
+# A lease read while its owner rewrites it can come back torn on an object store (pyarrow asks an object's size,
+# then reads that many bytes of whatever object is there by then): such a read is tried again before the lease
+# counts as unreadable, which would make a live driver's lease look stale.
+READ_ATTEMPTS = 3
+READ_RETRY_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -88,15 +93,24 @@ class RunLease:
         self.release()
 
     def holder(self) -> Owner | None:
-        """The lease's owner as the store has it now, or None when there is no lease (or an unreadable one)."""
+        """The lease's owner as the store has it now, or None when there is no lease (or one that stays
+        unreadable over ``READ_ATTEMPTS`` reads)."""
+        for attempt in range(READ_ATTEMPTS):
+            if attempt:
+                time.sleep(READ_RETRY_S)
+            try:
+                return self._read()
+            except (OSError, ValueError, TypeError) as err:
+                problem = err
+        log.warning("%s is unreadable (%s): treating it as stale", self.path, problem)
+        return None
+
+    def _read(self) -> Owner | None:
         try:
             if not runs.is_file(self.path):
                 return None
             return Owner(**json.loads(runs.read_bytes(self.path)))
         except FileNotFoundError:  # released between the two calls
-            return None
-        except (OSError, ValueError, TypeError) as err:
-            log.warning("%s is unreadable (%s): treating it as stale", self.path, err)
             return None
 
     def acquire(self) -> None:
