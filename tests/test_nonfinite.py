@@ -197,6 +197,81 @@ def test_a_one_rank_deepspeed_step_is_the_recipe_step(one_rank_group, one_thread
         assert torch.equal(exported["predictor"][name], value), name
 
 
+
+def test_a_checkpoint_saved_before_unused_parameters_were_frozen_resumes(one_rank_group, one_thread, tmp_path,
+                                                                         monkeypatch):
+    """V-JEPA 2.0's checkpoints from before ``freeze_unused_`` trained its mask token 1 too: their ZeRO buffers
+    hold one parameter more than today's engine. The restore goes through the universal conversion and brings
+    back every trained parameter's weights and Adam moments, and the frozen token's value, bit for bit."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    from vjepa_ray.recipe.step import init_networks
+    from vjepa_ray.train import engine as engine_module
+    from vjepa_ray.train.checkpoint import Checkpointer
+    from vjepa_ray.train.elastic import global_batch_size, plan_batch
+    from vjepa_ray.train.engine import TrainStep
+    from vjepa_ray.train.loop import register_run_state
+    from vjepa_ray.train.state import TrainState
+
+    cfg = load_config(builtin_config_path("local_demo"),
+                      [*TINY_ENGINE, "model.family=vjepa2", f"ray.storage_path={tmp_path}"])
+    plan = plan_batch(global_batch_size(cfg), cfg.data.batch_size, 1)
+    data = dataclasses.replace(cfg.data, batch_size=plan.micro_batch)
+
+    def run_state(checkpointer, train_step):
+        register_run_state(checkpointer, train_step, SyntheticClipStream(data, cfg.meta.seed),
+                           TrainState(step=2, zero_stage=cfg.deepspeed.zero_stage), 0)
+
+    def every_parameter_trained(cfg):
+        """The networks as the code before freeze_unused_ built them; token 1 off its zero initialisation, so
+        that weight decay moves it and the restore must bring its value back."""
+        module, target = init_networks(cfg)
+        with torch.no_grad():
+            module.predictor.mask_tokens[1].fill_(0.25)
+        return module.requires_grad_(True), target
+
+    monkeypatch.setattr(engine_module, "init_networks", every_parameter_trained)
+    old = TrainStep(cfg, plan, 0, torch.device("cpu"))
+    monkeypatch.undo()
+    batches = iter(SyntheticClipStream(data, cfg.meta.seed))
+    for step in range(2):
+        old(batches, step)
+    folder = tmp_path / "step_00000002"
+    folder.mkdir()
+    saver = Checkpointer(cfg, rank=0, world_size=1)
+    run_state(saver, old)
+    saver.write(folder)
+
+    # Today's restore, as ``TrainLoop._build`` makes it.
+    checkpointer = Checkpointer(cfg, rank=0, world_size=1)
+    networks = init_networks(cfg)
+    trained = {name for name, param in networks[0].named_parameters() if param.requires_grad}
+    assert trained == {name for name, _ in networks[0].named_parameters()} - {"predictor.mask_tokens.1"}
+    universal = checkpointer.needs_resharding(folder, trained)
+    assert universal
+    new = TrainStep(cfg, plan, 0, torch.device("cpu"), load_universal=universal, networks=networks)
+    run_state(checkpointer, new)
+    checkpointer.restore(folder, folder.name)
+
+    for engine in (old.engine, new.engine):  # Adam moments linked to the parameters (as ``state_digest`` does)
+        engine.optimizer._hp_optimizer_states_linked = False
+        engine.optimizer._lazy_init_hp_params_optimizer_state()
+    saved = dict(old.engine.module.named_parameters())
+    for name, param in new.engine.module.named_parameters():
+        if name not in trained:
+            assert torch.equal(param, saved[name]) and 0 < param.abs().max() < 0.25, name  # decayed
+            continue
+        assert torch.equal(safe_get_full_fp32_param(param), safe_get_full_fp32_param(saved[name])), name
+        for moment in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(safe_get_full_optimizer_state(param, moment),
+                               safe_get_full_optimizer_state(saved[name], moment)), (name, moment)
+    assert new.engine.global_steps == old.engine.global_steps == 2
+    # A checkpoint of today's engine holds the same parameters: it loads directly.
+    today = tmp_path / "step_00000003"
+    today.mkdir()
+    checkpointer.write(today)
+    assert not checkpointer.needs_resharding(today, trained)
+
 def test_max_nonfinite_steps_in_a_row_stop_the_run_and_applied_steps_reset_the_streak(caplog):
     steps = NonFiniteSteps(limit=3, total=5)
     with caplog.at_level(logging.WARNING, logger="vjepa_ray.train.nonfinite"):

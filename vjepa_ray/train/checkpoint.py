@@ -25,9 +25,11 @@ copies all ranks' files into ``<storage>/<name>/<checkpoint_dir_name>``). A run'
     state_digest.json            with ``checkpoint.verify_restore``: the digest of the trained state (rank 0)
     manifest/rank_*.json         every rank's files with their sizes and SHA-256 (vjepa_ray.train.manifest)
 
-A run that restarts with a different world size under ZeRO 1-3 cannot load DeepSpeed's partitioned files
-directly: ``needs_resharding`` says so, the engine is then built with ``checkpoint.load_universal`` and its
-component (``vjepa_ray.train.deepspeed_state``) loads through a universal conversion of the files.
+A run that restarts with a different world size under ZeRO 1-3, or whose engine trains another set of
+parameters than the checkpoint's (one saved before unused parameters were frozen), cannot load DeepSpeed's
+partitioned files directly: ``needs_resharding`` says so, the engine is then built with
+``checkpoint.load_universal`` and its component (``vjepa_ray.train.deepspeed_state``) loads through a universal
+conversion of the files.
 
 ``save`` is the one place a checkpoint is written and handed to Ray Train; what a run keeps of its
 checkpoints (``checkpoint.num_to_keep``, Ray's) is decided after it.
@@ -53,7 +55,7 @@ from vjepa_ray import runs
 from vjepa_ray.config import Config, to_yaml
 from vjepa_ray.redaction import redact
 from vjepa_ray.train import manifest
-from vjepa_ray.train.deepspeed_state import needs_universal
+from vjepa_ray.train.deepspeed_state import needs_universal, saved_trained_parameters
 from vjepa_ray.train.state import TrainState
 from vjepa_ray.train.upload import persist_checkpoint
 
@@ -179,11 +181,13 @@ class Checkpointer:
 
     # Restoring.
 
-    def needs_resharding(self, folder: str | Path) -> bool:
+    def needs_resharding(self, folder: str | Path, trained: set[str]) -> bool:
         """Whether DeepSpeed's state in checkpoint ``folder`` must go through a universal checkpoint to load on
-        this world size: the engine is then built with ``load_universal``."""
+        this world size into an engine that trains the parameters named ``trained`` (``needs_universal``): the
+        engine is then built with ``load_universal``."""
         saved = read_train_state(folder)
-        return needs_universal(saved.world_size, saved.zero_stage, self.world_size, self.cfg)
+        return needs_universal(saved.world_size, saved.zero_stage, self.world_size, self.cfg,
+                               saved_trained_parameters(folder), trained)
 
     def restore(self, folder: str | Path, name: str) -> None:
         """Loads every component from the run's own checkpoint ``folder`` (``name`` in the messages)."""

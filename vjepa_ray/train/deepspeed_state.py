@@ -30,21 +30,69 @@ DEEPSPEED_DIR = "deepspeed"
 DEEPSPEED_TAG = "state"
 
 
-def needs_universal(saved_world_size: int, saved_zero_stage: int, world_size: int, cfg: Config) -> bool:
+def needs_universal(saved_world_size: int, saved_zero_stage: int, world_size: int, cfg: Config,
+                    saved_trained: set[str] | None = None, trained: set[str] | None = None) -> bool:
     """Whether DeepSpeed's state saved on ``saved_world_size`` ranks must go through a universal checkpoint to
     load on ``world_size``: partitioned state only loads on the world size that wrote it, which is ZeRO 1-3, and
-    ZeRO-0 with bf16 (DeepSpeed's bf16 optimizer partitions the fp32 master weights like ZeRO-1)."""
+    ZeRO-0 with bf16 (DeepSpeed's bf16 optimizer partitions the fp32 master weights like ZeRO-1).
+
+    Nor does it load into an engine that trains another set of parameters (``saved_trained``, the names the
+    checkpoint's optimizer holds, ``saved_trained_parameters``; ``trained``, the engine's): the flat buffers
+    differ in size, and DeepSpeed copies every parameter the engine freezes from the checkpoint's frozen ones.
+    Checkpoints saved before ``recipe.step.freeze_unused_`` trained every parameter. The universal conversion
+    maps the optimizer state by parameter name and leaves a frozen parameter to the module's weights."""
     partitioned = cfg.deepspeed.zero_stage > 0 or saved_zero_stage > 0 or cfg.deepspeed.precision == "bf16"
-    return saved_world_size != world_size and partitioned
+    changed = saved_trained is not None and trained is not None and saved_trained != trained
+    return partitioned and (saved_world_size != world_size or changed)
+
+
+def saved_trained_parameters(folder: str | Path) -> set[str] | None:
+    """The names of the parameters whose optimizer state checkpoint ``folder`` holds: DeepSpeed's
+    ``param_shapes`` in its model states, which it writes for its partitioned optimizers (ZeRO 1-3, bf16). None
+    for torch's own optimizer state (ZeRO-0 in fp32 or fp16), which names no parameters."""
+    param_shapes = _model_states(folder).get("param_shapes")
+    return None if param_shapes is None else {name for group in param_shapes for name in group}
+
+
+def _model_states(folder: str | Path) -> dict:
+    """Rank 0's model states of checkpoint ``folder`` (ZeRO 0-2 write one file, ZeRO-3 one per rank),
+    memory-mapped: a tensor is read from disk only when used."""
+    state = Path(folder) / DEEPSPEED_DIR / DEEPSPEED_TAG
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        if (state / name).exists():
+            return torch.load(state / name, map_location="cpu", weights_only=True, mmap=True)
+    raise FileNotFoundError(f"DeepSpeed found no model states in {state}")
+
+
+def load_frozen_parameters(engine, folder: str | Path) -> None:
+    """The values of the parameters ``engine`` freezes, from the module weights of checkpoint ``folder``, by
+    name. A universal load restores the optimizer's parameters only (DeepSpeed reads no module weights through
+    it, nor converts frozen ones), which would leave frozen parameters at their initialisation.
+
+    Under ZeRO-3 the module weights are partitioned, the file holds placeholders: frozen parameters keep the
+    values they were built with, which is what they hold in a run that freezes them from its first step."""
+    frozen = {name: param for name, param in engine.module.named_parameters() if not param.requires_grad}
+    if not frozen:
+        return
+    if engine.zero_optimization_partition_weights():
+        log.warning("ZeRO-3 universal load: %s keep the values they were built with", ", ".join(sorted(frozen)))
+        return
+    module = _model_states(folder)["module"]
+    missing = sorted(set(frozen) - set(module))
+    if missing:
+        raise KeyError(f"the module weights in {folder} hold no {', '.join(missing)}")
+    with torch.no_grad():
+        for name, param in frozen.items():
+            param.copy_(module[name])
 
 
 class DeepSpeedState:
     """The DeepSpeed engine's weights and optimizer state, in DeepSpeed's own sharded files (``deepspeed/``).
 
     An engine built with ``load_universal`` (``Checkpointer.needs_resharding``) loads through a universal
-    conversion of the files. Position tables (fixed buffers, a function of the clip size alone) stay the
-    engine's own when a checkpoint's are of another clip size (``checkpoint.start_from`` another run's);
-    everything else loads strictly.
+    conversion of the files, its frozen parameters from the module weights (``load_frozen_parameters``).
+    Position tables (fixed buffers, a function of the clip size alone) stay the engine's own when a checkpoint's
+    are of another clip size (``checkpoint.start_from`` another run's); everything else loads strictly.
     """
 
     def __init__(self, engine, rank: int, local_rank: int):
@@ -63,6 +111,8 @@ class DeepSpeedState:
                                                        custom_load_fn=load_keeping_position_tables)
         if load_path is None:
             raise FileNotFoundError(f"DeepSpeed found no checkpoint in {deepspeed_dir}")
+        if resharded:
+            load_frozen_parameters(self.engine, folder)
 
     def digest(self) -> str:
         return state_digest(self.engine)
