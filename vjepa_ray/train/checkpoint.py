@@ -55,7 +55,7 @@ from vjepa_ray import runs
 from vjepa_ray.config import Config, to_yaml
 from vjepa_ray.redaction import redact
 from vjepa_ray.train import manifest
-from vjepa_ray.train.deepspeed_state import needs_universal, saved_trained_parameters
+from vjepa_ray.train.deepspeed_state import check_optimizer_fits, needs_universal, saved_trained_parameters
 from vjepa_ray.train.state import TrainState
 from vjepa_ray.train.upload import persist_checkpoint
 
@@ -184,8 +184,10 @@ class Checkpointer:
     def needs_resharding(self, folder: str | Path, trained: set[str]) -> bool:
         """Whether DeepSpeed's state in checkpoint ``folder`` must go through a universal checkpoint to load on
         this world size into an engine that trains the parameters named ``trained`` (``needs_universal``): the
-        engine is then built with ``load_universal``."""
+        engine is then built with ``load_universal``. Raises ``ConfigError`` for state that loads neither way
+        (``check_optimizer_fits``)."""
         saved = read_train_state(folder)
+        check_optimizer_fits(folder, trained)
         return needs_universal(saved.world_size, saved.zero_stage, self.world_size, self.cfg,
                                saved_trained_parameters(folder), trained)
 

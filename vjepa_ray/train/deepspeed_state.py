@@ -16,12 +16,12 @@ import tempfile
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
 
-from vjepa_ray.config import Config
+from vjepa_ray.config import Config, ConfigError
 from vjepa_ray.models.positions import FIXED_TABLES
 
 log = logging.getLogger(__name__)
@@ -50,18 +50,47 @@ def saved_trained_parameters(folder: str | Path) -> set[str] | None:
     """The names of the parameters whose optimizer state checkpoint ``folder`` holds: DeepSpeed's
     ``param_shapes`` in its model states, which it writes for its partitioned optimizers (ZeRO 1-3, bf16). None
     for torch's own optimizer state (ZeRO-0 in fp32 or fp16), which names no parameters."""
-    param_shapes = _model_states(folder).get("param_shapes")
+    param_shapes = read_model_states(folder).get("param_shapes")
     return None if param_shapes is None else {name for group in param_shapes for name in group}
 
 
-def _model_states(folder: str | Path) -> dict:
-    """Rank 0's model states of checkpoint ``folder`` (ZeRO 0-2 write one file, ZeRO-3 one per rank),
-    memory-mapped: a tensor is read from disk only when used."""
+def check_optimizer_fits(folder: str | Path, trained: set[str]) -> None:
+    """Raises ``ConfigError`` when checkpoint ``folder`` holds torch's own optimizer state (ZeRO-0 in fp32, fp16
+    or bf16: ``saved_trained_parameters`` is None) for another number of parameters than the engine trains
+    (``trained``). That state names no parameters, loads only into as many as it holds, and the universal
+    conversion does not read it; a restart would fail the same way, so the run stops with what to do."""
+    states = read_model_states(folder)
+    if states.get("param_shapes") is not None:
+        return
+    optimizer = states["optimizer"]
+    # DeepSpeed's fp16 and bf16 wrappers keep torch's state under optimizer_state_dict.
+    groups = optimizer.get("optimizer_state_dict", optimizer)["param_groups"]
+    saved = sum(len(group["params"]) for group in groups)
+    if saved != len(trained):
+        raise ConfigError(str(folder), f"its ZeRO-0 optimizer state holds {saved} parameters, this version trains "
+                          f"{len(trained)} (an older version trained the ones no step reaches too) and cannot load "
+                          "it; start a new run (another meta.name) from its weights: model.init_from=<its run folder>")
+
+
+def read_model_states(folder: str | Path) -> dict[str, Any]:
+    """Rank 0's model states of checkpoint ``folder`` (ZeRO 0-2 write one file, ZeRO-3 one per rank), with
+    ``weights_only`` (``deepspeed_globals``), memory-mapped: a tensor is read from disk only when used."""
     state = Path(folder) / DEEPSPEED_DIR / DEEPSPEED_TAG
     for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
         if (state / name).exists():
-            return torch.load(state / name, map_location="cpu", weights_only=True, mmap=True)
+            with torch.serialization.safe_globals(deepspeed_globals()):
+                return torch.load(state / name, map_location="cpu", weights_only=True, mmap=True)
     raise FileNotFoundError(f"DeepSpeed found no model states in {state}")
+
+
+def deepspeed_globals() -> list[Any]:
+    """The classes DeepSpeed pickles into its state files besides tensors and plain containers: what
+    ``torch.load(weights_only=True)`` may rebuild from them."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
 def load_frozen_parameters(engine, folder: str | Path) -> None:
@@ -77,7 +106,7 @@ def load_frozen_parameters(engine, folder: str | Path) -> None:
     if engine.zero_optimization_partition_weights():
         log.warning("ZeRO-3 universal load: %s keep the values they were built with", ", ".join(sorted(frozen)))
         return
-    module = _model_states(folder)["module"]
+    module = read_model_states(folder)["module"]
     missing = sorted(set(frozen) - set(module))
     if missing:
         raise KeyError(f"the module weights in {folder} hold no {', '.join(missing)}")
