@@ -23,6 +23,7 @@ SAMPLE_ARGS = {
     "DestinationError": ("DEST holds another preparation",),
     "NonFiniteStateError": ("the weights hold a non-finite value",),
     "LossRegulationError": ("11 steps in a row held back by loss regulation",),
+    "RunStopped": ("target collapsed", {"step": 4, "loss": 170.3}),
     "_TimestampMismatch": ("frame 3",),
 }
 

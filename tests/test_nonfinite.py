@@ -197,6 +197,125 @@ def test_a_one_rank_deepspeed_step_is_the_recipe_step(one_rank_group, one_thread
         assert torch.equal(exported["predictor"][name], value), name
 
 
+
+def _run_state(cfg, checkpointer, train_step) -> None:
+    """``train_step`` and the rest of a one-rank run's state, registered with ``checkpointer``."""
+    from vjepa_ray.train.loop import register_run_state
+    from vjepa_ray.train.state import TrainState
+
+    data = dataclasses.replace(cfg.data, batch_size=train_step.plan.micro_batch)
+    register_run_state(checkpointer, train_step, SyntheticClipStream(data, cfg.meta.seed),
+                       TrainState(step=2, zero_stage=cfg.deepspeed.zero_stage), 0)
+
+
+def _saved_before_freezing(cfg, folder, monkeypatch):
+    """Two steps of V-JEPA 2.0 as the code before ``freeze_unused_`` took them, every parameter trained, saved in
+    ``folder``; returns the step. Token 1 starts off its zero initialisation, so that weight decay moves it and a
+    restore must bring its value back."""
+    from vjepa_ray.recipe.step import init_networks
+    from vjepa_ray.train import engine as engine_module
+    from vjepa_ray.train.checkpoint import Checkpointer
+    from vjepa_ray.train.elastic import global_batch_size, plan_batch
+    from vjepa_ray.train.engine import TrainStep
+
+    def every_parameter_trained(cfg):
+        module, target = init_networks(cfg)
+        with torch.no_grad():
+            module.predictor.mask_tokens[1].fill_(0.25)
+        return module.requires_grad_(True), target
+
+    plan = plan_batch(global_batch_size(cfg), cfg.data.batch_size, 1)
+    with monkeypatch.context() as patch:
+        patch.setattr(engine_module, "init_networks", every_parameter_trained)
+        old = TrainStep(cfg, plan, 0, torch.device("cpu"))
+    batches = iter(SyntheticClipStream(dataclasses.replace(cfg.data, batch_size=plan.micro_batch), cfg.meta.seed))
+    for step in range(2):
+        old(batches, step)
+    folder.mkdir()
+    saver = Checkpointer(cfg, rank=0, world_size=1)
+    _run_state(cfg, saver, old)
+    saver.write(folder, saver.digest())  # the digest checkpoint.verify_restore writes
+    return old
+
+
+def _trained_names(module) -> set[str]:
+    return {name for name, param in module.named_parameters() if param.requires_grad}
+
+
+def test_a_checkpoint_saved_before_unused_parameters_were_frozen_resumes(one_rank_group, one_thread, tmp_path,
+                                                                         monkeypatch, caplog):
+    """V-JEPA 2.0's checkpoints from before ``freeze_unused_`` trained its mask token 1 too: their ZeRO buffers
+    hold one parameter more than today's engine. The restore goes through the universal conversion and brings
+    back every trained parameter's weights and Adam moments, and the frozen token's value, bit for bit; the
+    digest saved over the old parameters is not held against it."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    from vjepa_ray.recipe.step import init_networks
+    from vjepa_ray.train.checkpoint import Checkpointer
+    from vjepa_ray.train.engine import TrainStep
+
+    cfg = load_config(builtin_config_path("local_demo"), [*TINY_ENGINE, "model.family=vjepa2",
+                                                          "checkpoint.verify_restore=true",
+                                                          f"ray.storage_path={tmp_path}"])
+    folder = tmp_path / "step_00000002"
+    old = _saved_before_freezing(cfg, folder, monkeypatch)
+
+    # Today's restore, as ``TrainLoop._build`` makes it.
+    checkpointer = Checkpointer(cfg, rank=0, world_size=1)
+    networks = init_networks(cfg)
+    trained = _trained_names(networks[0])
+    assert trained == {name for name, _ in networks[0].named_parameters()} - {"predictor.mask_tokens.1"}
+    universal = checkpointer.needs_resharding(folder, trained)
+    assert universal
+    new = TrainStep(cfg, old.plan, 0, torch.device("cpu"), load_universal=universal, networks=networks)
+    _run_state(cfg, checkpointer, new)
+    with caplog.at_level(logging.WARNING, logger="vjepa_ray.train.checkpoint"):
+        checkpointer.restore(folder, folder.name)
+    assert "its state digest cannot be compared" in caplog.text
+
+    for engine in (old.engine, new.engine):  # Adam moments linked to the parameters (as ``state_digest`` does)
+        engine.optimizer._hp_optimizer_states_linked = False
+        engine.optimizer._lazy_init_hp_params_optimizer_state()
+    saved = dict(old.engine.module.named_parameters())
+    for name, param in new.engine.module.named_parameters():
+        if name not in trained:
+            assert torch.equal(param, saved[name]) and 0 < param.abs().max() < 0.25, name  # decayed
+            continue
+        assert torch.equal(safe_get_full_fp32_param(param), safe_get_full_fp32_param(saved[name])), name
+        for moment in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(safe_get_full_optimizer_state(param, moment),
+                               safe_get_full_optimizer_state(saved[name], moment)), (name, moment)
+    assert new.engine.global_steps == old.engine.global_steps == 2
+    # A checkpoint of today's engine holds the same parameters: it loads directly.
+    today = tmp_path / "step_00000003"
+    today.mkdir()
+    checkpointer.write(today)
+    assert not checkpointer.needs_resharding(today, trained) and checkpointer.same_parameters
+
+
+def test_a_zero0_checkpoint_saved_before_unused_parameters_were_frozen_stops_with_what_to_do(
+        one_rank_group, one_thread, tmp_path, monkeypatch):
+    """ZeRO-0 keeps torch's optimizer state, which names no parameters and which no conversion reads: resuming
+    one saved before ``freeze_unused_`` is an input error (not retried), a checkpoint of today's code resumes."""
+    from vjepa_ray.recipe.step import init_networks
+    from vjepa_ray.train.checkpoint import Checkpointer
+    from vjepa_ray.train.engine import TrainStep
+
+    cfg = load_config(builtin_config_path("local_demo"), [*TINY_ENGINE, "model.family=vjepa2",
+                                                          "deepspeed.zero_stage=0", f"ray.storage_path={tmp_path}"])
+    old = _saved_before_freezing(cfg, tmp_path / "step_00000002", monkeypatch)
+    networks = init_networks(cfg)
+    checkpointer = Checkpointer(cfg, rank=0, world_size=1)
+    with pytest.raises(ConfigError, match=r"step_00000002: its ZeRO-0 optimizer state holds \d+ parameters, this "
+                                          r"version trains \d+ .* model\.init_from="):
+        checkpointer.needs_resharding(tmp_path / "step_00000002", _trained_names(networks[0]))
+    _run_state(cfg, checkpointer, TrainStep(cfg, old.plan, 0, torch.device("cpu"), networks=networks))
+    today = tmp_path / "step_00000003"
+    today.mkdir()
+    checkpointer.write(today)
+    assert not checkpointer.needs_resharding(today, _trained_names(networks[0]))
+
+
 def test_max_nonfinite_steps_in_a_row_stop_the_run_and_applied_steps_reset_the_streak(caplog):
     steps = NonFiniteSteps(limit=3, total=5)
     with caplog.at_level(logging.WARNING, logger="vjepa_ray.train.nonfinite"):

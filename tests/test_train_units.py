@@ -369,3 +369,20 @@ def test_a_callbacks_stop_reaches_the_driver_as_a_stop_with_its_report_not_a_fau
     assert failure(ray.train.ControllerError(ConfigError("data.paths", "no videos"))).kind == "input"
     fault = failure(ray.train.ControllerError(RuntimeError("lost\nmore")))
     assert (fault.kind, fault.cause, fault.report) == ("fault", "RuntimeError: lost", None)
+
+
+def test_loss_regulation_past_its_limit_stops_the_run_without_retries():
+    import ray.train
+
+    from vjepa_ray.recipe.regulation import LossRegulationError
+    from vjepa_ray.train.failures import StopOnInputError, failure
+
+    error = LossRegulationError("step 40: loss regulation skipped 11 steps, more than "
+                                "optimization.loss_reg_max_skips=10")
+    # A worker's error ends the run through the callback: the controller's error, which Ray Train never retries.
+    with pytest.raises(LossRegulationError):
+        StopOnInputError(verbose=True).after_exception(None, {1: RuntimeError("lost"), 0: error})
+    StopOnInputError(verbose=True).after_exception(None, {0: RuntimeError("lost")})  # a fault: retried
+    raised = pickle.loads(pickle.dumps(ray.train.ControllerError(error)))
+    assert failure(raised) == failure(error)
+    assert (failure(raised).kind, failure(raised).cause) == ("regulation", f"LossRegulationError: {error}")

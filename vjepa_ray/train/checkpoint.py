@@ -25,9 +25,11 @@ copies all ranks' files into ``<storage>/<name>/<checkpoint_dir_name>``). A run'
     state_digest.json            with ``checkpoint.verify_restore``: the digest of the trained state (rank 0)
     manifest/rank_*.json         every rank's files with their sizes and SHA-256 (vjepa_ray.train.manifest)
 
-A run that restarts with a different world size under ZeRO 1-3 cannot load DeepSpeed's partitioned files
-directly: ``needs_resharding`` says so, the engine is then built with ``checkpoint.load_universal`` and its
-component (``vjepa_ray.train.deepspeed_state``) loads through a universal conversion of the files.
+A run that restarts with a different world size under ZeRO 1-3, or whose engine trains another set of
+parameters than the checkpoint's (one saved before unused parameters were frozen), cannot load DeepSpeed's
+partitioned files directly: ``needs_resharding`` says so, the engine is then built with
+``checkpoint.load_universal`` and its component (``vjepa_ray.train.deepspeed_state``) loads through a universal
+conversion of the files.
 
 ``save`` is the one place a checkpoint is written and handed to Ray Train; what a run keeps of its
 checkpoints (``checkpoint.num_to_keep``, Ray's) is decided after it.
@@ -53,7 +55,7 @@ from vjepa_ray import runs
 from vjepa_ray.config import Config, to_yaml
 from vjepa_ray.redaction import redact
 from vjepa_ray.train import manifest
-from vjepa_ray.train.deepspeed_state import needs_universal
+from vjepa_ray.train.deepspeed_state import check_optimizer_fits, needs_universal, saved_trained_parameters
 from vjepa_ray.train.state import TrainState
 from vjepa_ray.train.upload import persist_checkpoint
 
@@ -116,6 +118,9 @@ class Checkpointer:
         self.damaged: list[str] = []
         # The digest of the state last restored, with ``checkpoint.verify_restore``.
         self.restored_digest: str | None = None
+        # Whether the checkpoint ``needs_resharding`` last looked at holds the parameters the engine trains: a
+        # digest saved over others cannot match the restored state's.
+        self.same_parameters = True
 
     def register(self, name: str, state: Stateful | FileState, scope: Scope = "shared") -> None:
         if any(c.name == name for c in self.components):
@@ -179,11 +184,16 @@ class Checkpointer:
 
     # Restoring.
 
-    def needs_resharding(self, folder: str | Path) -> bool:
+    def needs_resharding(self, folder: str | Path, trained: set[str]) -> bool:
         """Whether DeepSpeed's state in checkpoint ``folder`` must go through a universal checkpoint to load on
-        this world size: the engine is then built with ``load_universal``."""
+        this world size into an engine that trains the parameters named ``trained`` (``needs_universal``): the
+        engine is then built with ``load_universal``. Raises ``ConfigError`` for state that loads neither way
+        (``check_optimizer_fits``). Sets ``same_parameters`` for ``restore``."""
         saved = read_train_state(folder)
-        return needs_universal(saved.world_size, saved.zero_stage, self.world_size, self.cfg)
+        check_optimizer_fits(folder, trained)
+        saved_trained = saved_trained_parameters(folder)
+        self.same_parameters = saved_trained is None or saved_trained == trained
+        return needs_universal(saved.world_size, saved.zero_stage, self.world_size, self.cfg, saved_trained, trained)
 
     def restore(self, folder: str | Path, name: str) -> None:
         """Loads every component from the run's own checkpoint ``folder`` (``name`` in the messages)."""
@@ -191,7 +201,9 @@ class Checkpointer:
         if self.verify:
             self.restored_digest = self.digest()
             saved = _saved_digest(Path(folder))
-            if saved is not None and saved != self.restored_digest:
+            if saved is not None and not self.same_parameters:
+                log.warning("%s was saved with other trained parameters: its state digest cannot be compared", name)
+            elif saved is not None and saved != self.restored_digest:
                 raise RuntimeError(f"the state restored from {name} differs from the one saved there")
 
     def start_from(self, folder: str | Path, names: tuple[str, ...]) -> None:

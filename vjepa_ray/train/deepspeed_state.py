@@ -16,12 +16,12 @@ import tempfile
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
 
-from vjepa_ray.config import Config
+from vjepa_ray.config import Config, ConfigError
 from vjepa_ray.models.positions import FIXED_TABLES
 
 log = logging.getLogger(__name__)
@@ -30,21 +30,98 @@ DEEPSPEED_DIR = "deepspeed"
 DEEPSPEED_TAG = "state"
 
 
-def needs_universal(saved_world_size: int, saved_zero_stage: int, world_size: int, cfg: Config) -> bool:
+def needs_universal(saved_world_size: int, saved_zero_stage: int, world_size: int, cfg: Config,
+                    saved_trained: set[str] | None = None, trained: set[str] | None = None) -> bool:
     """Whether DeepSpeed's state saved on ``saved_world_size`` ranks must go through a universal checkpoint to
     load on ``world_size``: partitioned state only loads on the world size that wrote it, which is ZeRO 1-3, and
-    ZeRO-0 with bf16 (DeepSpeed's bf16 optimizer partitions the fp32 master weights like ZeRO-1)."""
+    ZeRO-0 with bf16 (DeepSpeed's bf16 optimizer partitions the fp32 master weights like ZeRO-1).
+
+    Nor does it load into an engine that trains another set of parameters (``saved_trained``, the names the
+    checkpoint's optimizer holds, ``saved_trained_parameters``; ``trained``, the engine's): the flat buffers
+    differ in size, and DeepSpeed copies every parameter the engine freezes from the checkpoint's frozen ones.
+    Checkpoints saved before ``recipe.step.freeze_unused_`` trained every parameter. The universal conversion
+    maps the optimizer state by parameter name and leaves a frozen parameter to the module's weights."""
     partitioned = cfg.deepspeed.zero_stage > 0 or saved_zero_stage > 0 or cfg.deepspeed.precision == "bf16"
-    return saved_world_size != world_size and partitioned
+    changed = saved_trained is not None and trained is not None and saved_trained != trained
+    return partitioned and (saved_world_size != world_size or changed)
+
+
+def saved_trained_parameters(folder: str | Path) -> set[str] | None:
+    """The names of the parameters whose optimizer state checkpoint ``folder`` holds: DeepSpeed's
+    ``param_shapes`` in its model states, which it writes for its partitioned optimizers (ZeRO 1-3, bf16). None
+    for torch's own optimizer state (ZeRO-0 in fp32 or fp16), which names no parameters."""
+    param_shapes = read_model_states(folder).get("param_shapes")
+    return None if param_shapes is None else {name for group in param_shapes for name in group}
+
+
+def check_optimizer_fits(folder: str | Path, trained: set[str]) -> None:
+    """Raises ``ConfigError`` when checkpoint ``folder`` holds torch's own optimizer state (ZeRO-0 in fp32, fp16
+    or bf16: ``saved_trained_parameters`` is None) for another number of parameters than the engine trains
+    (``trained``). That state names no parameters, loads only into as many as it holds, and the universal
+    conversion does not read it; a restart would fail the same way, so the run stops with what to do."""
+    states = read_model_states(folder)
+    if states.get("param_shapes") is not None:
+        return
+    optimizer = states["optimizer"]
+    # DeepSpeed's fp16 and bf16 wrappers keep torch's state under optimizer_state_dict.
+    groups = optimizer.get("optimizer_state_dict", optimizer)["param_groups"]
+    saved = sum(len(group["params"]) for group in groups)
+    if saved != len(trained):
+        raise ConfigError(str(folder), f"its ZeRO-0 optimizer state holds {saved} parameters, this version trains "
+                          f"{len(trained)} (an older version trained the ones no step reaches too) and cannot load "
+                          "it; start a new run (another meta.name) from its weights: model.init_from=<its run folder>")
+
+
+def read_model_states(folder: str | Path) -> dict[str, Any]:
+    """Rank 0's model states of checkpoint ``folder`` (ZeRO 0-2 write one file, ZeRO-3 one per rank), with
+    ``weights_only`` (``deepspeed_globals``), memory-mapped: a tensor is read from disk only when used."""
+    state = Path(folder) / DEEPSPEED_DIR / DEEPSPEED_TAG
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        if (state / name).exists():
+            with torch.serialization.safe_globals(deepspeed_globals()):
+                return torch.load(state / name, map_location="cpu", weights_only=True, mmap=True)
+    raise FileNotFoundError(f"DeepSpeed found no model states in {state}")
+
+
+def deepspeed_globals() -> list[Any]:
+    """The classes DeepSpeed pickles into its state files besides tensors and plain containers: what
+    ``torch.load(weights_only=True)`` may rebuild from them."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_frozen_parameters(engine, folder: str | Path) -> None:
+    """The values of the parameters ``engine`` freezes, from the module weights of checkpoint ``folder``, by
+    name. A universal load restores the optimizer's parameters only (DeepSpeed reads no module weights through
+    it, nor converts frozen ones), which would leave frozen parameters at their initialisation.
+
+    Under ZeRO-3 the module weights are partitioned, the file holds placeholders: frozen parameters keep the
+    values they were built with, which is what they hold in a run that freezes them from its first step."""
+    frozen = {name: param for name, param in engine.module.named_parameters() if not param.requires_grad}
+    if not frozen:
+        return
+    if engine.zero_optimization_partition_weights():
+        log.warning("ZeRO-3 universal load: %s keep the values they were built with", ", ".join(sorted(frozen)))
+        return
+    module = read_model_states(folder)["module"]
+    missing = sorted(set(frozen) - set(module))
+    if missing:
+        raise KeyError(f"the module weights in {folder} hold no {', '.join(missing)}")
+    with torch.no_grad():
+        for name, param in frozen.items():
+            param.copy_(module[name])
 
 
 class DeepSpeedState:
     """The DeepSpeed engine's weights and optimizer state, in DeepSpeed's own sharded files (``deepspeed/``).
 
     An engine built with ``load_universal`` (``Checkpointer.needs_resharding``) loads through a universal
-    conversion of the files. Position tables (fixed buffers, a function of the clip size alone) stay the
-    engine's own when a checkpoint's are of another clip size (``checkpoint.start_from`` another run's);
-    everything else loads strictly.
+    conversion of the files, its frozen parameters from the module weights (``load_frozen_parameters``).
+    Position tables (fixed buffers, a function of the clip size alone) stay the engine's own when a checkpoint's
+    are of another clip size (``checkpoint.start_from`` another run's); everything else loads strictly.
     """
 
     def __init__(self, engine, rank: int, local_rank: int):
@@ -63,6 +140,8 @@ class DeepSpeedState:
                                                        custom_load_fn=load_keeping_position_tables)
         if load_path is None:
             raise FileNotFoundError(f"DeepSpeed found no checkpoint in {deepspeed_dir}")
+        if resharded:
+            load_frozen_parameters(self.engine, folder)
 
     def digest(self) -> str:
         return state_digest(self.engine)

@@ -236,7 +236,8 @@ def _train(cfg: Config, stream_factory: StreamFactory | None, callbacks: list | 
         "run_folder": folder,
         "error": stopped or (ended.cause if ended is not None else None),
         # Bad input (a config or data error, not retried), a fault that outlasted ray.max_failures, a run
-        # stopped by non-finite steps, or one a callback stopped on purpose (RunStopped).
+        # stopped by non-finite steps or by loss regulation (not retried), or one a callback stopped on purpose
+        # (RunStopped).
         "error_kind": "nonfinite" if stopped else None if ended is None else ended.kind,
         "error_detail": None if error is None else str(error)[-2000:],
         "metrics": metrics,

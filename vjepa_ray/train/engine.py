@@ -14,14 +14,13 @@ import copy
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 from torch import nn
 
 from vjepa_ray.config import Config, ConfigError
 from vjepa_ray.models.families import get_family
-from vjepa_ray.models.pretrained import StateDict
 from vjepa_ray.recipe.clipping import GradClipping
 from vjepa_ray.recipe.masks import MaskCollator
 from vjepa_ray.recipe.objective import ClipGroup, JepaModule, JepaOutput
@@ -297,13 +296,15 @@ class TrainStep:
     """One rank's engine, EMA target and step, and ``__call__``: the step over this rank's micro batches."""
 
     def __init__(self, cfg: Config, plan: BatchPlan, rank: int, device: torch.device,
-                 load_universal: bool = False, initial_weights: Mapping[str, StateDict] | None = None):
+                 load_universal: bool = False, networks: tuple[JepaModule, nn.Module] | None = None):
+        """``networks``: the trained module and the target encoder from ``init_networks``, which builds them
+        from the seed when not given."""
         self.plan, self.rank = plan, rank
         dtype = PRECISION_DTYPES[cfg.deepspeed.precision]
         ds_config = deepspeed_config(cfg, plan, load_universal=load_universal)
         # Same seed (or the same initial weights, ``init_networks``) on every rank: identical initial
         # weights, which ZeRO-3 partitions as they are.
-        module, target = init_networks(cfg, initial_weights)
+        module, target = networks if networks is not None else init_networks(cfg)
         self.engine = build_engine(module, cfg, ds_config, rank)
         online = self.engine.module.encoder
         if cfg.deepspeed.zero_stage == 3:

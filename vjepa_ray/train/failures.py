@@ -6,6 +6,10 @@ restart, so ``StopOnInputError`` ends the run at the first one: a ``UserCallback
 controller fail with a ``ControllerError``, which Ray Train does not retry. The same path ends a run on
 purpose: a callback that calls ``stop_run`` at a report (a sweep's collapse rule does). ``failure`` turns
 what ``fit()`` raised into what the run's summary says: the one line a user reads, and its kind.
+
+A ``LossRegulationError`` (``recipe.regulation``: the loss kept rising above its recent range) ends the run the
+same way: a restart resumes the last checkpoint with its loss history and replays the same batches, so it meets
+the same losses and stops again.
 """
 
 from __future__ import annotations
@@ -16,11 +20,16 @@ from typing import Any, NoReturn
 import ray.train
 
 from vjepa_ray.config import ConfigError
+from vjepa_ray.recipe.regulation import LossRegulationError
 from vjepa_ray.worker_env import hide_tracebacks
+
+# What a restart raises again: Ray Train's retries would only repeat them.
+NOT_RETRIED = (ConfigError, LossRegulationError)
 
 
 class StopOnInputError(ray.train.UserCallback):
-    """Ends the run, without the retries ``max_failures`` allows, when a worker raised a ``ConfigError``."""
+    """Ends the run, without the retries ``max_failures`` allows, when a worker raised a ``ConfigError`` or a
+    ``LossRegulationError`` (``NOT_RETRIED``)."""
 
     def __init__(self, verbose: bool = False):
         self.verbose = verbose
@@ -28,9 +37,9 @@ class StopOnInputError(ray.train.UserCallback):
     def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
         for rank in sorted(worker_exceptions):
             error = worker_exceptions[rank]
-            if isinstance(error, ConfigError):
+            if isinstance(error, NOT_RETRIED):
                 if not self.verbose:
-                    hide_tracebacks(ConfigError)
+                    hide_tracebacks(*NOT_RETRIED)
                 raise error
 
 
@@ -68,7 +77,8 @@ def stop_run(reason: str, report: dict[str, Any]) -> NoReturn:
 @dataclasses.dataclass(frozen=True)
 class Failure:
     """Why a run ended early: ``cause``, one line; ``kind``: ``input`` (a config or data error, not retried),
-    ``stopped`` (a callback's ``RunStopped``, whose report is ``report``) or ``fault`` (anything else)."""
+    ``regulation`` (a ``LossRegulationError``, not retried), ``stopped`` (a callback's ``RunStopped``, whose
+    report is ``report``) or ``fault`` (anything else)."""
 
     cause: str
     kind: str
@@ -87,5 +97,7 @@ def failure(error: Exception) -> Failure:
         return Failure(cause.reason, "stopped", cause.metrics)
     if isinstance(cause, ConfigError):
         return Failure(str(cause), "input")
+    if isinstance(cause, LossRegulationError):
+        return Failure(f"{type(cause).__name__}: {cause}", "regulation")
     text = str(cause).strip().splitlines()
     return Failure(f"{type(cause).__name__}: {text[0] if text else ''}", "fault")

@@ -21,6 +21,7 @@ import torch
 
 from vjepa_ray import runs
 from vjepa_ray.config import Config, DataConfig, from_dict
+from vjepa_ray.recipe.step import init_networks
 from vjepa_ray.train import checkpoint as ckpt
 from vjepa_ray.train import recovery
 from vjepa_ray.train.deepspeed_state import DeepSpeedState
@@ -115,13 +116,19 @@ class Run:
             return device
         return torch.device("cpu")
 
-    def _build(self, load_universal: bool = False, initial_weights=None) -> None:
-        """The step (engine and EMA target) and this rank's data stream, registered with the checkpointer."""
-        self.step = TrainStep(self.cfg, self.plan, self.rank, self.device, load_universal=load_universal,
-                              initial_weights=initial_weights)
+    def _build(self, restore_from: Path | None = None, initial_weights=None) -> bool:
+        """The step (engine and EMA target) and this rank's data stream, registered with the checkpointer.
+        Returns whether the engine loads checkpoint ``restore_from`` through a universal conversion
+        (``Checkpointer.needs_resharding``, which asks which parameters the networks train)."""
+        networks = init_networks(self.cfg, initial_weights)
+        trained = {name for name, param in networks[0].named_parameters() if param.requires_grad}
+        universal = restore_from is not None and self.checkpointer.needs_resharding(restore_from, trained)
+        self.step = TrainStep(self.cfg, self.plan, self.rank, self.device, load_universal=universal,
+                              networks=networks)
         data = dataclasses.replace(self.cfg.data, batch_size=self.plan.micro_batch)
         self.stream = self.stream_factory(data, self.cfg.meta.seed, self.rank, self.world_size)
         register_run_state(self.checkpointer, self.step, self.stream, self.state, self.local_rank)
+        return universal
 
     def _start(self) -> None:
         """Builds the step and the stream and restores the latest checkpoint, if any.
@@ -148,8 +155,7 @@ class Run:
 
     def _resume(self, folder: Path, name: str) -> None:
         """The run's own checkpoint: everything, the step and the data position included."""
-        universal = self.checkpointer.needs_resharding(folder)
-        self._build(load_universal=universal)
+        universal = self._build(restore_from=folder)
         self.checkpointer.restore(folder, name)
         saved, state = dataclasses.replace(self.state), self.state
         if saved.global_batch != self.plan.global_batch:
@@ -164,8 +170,7 @@ class Run:
     def _start_from(self, folder: Path) -> None:
         """Another run's checkpoint (``checkpoint.start_from``): its weights, EMA and optimizer state."""
         saved = ckpt.read_train_state(folder)
-        universal = self.checkpointer.needs_resharding(folder)
-        self._build(load_universal=universal)
+        universal = self._build(restore_from=folder)
         self.checkpointer.start_from(folder, CARRIED_BY_START_FROM)
         if saved.global_batch != self.plan.global_batch:
             log.warning("global batch %d differs from the %d of the run started from", self.plan.global_batch,

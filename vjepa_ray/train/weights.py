@@ -34,7 +34,7 @@ from vjepa_ray.models.pretrained import (
 )
 from vjepa_ray.models.sizes import MODEL_SPECS
 from vjepa_ray.train.checkpoint import CONFIG_FILE, read_train_state
-from vjepa_ray.train.deepspeed_state import DEEPSPEED_DIR, DEEPSPEED_TAG
+from vjepa_ray.train.deepspeed_state import DEEPSPEED_DIR, DEEPSPEED_TAG, read_model_states
 from vjepa_ray.train.target_encoder import TargetEncoder
 
 
@@ -55,10 +55,7 @@ def read_model_weights(folder: str | os.PathLike) -> dict[str, dict[str, torch.T
 
         module = get_fp32_state_dict_from_zero_checkpoint(str(deepspeed_dir), tag=DEEPSPEED_TAG)
     else:
-        with torch.serialization.safe_globals(_deepspeed_globals()):
-            states = torch.load(deepspeed_dir / DEEPSPEED_TAG / "mp_rank_00_model_states.pt", map_location="cpu",
-                                weights_only=True)
-        module = {key: value.float() for key, value in states["module"].items()}
+        module = {key: value.float() for key, value in read_model_states(folder)["module"].items()}
     encoder, _ = build_models(cfg)
     TargetEncoder.replicated(encoder, encoder).load(folder)
     return {
@@ -67,16 +64,6 @@ def read_model_weights(folder: str | os.PathLike) -> dict[str, dict[str, torch.T
         "target_encoder": encoder.state_dict(),
     }
 
-
-
-def _deepspeed_globals() -> list[Any]:
-    """The classes DeepSpeed pickles into its state files besides tensors and plain containers: what
-    ``torch.load(weights_only=True)`` may rebuild from them."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 def check_start_from(cfg: Config) -> str:
     """The training checkpoint ``checkpoint.start_from`` names (itself, or a run folder's), checked on the
