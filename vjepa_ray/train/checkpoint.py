@@ -55,7 +55,7 @@ from vjepa_ray import runs
 from vjepa_ray.config import Config, to_yaml
 from vjepa_ray.redaction import redact
 from vjepa_ray.train import manifest
-from vjepa_ray.train.deepspeed_state import check_optimizer_fits, needs_universal, saved_trained_parameters
+from vjepa_ray.train.deepspeed_state import needs_universal, saved_trained_parameters
 from vjepa_ray.train.state import TrainState
 from vjepa_ray.train.upload import persist_checkpoint
 
@@ -188,10 +188,9 @@ class Checkpointer:
         """Whether DeepSpeed's state in checkpoint ``folder`` must go through a universal checkpoint to load on
         this world size into an engine that trains the parameters named ``trained`` (``needs_universal``): the
         engine is then built with ``load_universal``. Raises ``ConfigError`` for state that loads neither way
-        (``check_optimizer_fits``). Sets ``same_parameters`` for ``restore``."""
+        (``saved_trained_parameters``). Sets ``same_parameters`` for ``restore``."""
         saved = read_train_state(folder)
-        check_optimizer_fits(folder, trained)
-        saved_trained = saved_trained_parameters(folder)
+        saved_trained = saved_trained_parameters(folder, trained)
         self.same_parameters = saved_trained is None or saved_trained == trained
         return needs_universal(saved.world_size, saved.zero_stage, self.world_size, self.cfg, saved_trained, trained)
 

@@ -46,22 +46,17 @@ def needs_universal(saved_world_size: int, saved_zero_stage: int, world_size: in
     return partitioned and (saved_world_size != world_size or changed)
 
 
-def saved_trained_parameters(folder: str | Path) -> set[str] | None:
+def saved_trained_parameters(folder: str | Path, trained: set[str]) -> set[str] | None:
     """The names of the parameters whose optimizer state checkpoint ``folder`` holds: DeepSpeed's
-    ``param_shapes`` in its model states, which it writes for its partitioned optimizers (ZeRO 1-3, bf16). None
-    for torch's own optimizer state (ZeRO-0 in fp32 or fp16), which names no parameters."""
-    param_shapes = read_model_states(folder).get("param_shapes")
-    return None if param_shapes is None else {name for group in param_shapes for name in group}
+    ``param_shapes`` in its model states, which it writes for its partitioned optimizers (ZeRO 1-3, bf16).
 
-
-def check_optimizer_fits(folder: str | Path, trained: set[str]) -> None:
-    """Raises ``ConfigError`` when checkpoint ``folder`` holds torch's own optimizer state (ZeRO-0 in fp32, fp16
-    or bf16: ``saved_trained_parameters`` is None) for another number of parameters than the engine trains
-    (``trained``). That state names no parameters, loads only into as many as it holds, and the universal
-    conversion does not read it; a restart would fail the same way, so the run stops with what to do."""
+    None for torch's own optimizer state (ZeRO-0 in fp32, fp16 or bf16), which names no parameters: that state
+    loads only into as many parameters as it holds, and the universal conversion does not read it, so one held
+    for another number than the engine trains (``trained``) raises ``ConfigError`` (a restart would fail the same
+    way: the run stops with what to do)."""
     states = read_model_states(folder)
     if states.get("param_shapes") is not None:
-        return
+        return {name for group in states["param_shapes"] for name in group}
     optimizer = states["optimizer"]
     # DeepSpeed's fp16 and bf16 wrappers keep torch's state under optimizer_state_dict.
     groups = optimizer.get("optimizer_state_dict", optimizer)["param_groups"]
@@ -70,6 +65,7 @@ def check_optimizer_fits(folder: str | Path, trained: set[str]) -> None:
         raise ConfigError(str(folder), f"its ZeRO-0 optimizer state holds {saved} parameters, this version trains "
                           f"{len(trained)} (an older version trained the ones no step reaches too) and cannot load "
                           "it; start a new run (another meta.name) from its weights: model.init_from=<its run folder>")
+    return None
 
 
 def read_model_states(folder: str | Path) -> dict[str, Any]:
