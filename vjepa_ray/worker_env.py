@@ -1,4 +1,5 @@
-"""The process environment of the Ray workers that train and decode: allocator settings and console logging.
+"""The process environment of the Ray workers that train and decode: allocator settings, console logging and
+what a Train worker imports.
 
 Ray runs a task, and Ray Train its training function, on a thread other than the worker process's main
 thread. glibc gives such threads malloc arenas of their own, which hand freed memory back to the kernel
@@ -81,3 +82,24 @@ def configure_worker_logging(verbose: bool = False) -> None:
         logging.getLogger(report_module.__file__).setLevel(logging.WARNING)
     # DeepSpeed's ZeRO calls a gather that torch deprecated; the warning is DeepSpeed's to act on, not the user's.
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+
+
+def import_deepspeed() -> None:
+    """Imports DeepSpeed in a Train worker without MLflow.
+
+    DeepSpeed's autotuner, a tool runs never use, imports MLflow at DeepSpeed's import wherever MLflow is
+    installed, as it is beside this package's tracking. Every Train worker would then hold MLflow and what it
+    pulls in (pandas, scipy, FastAPI: some 900 modules), although tracking runs on the driver: start-up time and
+    memory that grow with the worker count. While DeepSpeed is imported, ``import mlflow`` fails (a ``None``
+    entry in ``sys.modules``), which the autotuner takes for MLflow not being installed.
+    """
+    if "deepspeed" in sys.modules:
+        return
+    hide = "mlflow" not in sys.modules
+    if hide:
+        sys.modules["mlflow"] = None
+    try:
+        import deepspeed  # noqa: F401
+    finally:
+        if hide:
+            del sys.modules["mlflow"]

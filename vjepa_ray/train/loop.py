@@ -31,7 +31,7 @@ from vjepa_ray.train.metrics import Clock, IntervalMeter, collapse_warning, form
 from vjepa_ray.train.nonfinite import NonFiniteSteps, check_finite_state
 from vjepa_ray.train.state import RngState, TrainState
 from vjepa_ray.train.weights import read_initial_weights
-from vjepa_ray.worker_env import configure_worker_logging
+from vjepa_ray.worker_env import configure_worker_logging, import_deepspeed
 
 if TYPE_CHECKING:
     from vjepa_ray.data.pipeline import ClipBatch
@@ -66,6 +66,7 @@ def train_func(config: dict[str, Any]) -> None:
     """Entry point of every Ray Train worker. ``config``: ``cfg`` (``to_dict`` of the Config) and
     optionally ``stream_factory`` (default ``clip_stream``) and ``tracker`` (a ``RunTracker`` actor)."""
     configure_worker_logging(config["cfg"]["logging"]["verbose"])
+    import_deepspeed()
     cfg = from_dict(config["cfg"])
     Run(cfg, config.get("stream_factory") or clip_stream, config.get("tracker")).train()
 
