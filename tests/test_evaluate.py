@@ -13,8 +13,11 @@ import torch
 from vjepa_ray import evaluate, runs
 from vjepa_ray.config import ConfigError, load_config
 from vjepa_ray.eval import driver, loop
+from vjepa_ray.eval.features import encode_views
 from vjepa_ray.models import build_models
 from vjepa_ray.models.pretrained import official_checkpoint
+from vjepa_ray.models.vit import build_encoder
+from vjepa_ray.recipe.objective import normalize_clips
 from vjepa_ray.video.labelled_synthetic import make_labelled_motion_videos
 from vjepa_ray.video.synthetic import moving_pattern, write_video
 
@@ -214,3 +217,60 @@ def test_cli_on_ray_train_with_two_workers_on_motion_videos(tmp_path, checkpoint
     assert written["world_size"] == 2 and len(written["probes"]) == 2
     assert written["val_examples"] == 4 and sum(written["skipped"].values()) == 1
     assert "best top-1" in capsys.readouterr().out
+
+
+def test_probe_reads_the_last_level_by_default_and_every_level_on_request():
+    torch.manual_seed(0)
+    encoder = build_encoder("vit_tiny", FRAMES, CROP, family="vjepa2_1").eval()
+    clips = torch.randint(0, 256, (2, 1, 3, FRAMES, CROP, CROP, 3), dtype=torch.uint8)  # 2 videos, 3 segments
+    x = normalize_clips(clips.flatten(0, 2))
+    with torch.no_grad():
+        plain, levels = encoder(x), encoder(x, all_levels=True)  # [6, N, D], [6, N, 4 D]
+        last, every = encode_views(encoder, clips), encode_views(encoder, clips, all_levels=True)
+    n, d = plain.shape[1:]
+
+    # By default the features: the encoder's plain forward, which is its last level.
+    assert last.shape == (2, 1, 3 * n, d) and torch.equal(last, plain.reshape(2, 1, 3 * n, d))
+    assert torch.equal(plain, levels[..., -d:])
+    # Every level: the four D-wide levels of all_levels' output, each a block of N tokens, segment by segment.
+    assert every.shape == (2, 1, 3 * 4 * n, d)
+    assert torch.equal(every.reshape(6, 4, n, d), levels.reshape(6, n, 4, d).transpose(1, 2))
+
+
+def test_encoder_levels_config_mistakes_name_the_key():
+    with pytest.raises(ConfigError, match="^probe.encoder_levels: expected one of last, all, got 'every'$"):
+        load_config(None, ["probe.encoder_levels=every"])
+    with pytest.raises(ConfigError, match="^probe.encoder_levels: all reads the levels of a family with several "
+                                          r"\(model.family=vjepa2_1\); model.family vjepa2's encoder has one$"):
+        load_config(None, ["probe.encoder_levels=all", "model.family=vjepa2"])
+    assert load_config(None, ["probe.encoder_levels=all", "model.family=vjepa2_1"]).probe.encoder_levels == "all"
+
+
+def test_every_level_of_a_v2_1_encoder_trains_the_probe_and_its_cache_holds_what_the_probe_reads(tmp_path, one_thread):
+    """Cached or encoded every epoch, the probes read the same tokens: every level's, at the encoder's width."""
+    cfg = load_config(None, ["model.name=vit_tiny", "model.family=vjepa2_1", "model.pred_depth=1",
+                             "model.pred_embed_dim=48", f"data.frames_per_clip={FRAMES}", f"data.crop_size={CROP}"])
+    torch.manual_seed(0)
+    encoder, predictor = build_models(cfg)
+    checkpoint = tmp_path / "vitt_v2_1.pth.tar"
+    torch.save(official_checkpoint(encoder.state_dict(), predictor.state_dict(), encoder.state_dict()), checkpoint)
+    videos = make_labelled_motion_videos(tmp_path / "videos", 3, 2, frames=8, size=CROP,
+                                         classes=["right_fast", "left_fast"])
+    cfg = load_config(None, tiny_overrides(tmp_path, checkpoint, videos.train_manifest, videos.val_manifest,
+                                           "model.family=vjepa2_1", "probe.encoder_levels=all", "probe.epochs=2",
+                                           "probe.train_augmentation=false", "probe.num_segments=2"))
+    encoded = loop.evaluate(cfg)
+    cfg.probe.cache_features = True
+    cached = loop.evaluate(cfg)
+
+    assert encoded.results["encoder_levels"] == "all"
+    assert cached.bank.probes[0].linear.in_features == encoder.embed_dim
+    assert cached.results["probes"] == encoded.results["probes"]
+    assert cached.results["final_train_loss"] == pytest.approx(encoded.results["final_train_loss"], rel=1e-5)
+    for mine, theirs in zip(cached.bank.probes, encoded.bank.probes):
+        for (name, a), b in zip(mine.state_dict().items(), theirs.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+    # Trained on the last level alone, the same probes end elsewhere: training read every level.
+    cfg.probe.encoder_levels = "last"
+    last = loop.evaluate(cfg)
+    assert not torch.allclose(last.bank.probes[0].linear.weight, cached.bank.probes[0].linear.weight)

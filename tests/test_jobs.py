@@ -180,14 +180,19 @@ def test_mask_ratio_study_sweeps_the_ratios_with_seeds_on_real_videos_on_gpus():
 
 # The V-JEPA 2.1 release's recipes, typed from shared/notes/vjepa2_1-step-facts.md (section 6, and section 1 for the
 # masks): job, model_name, crop_size, frames, data.batch_size per rank as the YAML has it, nodes x 8 GPUs (the
-# release files: 16 and 32 nodes), epochs x ipe, warmup epochs, start_lr, lr, final_lr, schedule, lambda warm-up
-# (lambda_progressive: 0 until 15k iterations, linear to 0.5 at 30k; off in the cooldown), weight_distance_loss.
+# release files: 16 nodes, the vitl16 cooldown 32, the vitG16 pretraining 32 as issue #164 quotes), epochs x
+# ipe, warmup epochs, start_lr, lr, final_lr, schedule, lambda warm-up (lambda_progressive: 0 until 15k
+# iterations, linear to 0.5 at 30k; off in the cooldown), weight_distance_loss.
 # The vitl16 cooldown's batch of 12 is its release file's (the facts table gives vitg's 12 and vitG's 6).
 V2_1_TRAIN = [
     ("vitl16_v2_1_pretrain.yaml", "vit_large", 256, 16, 24, 16 * 8, 1000 * 300, 40, 1e-4, 6e-4, 6e-4, "constant",
      [15_000, 30_000], True),
     ("vitl16_v2_1_cooldown.yaml", "vit_large", 256, 64, 12, 32 * 8, 40 * 300, 0, 1e-4, 6e-4, 1e-6, "cooldown",
      None, False),
+    ("vitg16_v2_1_pretrain.yaml", "vit_giant_xformers", 256, 16, 24, 16 * 8, 1000 * 300, 40, 1e-4, 6e-4, 6e-4,
+     "constant", [15_000, 30_000], True),
+    ("vitG16_v2_1_pretrain.yaml", "vit_gigantic_xformers", 256, 16, 12, 32 * 8, 1000 * 300, 40, 1e-4, 6e-4, 6e-4,
+     "constant", [15_000, 30_000], True),
 ]
 
 

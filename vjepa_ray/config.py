@@ -424,6 +424,10 @@ class LoggingConfig:
         _SectionChecks(key).require(self.every_steps >= 1, "every_steps", "must be >= 1")
 
 
+# probe.encoder_levels: the encoder's features alone, or every level of a family with several (2.1).
+PROBE_ENCODER_LEVELS = ("last", "all")
+
+
 @dataclass
 class ProbeConfig:
     # Learning rates trained side by side on the same frozen features.
@@ -459,6 +463,10 @@ class ProbeConfig:
     num_classes: int = 0
     # Probe attention heads; 0 = the encoder's.
     num_heads: int = 0
+    # What the probe reads of the encoder: "last", its features (its last level); or "all", V-JEPA 2.1's four
+    # levels (the normalised outputs of its hierarchical blocks), their tokens side by side as the release's
+    # multilevel frozen evals join their out_layers: 4 x the tokens, at the encoder's width.
+    encoder_levels: str = "last"
 
     def validate(self, key: str) -> None:
         check = _SectionChecks(key)
@@ -473,6 +481,8 @@ class ProbeConfig:
         check.require(self.num_inits >= 1, "num_inits", "must be >= 1")
         check.require(self.num_classes >= 0, "num_classes", "must be >= 0 (0 = from the manifests)")
         check.require(self.num_heads >= 0, "num_heads", "must be >= 0 (0 = the encoder's)")
+        check.require(self.encoder_levels in PROBE_ENCODER_LEVELS, "encoder_levels",
+                      f"expected one of {', '.join(PROBE_ENCODER_LEVELS)}, got {self.encoder_levels!r}")
         check.require(self.finetune_lr_scale > 0, "finetune_lr_scale", "must be > 0")
         check.require(0 < self.layer_decay <= 1, "layer_decay", "must be in (0, 1]")
         check.require(not (self.cache_features and self.train_augmentation), "cache_features",
@@ -582,6 +592,9 @@ class Config:
             raise ConfigError(f"loss.{context_keys[0]}", f"model.family {self.model.family} has no context loss "
                               f"(families with one: "
                               f"{', '.join(name for name, f in FAMILIES.items() if f.context_loss is not None)})")
+        _require(self.probe.encoder_levels != "all" or FAMILIES[self.model.family].hierarchical_norms,
+                 "probe.encoder_levels", f"all reads the levels of a family with several (model.family=vjepa2_1); "
+                 f"model.family {self.model.family}'s encoder has one")
         _require(not (self.model.init_from and self.checkpoint.start_from), "model.init_from",
                  "cannot be combined with checkpoint.start_from, whose checkpoint holds the weights already")
         # The clip must tile into whole patches and tubelets.

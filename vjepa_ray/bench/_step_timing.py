@@ -1,18 +1,22 @@
 """The machinery of ``bench step`` (``vjepa_ray.bench.step``): the recipe's training step under a clock per
-phase, one large matmul for the device's best GEMM rate, and the profiler's account of where a step's time goes.
+phase, its FLOPs per clip, one large matmul for the device's best GEMM rate, and the profiler's account of where
+a step's time goes.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import statistics
 import sys
 import time
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from vjepa_ray.config import load_config
+from vjepa_ray.config import Config, load_config
+from vjepa_ray.models.families import get_family
 from vjepa_ray.recipe.objective import ClipGroup, JepaOutput, normalize_clips, target_features
 from vjepa_ray.recipe.step import JepaStep, MicroBatch
 
@@ -49,16 +53,47 @@ class _Bf16AutocastStep(JepaStep):
             return super().forward(groups)
 
 
+def bench_config(args: argparse.Namespace) -> Config:
+    """The run config of the benchmark's step. A family with a context loss (2.1) carries it at its full weight
+    from step 0 (``loss.context_warmup=[0,0]``): the release's lambda once warmed up, what most of its steps pay."""
+    overrides = [f"model.name={args.model}", f"model.family={args.family}", f"model.pred_depth={args.pred_depth}",
+                 f"optimization.clip_grad_rule={args.clip_rule}", f"data.frames_per_clip={args.frames}",
+                 f"data.crop_size={args.crop}", f"data.batch_size={args.batch}", f"meta.seed={args.seed}"]
+    if get_family(args.family).context_loss is not None:
+        overrides.append("loss.context_warmup=[0,0]")
+    return load_config(None, overrides)
+
+
+def flops_per_clip(cfg: Config, steps: Sequence[int]) -> float:
+    """FLOPs per clip of the step's passes at ``cfg``'s sizes, as torch's FLOP counter counts them: the matrix
+    multiplications, attention and patch convolutions of the target pass and of each mask config's encoder and
+    predictor passes, forward and backward (2.1: the context tokens' predictions and ``predictor_proj_context``
+    too); the mean over the masks that steps ``steps`` draw on rank 0.
+
+    The models run on the meta device: the shapes are the step's and no arithmetic is done, so any size counts in
+    seconds. There attention runs torch's reference math, whose matmuls the counter sees (it has no formula for
+    the CPU's fused attention kernel).
+    """
+    with torch.device("meta"):
+        step = JepaStep.from_config(cfg, "meta", fused=False)
+    d = cfg.data
+    clips = normalize_clips(torch.empty(d.batch_size, d.frames_per_clip, d.crop_size, d.crop_size, 3,
+                                        dtype=torch.uint8, device="meta"))
+    counts = []
+    for index in steps:
+        group = step.group(clips, (cfg.meta.seed, index, 0), 0, step.module.objective.context_weight(index))
+        with FlopCounterMode(display=False) as counter:
+            step.backward(step.forward([group]).loss, 1)
+        counts.append(counter.get_total_flops() / d.batch_size)
+    return statistics.fmean(counts)
+
+
 class Trainer:
     """The benchmark's step, its clips, and ``step()``: one full training step."""
 
     def __init__(self, args: argparse.Namespace):
         self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.cfg = load_config(None, [f"model.name={args.model}", f"model.family={args.family}",
-                                      f"optimization.clip_grad_rule={args.clip_rule}",
-                                      f"data.frames_per_clip={args.frames}",
-                                      f"data.crop_size={args.crop}", f"data.batch_size={args.batch}",
-                                      f"meta.seed={args.seed}"])
+        self.cfg = bench_config(args)
         self.bf16 = args.precision == "bf16"
         step_class = _Bf16AutocastStep if self.bf16 else JepaStep
         self.train_step = step_class.from_config(self.cfg, self.device, fused=True)
@@ -66,10 +101,12 @@ class Trainer:
         self.clips = torch.randint(0, 256, (args.batch, args.frames, args.crop, args.crop, 3), generator=gen,
                                    dtype=torch.uint8).to(self.device)
         self.step_index = 0
+        self.context_weight = 0.0
 
     def step(self, timer: StepTimer) -> float:
         out = self.train_step([MicroBatch(self.clips)], self.step_index, timer)
         self.step_index += 1
+        self.context_weight = out.context_weight
         return out.loss
 
     def target_forward(self, timer: StepTimer) -> None:

@@ -6,6 +6,11 @@ one encoder + predictor pass per mask config, the L1 loss, backward, gradient cl
 the scheduled LR/WD, and the EMA update of the target encoder. Each timed step is split into phases
 (seconds, mean over the timed steps).
 
+Its cost: ``flops_per_clip``, torch's FLOP counter over the step's passes (matmuls, attention, patch
+convolutions, forward and backward; for 2.1 its dense context loss too, whose weight the timed steps hold at the
+release's 0.5), counted on the meta device for the timed steps' masks; ``flop_per_s`` is what the timed steps
+achieve. ``--flops-only`` counts without timing, at any size.
+
 Baseline, measured in the same run between the steps: one no-grad forward of the encoder over the
 full clips (what the target pass costs). ``step_over_forward`` = step time / that forward, a
 machine-independent figure of the step's overhead (about 1 + 3 x the masked passes' share).
@@ -24,8 +29,8 @@ import argparse
 import logging
 import statistics
 
-from vjepa_ray.config import CLIP_GRAD_RULES
-from vjepa_ray.models.families import DEFAULT_FAMILY, pretrainable_families
+from vjepa_ray.config import CLIP_GRAD_RULES, ModelConfig
+from vjepa_ray.models.families import DEFAULT_FAMILY, FAMILIES
 from vjepa_ray.models.sizes import MODEL_SPECS
 
 # The step and its clocks (``vjepa_ray.bench._step_timing``) import torch, and so are imported by ``run``:
@@ -38,8 +43,11 @@ PHASES = ("masks", "normalize", "forward", "backward", "optimizer", "ema")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="vit_small", choices=MODEL_SPECS)
-    parser.add_argument("--family", default=DEFAULT_FAMILY.name, choices=pretrainable_families(),
+    # Every family: the step is the recipe's (JepaStep), whether or not the distributed trainer pretrains it yet.
+    parser.add_argument("--family", default=DEFAULT_FAMILY.name, choices=list(FAMILIES),
                         help="model.family (vjepa_ray.models.families)")
+    parser.add_argument("--pred-depth", type=int, default=ModelConfig.pred_depth,
+                        help="model.pred_depth (the 2.1 release's predictor has 24 blocks)")
     parser.add_argument("--clip-rule", default="family", choices=CLIP_GRAD_RULES,
                         help="optimization.clip_grad_rule, clipping from step 0 for per_module and global")
     parser.add_argument("--frames", type=int, default=16)
@@ -54,13 +62,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
                         help="after timing, profile one more step and print its top ROWS ops to stderr")
+    parser.add_argument("--flops-only", action="store_true",
+                        help="report flops_per_clip alone: no model is built on the device and nothing is timed")
 
 
 def run(args: argparse.Namespace) -> dict:
     import torch
 
-    from vjepa_ray.bench._step_timing import StepTimer, Trainer, print_profile, where_time_goes
+    from vjepa_ray.bench._step_timing import (
+        StepTimer,
+        Trainer,
+        bench_config,
+        flops_per_clip,
+        print_profile,
+        where_time_goes,
+    )
 
+    settings = {"model": args.model, "family": args.family, "pred_depth": args.pred_depth,
+                "clip_rule": args.clip_rule, "frames": args.frames, "crop": args.crop, "batch": args.batch,
+                "precision": args.precision, "steps": args.steps, "warmup": args.warmup, "torch": torch.__version__}
+    timed_steps = range(args.warmup, args.warmup + args.steps)
+    if args.flops_only:
+        return {"figure": "step", "flops_per_clip": flops_per_clip(bench_config(args), timed_steps),
+                "settings": settings}
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible")
     if args.threads:
@@ -86,6 +110,7 @@ def run(args: argparse.Namespace) -> dict:
         print_profile(trainer, args.profile)
     mean_step = statistics.fmean(step_s)
     mean_forward = statistics.fmean(forward_s)
+    flops = flops_per_clip(trainer.cfg, timed_steps)
     return {
         "figure": "step",
         "clips_per_s": args.batch / mean_step,
@@ -96,9 +121,9 @@ def run(args: argparse.Namespace) -> dict:
         "baseline_forward_s": mean_forward,
         "step_over_forward": mean_step / mean_forward,
         "loss_first_last": [losses[0], losses[-1]],
+        "context_weight": trainer.context_weight,
+        "flops_per_clip": flops,
+        "flop_per_s": flops * args.batch / mean_step,
         **breakdown,
-        "settings": {"model": args.model, "family": args.family, "clip_rule": args.clip_rule, "frames": args.frames,
-                     "crop": args.crop, "batch": args.batch, "precision": args.precision, "device": trainer.device.type,
-                     "steps": args.steps,
-                     "warmup": args.warmup, "threads": torch.get_num_threads(), "torch": torch.__version__},
+        "settings": {**settings, "device": trainer.device.type, "threads": torch.get_num_threads()},
     }

@@ -183,9 +183,9 @@ class _TrainingTokens:
     """
 
     def __init__(self, examples: _Examples, refs: Sequence[VideoRef], encoder: VisionTransformer,
-                 device: torch.device, augment: bool, cache: bool):
+                 device: torch.device, augment: bool, cache: bool, all_levels: bool = False):
         self.examples, self.refs, self.encoder, self.device = examples, refs, encoder, device
-        self.augment = augment
+        self.augment, self.all_levels = augment, all_levels
         self.cache: dict[int, tuple[torch.Tensor, int] | None] | None = {} if cache else None
 
     def __call__(self, indices: Sequence[int], key: Sequence[int], grad: bool) -> tuple[torch.Tensor | None,
@@ -216,7 +216,7 @@ class _TrainingTokens:
         if not len(clips):
             return None
         with torch.set_grad_enabled(grad):
-            return encode_views(self.encoder, clips.to(self.device))
+            return encode_views(self.encoder, clips.to(self.device), all_levels=self.all_levels)
 
 
 def _shard(count: int, rank: int, world: int) -> np.ndarray:
@@ -255,7 +255,9 @@ def evaluate(cfg: Config, rank: int = 0, world_size: int = 1) -> ProbeRun:
     heads = p.num_heads or encoder.num_heads
     bank = ProbeBank(lambda g: AttentiveClassifier(encoder.embed_dim, heads, num_classes, p.num_blocks, generator=g),
                      grid_specs(p.lr, p.weight_decay, cfg.meta.seed, p.num_inits), total_steps, device)
-    training_tokens = _TrainingTokens(examples, train_refs, encoder, device, p.train_augmentation, p.cache_features)
+    all_levels = p.encoder_levels == "all"
+    training_tokens = _TrainingTokens(examples, train_refs, encoder, device, p.train_augmentation, p.cache_features,
+                                      all_levels)
     encoder_opt = None
     if p.finetune:
         encoder_opt = torch.optim.AdamW(layer_decay_groups(encoder, p.lr[0] * p.finetune_lr_scale,
@@ -298,7 +300,7 @@ def evaluate(cfg: Config, rank: int = 0, world_size: int = 1) -> ProbeRun:
         if not len(labels):
             continue
         with torch.no_grad():
-            probs = bank.predict(encode_views(encoder, clips.to(device)))
+            probs = bank.predict(encode_views(encoder, clips.to(device), all_levels=all_levels))
         correct += (probs.argmax(-1).cpu() == labels).sum(-1).double()
         counted += len(labels)
     skipped = Counter(examples.skipped)
@@ -315,7 +317,8 @@ def evaluate(cfg: Config, rank: int = 0, world_size: int = 1) -> ProbeRun:
     best = max(probes, key=lambda r: r["top1"])
     results = {"top1": best["top1"], "best": best, "probes": probes, "num_classes": num_classes,
             "train_examples": len(train_refs), "train_examples_full": full_train, "val_examples": int(counted.item()),
-            "label_fraction": p.label_fraction, "finetune": p.finetune, "num_segments": p.num_segments,
+            "label_fraction": p.label_fraction, "finetune": p.finetune, "encoder_levels": p.encoder_levels,
+            "num_segments": p.num_segments,
             "num_views": p.num_views, "epochs": p.epochs, "world_size": world_size,
             "final_train_loss": [round(x, 4) for x in np.mean(losses[-steps_per_epoch:], axis=0).tolist()],
             "skipped": dict(skipped), "checkpoint": cfg.probe.checkpoint}
