@@ -134,3 +134,13 @@ def test_family_vjepa2_1_times_its_step_with_the_context_loss_weighed_in():
     counted = step.run(_args(TOY + ["--family", "vjepa2_1", "--steps", "1", "--warmup", "0", "--flops-only"]))
     assert set(counted) == {"figure", "flops_per_clip", "settings"}
     assert counted["flops_per_clip"] == flops and counted["settings"]["family"] == "vjepa2_1"
+
+
+def test_a_model_the_family_cannot_build_is_one_config_error_line(capsys):
+    from vjepa_ray.bench.__main__ import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["step", "--family", "vjepa2_1", "--model", "vit_micro", "--steps", "1"])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and "\n" not in err
+    assert err.startswith("python -m vjepa_ray.bench step: config error: model.name: vit_micro is 4 blocks deep")

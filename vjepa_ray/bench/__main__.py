@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 import vjepa_ray.bench as bench_package
-from vjepa_ray.cli import plain
+from vjepa_ray.cli import exit_on_config_error, plain
+from vjepa_ray.config import ConfigError
 
 
 def _figures() -> list[str]:
@@ -43,7 +44,10 @@ def main(argv: list[str] | None = None) -> int:
             importlib.import_module(f"vjepa_ray.bench.{name}").add_arguments(figure_parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    result = importlib.import_module(f"vjepa_ray.bench.{args.figure}").run(args)
+    try:
+        result = importlib.import_module(f"vjepa_ray.bench.{args.figure}").run(args)
+    except ConfigError as err:  # e.g. a model size the family cannot build: one line, as every command says it
+        exit_on_config_error(f"python -m vjepa_ray.bench {args.figure}", err)
     print(json.dumps(result), flush=True)
     return 0
 
