@@ -19,7 +19,7 @@ from vjepa_ray.config import ConfigError, load_config
 from vjepa_ray.recipe.optimizer import apply_schedules
 from vjepa_ray.train import engine as eng
 from vjepa_ray.train.checkpoint import CONFIG_FILE, TRAIN_STATE, Checkpointer, SaveSchedule
-from vjepa_ray.train.elastic import check_elastic_batch, plan_batch
+from vjepa_ray.train.elastic import check_elastic_batch, plan_batch, plan_mixed_batch, split_ranks
 from vjepa_ray.train.manifest import problems
 from vjepa_ray.train.metrics import IntervalMeter, TensorBoardCallback, collapse_warning
 from vjepa_ray.train.state import RngState, TrainState
@@ -62,6 +62,73 @@ def test_uneven_split_weights_give_the_gradient_of_the_mean_over_the_global_batc
             grads.append(total)
         torch.testing.assert_close(torch.stack(grads).mean(0), full)
     assert plan_batch(8, 4, 2).loss_weight(4) == 1.0
+
+
+def test_image_ranks_are_the_releases_lowest_int_world_times_ratio_kept_to_one_of_each_modality():
+    for world in range(2, 17):
+        for ratio in (0.1, 0.25, 0.5, 0.75, 0.9):
+            split = split_ranks(world, ratio)
+            release = int(world * ratio)
+            if 1 <= release <= world - 1:
+                assert split.image_ranks == release
+            else:  # the release would leave a modality without ranks: the nearest split that has both
+                assert split.image_ranks == (1 if release < 1 else world - 1)
+            assert [split.is_image(r) for r in range(world)] == [r < split.image_ranks for r in range(world)]
+            assert sorted(split.modality_rank(r) for r in range(world)) == \
+                sorted([*range(split.image_ranks), *range(split.video_ranks)])
+    assert [split_ranks(w, 0.5).image_ranks for w in (2, 3, 4, 5, 8)] == [1, 1, 2, 2, 4]
+    assert split_ranks(3, 0.25).image_ranks == 1  # the release would leave no image rank
+    assert split_ranks(4, 0.9).video_ranks == 1  # ... or no video rank
+    with pytest.raises(ValueError, match="world_size >= 2"):
+        split_ranks(1, 0.5)
+
+
+def mixed_config(*overrides):
+    return load_config(None, ["model.family=vjepa2_1", "model.name=vit_tiny", "images.paths=[imgs]",
+                              "ray.num_workers=[2,4]", "data.batch_size=3", "images.batch_size=5", *overrides])
+
+
+def test_each_modality_keeps_its_global_batch_over_its_ranks_with_one_accumulation_count():
+    cfg = mixed_config()
+    full = plan_mixed_batch(cfg, 4)
+    # The release's batches at the most workers: 3 x 4 / 2 videos per video rank, 5 images per image rank.
+    assert [full.micro_batches(r) for r in range(4)] == [[5], [5], [6], [6]]
+    for world in (2, 3, 4):
+        plan = plan_mixed_batch(cfg, world)
+        sizes = [plan.micro_batches(r) for r in range(world)]
+        assert {len(s) for s in sizes} == {plan.grad_accum}
+        image, video = sizes[:plan.split.image_ranks], sizes[plan.split.image_ranks:]
+        assert (sum(map(sum, image)), sum(map(sum, video))) == (10, 12)
+        assert max(map(max, image)) <= 5 and max(map(max, video)) <= 6 and min(map(min, sizes)) >= 1
+    # 3 workers: 1 image rank takes 10 images in 2 micro steps, so the 2 video ranks take theirs in 2 as well.
+    assert [plan_mixed_batch(cfg, 3).micro_batches(r) for r in range(3)] == [[5, 5], [3, 3], [3, 3]]
+    check_elastic_batch(cfg)
+    with pytest.raises(ConfigError, match="images.batch_size"):
+        check_elastic_batch(mixed_config("images.batch_size=1", "ray.num_workers=[2,6]"))
+
+
+def test_the_all_rank_average_is_the_releases_image_and_video_mix_by_rank_count():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    images, videos = (torch.randn(10, 3), torch.randn(10, 1)), (torch.randn(12, 3), torch.randn(12, 1))
+
+    def grad(x, y, weight=1.0):
+        return torch.autograd.grad(torch.nn.functional.mse_loss(model(x), y) * weight, model.weight)[0]
+
+    for world in (2, 3, 4):
+        plan = plan_mixed_batch(mixed_config(), world)
+        # DeepSpeed: each rank sums its weighted micro losses / grad_accum; the ranks' gradients are averaged.
+        total, start = torch.zeros_like(model.weight), {True: 0, False: 0}
+        for rank in range(world):
+            is_image = plan.split.is_image(rank)
+            x, y = images if is_image else videos
+            for size in plan.micro_batches(rank):
+                part = slice(start[is_image], start[is_image] + size)
+                start[is_image] += size
+                total += grad(x[part], y[part], plan.loss_weight(rank, size)) / plan.grad_accum
+        share = plan.split.image_ranks / world  # the release's DDP mean of per-rank mean losses
+        torch.testing.assert_close(total / world, share * grad(*images) + (1 - share) * grad(*videos))
+    assert plan_mixed_batch(mixed_config(), 4).split.image_ranks == 2  # ½ image loss + ½ video loss
 
 
 def test_elastic_range_that_cannot_hold_the_global_batch_is_a_config_error():
