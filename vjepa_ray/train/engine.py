@@ -25,7 +25,7 @@ from vjepa_ray.recipe.clipping import GradClipping
 from vjepa_ray.recipe.masks import MaskCollator
 from vjepa_ray.recipe.objective import ClipGroup, JepaModule, JepaOutput
 from vjepa_ray.recipe.optimizer import adamw, param_groups
-from vjepa_ray.recipe.step import JepaStep, MicroBatch, StepOutput, init_networks, take_clips
+from vjepa_ray.recipe.step import JepaStep, MicroBatch, StepOutput, image_collator, init_networks, take_clips
 from vjepa_ray.train.elastic import BatchPlan
 from vjepa_ray.train.nonfinite import StepGate
 from vjepa_ray.train.target_encoder import TargetEncoder
@@ -203,7 +203,7 @@ class DeepSpeedStep(JepaStep):
     def __init__(self, engine, target: TargetEncoder, cfg: Config, device: torch.device, dtype: torch.dtype):
         super().__init__(engine.module, target.module, engine.optimizer,
                          MaskCollator(cfg.mask, engine.module.encoder.grid), cfg.optimization, cfg.meta.seed,
-                         device, dtype, clip_lengths=cfg.data.clip_lengths())
+                         device, dtype, clip_lengths=cfg.data.clip_lengths(), image_collator=image_collator(cfg))
         self.engine, self.target = engine, target
         self.gate = None if cfg.deepspeed.precision == "fp16" else StepGate(base_optimizer(engine), device)
 
