@@ -19,7 +19,14 @@ from vjepa_ray.config import ConfigError, load_config
 from vjepa_ray.recipe.optimizer import apply_schedules
 from vjepa_ray.train import engine as eng
 from vjepa_ray.train.checkpoint import CONFIG_FILE, TRAIN_STATE, Checkpointer, SaveSchedule
-from vjepa_ray.train.elastic import check_elastic_batch, plan_batch, plan_mixed_batch, split_ranks
+from vjepa_ray.train.elastic import (
+    check_elastic_batch,
+    modality_states,
+    plan_batch,
+    plan_mixed_batch,
+    rank_data,
+    split_ranks,
+)
 from vjepa_ray.train.manifest import problems
 from vjepa_ray.train.metrics import IntervalMeter, TensorBoardCallback, collapse_warning
 from vjepa_ray.train.state import RngState, TrainState
@@ -129,6 +136,24 @@ def test_the_all_rank_average_is_the_releases_image_and_video_mix_by_rank_count(
         share = plan.split.image_ranks / world  # the release's DDP mean of per-rank mean losses
         torch.testing.assert_close(total / world, share * grad(*images) + (1 - share) * grad(*videos))
     assert plan_mixed_batch(mixed_config(), 4).split.image_ranks == 2  # ½ image loss + ½ video loss
+
+
+def test_image_ranks_stream_one_frame_images_at_their_crop_and_each_modality_resumes_its_own_states():
+    cfg = mixed_config("data.paths=[vids]", "data.frames_per_clip=16", "images.crop_size=48")
+    plan = plan_mixed_batch(cfg, 3)
+    streams = [rank_data(cfg, plan, rank) for rank in range(3)]
+    image, videos = streams[0], streams[1:]
+    assert (image.data.paths, image.data.frames_per_clip, image.data.crop_size, image.data.batch_size) == \
+        (["imgs"], 1, 48, 5)
+    assert (image.rank, image.world_size) == (0, 1)
+    assert [(v.data.paths, v.data.frames_per_clip, v.data.crop_size, v.data.batch_size, v.rank, v.world_size)
+            for v in videos] == [(["vids"], 16, 224, 3, 0, 2), (["vids"], 16, 224, 3, 1, 2)]
+    # A checkpoint of 4 ranks (2 image, 2 video) resumed at any world size: each stream gets its modality's states.
+    states = [{"rank": r, "world_size": 2} for r in range(4)]
+    assert [s["rank"] for s in modality_states(states, 0.5, image=True)] == [0, 1]
+    assert [s["rank"] for s in modality_states(states, 0.5, image=False)] == [2, 3]
+    with pytest.raises(ValueError, match="did not split into 1 image and 3 video ranks"):
+        modality_states(states, 0.25, image=True)  # rank_ratio changed since the checkpoint
 
 
 def test_elastic_range_that_cannot_hold_the_global_batch_is_a_config_error():

@@ -16,9 +16,11 @@ V-JEPA 2.1's image workers (``images.paths``): ``split_ranks`` makes the lowest 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any, Sequence
 
-from vjepa_ray.config import Config, ConfigError
+from vjepa_ray.config import Config, ConfigError, DataConfig
 
 
 @dataclass(frozen=True)
@@ -169,6 +171,50 @@ def plan_mixed_batch(cfg: Config, world_size: int) -> MixedBatchPlan:
     if image.grad_accum > video.grad_accum:
         video = plan_batch(video_global, video_micro, split.video_ranks, image.grad_accum)
     return MixedBatchPlan(split, image, video)
+
+
+@dataclass(frozen=True)
+class RankData:
+    """What one rank's clip stream reads (``data``, with the micro batch as its batch size) and the rank's
+    place among the ranks that share that stream (``rank`` of ``world_size``): the arguments of a stream
+    factory (``train.loop.StreamFactory``)."""
+
+    data: DataConfig
+    rank: int
+    world_size: int
+
+
+def rank_data(cfg: Config, plan: MixedBatchPlan, rank: int) -> RankData:
+    """The stream of ``rank`` in a run with image ranks: video ranks share ``data``'s sources; image ranks
+    share ``images.paths``, each image a clip of one frame at ``images.crop_size`` (so the encoder takes its
+    image path), with ``data``'s augmentation. Each modality's ranks split that modality's stream among
+    themselves as a run of that many workers would."""
+    split = plan.split
+    data = cfg.data
+    if split.is_image(rank):
+        data = dataclasses.replace(data, paths=list(cfg.images.paths), weights=[], frames_per_clip=1,
+                                   frames_per_clip_per_source=[], crop_size=cfg.images.crop_size,
+                                   clips_per_video=1)
+    modality_ranks = split.image_ranks if split.is_image(rank) else split.video_ranks
+    return RankData(dataclasses.replace(data, batch_size=plan.plan(rank).micro_batch), split.modality_rank(rank),
+                    modality_ranks)
+
+
+def modality_states(states: Sequence[dict[str, Any]], rank_ratio: float, image: bool) -> list[dict[str, Any]]:
+    """The stream states of one modality's ranks among a checkpoint's (every rank's, by rank), for that
+    modality's stream to resume from (``ClipStream.load_state_dict``), whatever the world size now.
+
+    The checkpoint's split follows from its world size (``len(states)``) and ``rank_ratio``; each state
+    records the size of the group of ranks that shared its stream, which must match (ValueError: the run's
+    ``images.rank_ratio`` changed since the checkpoint, and the states cannot be told apart).
+    """
+    split = split_ranks(len(states), rank_ratio)
+    chosen = list(states[:split.image_ranks] if image else states[split.image_ranks:])
+    expected = len(chosen)
+    if any(int(state["world_size"]) != expected for state in chosen):
+        raise ValueError(f"states: the checkpoint's {len(states)} ranks did not split into {split.image_ranks} "
+                         f"image and {split.video_ranks} video ranks at rank_ratio {rank_ratio}")
+    return chosen
 
 
 def check_elastic_batch(cfg: Config) -> None:
