@@ -83,7 +83,8 @@ class StepOutput:
     gradient before clipping (None where it was not computed: ``JepaStep`` computes it only to clip), and
     whether the update was applied (False: a loss or the gradient was not finite, and neither the weights, the
     optimizer state nor the EMA target moved; or ``loss_regulated``: loss regulation skipped the update, and
-    the EMA target still moved, as in the release). ``context_weight``: the objective's context-term weight."""
+    the EMA target still moved, as in the release). ``context_weight``: the objective's context-term weight
+    on video clips (image clips: ``Objective.context_weight(step, image=True)``)."""
 
     lr: float
     weight_decay: float
