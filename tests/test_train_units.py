@@ -281,7 +281,7 @@ def test_synthetic_stream_resumes_from_its_state_dict():
     data = load_config(None, ["data.batch_size=2", "data.frames_per_clip=2", "data.crop_size=16"]).data
     stream = SyntheticClipStream(data, seed=3, rank=1, world_size=2)
     batches = list(itertools.islice(stream, 5))
-    assert stream.state_dict() == {"epoch": 0, "chunk": 5}
+    assert stream.state_dict() == {"epoch": 0, "chunk": 5, "world_size": 2}
 
     resumed = SyntheticClipStream(data, seed=3, rank=1, world_size=2)
     resumed.load_state_dict([{"epoch": 0, "chunk": 2}] * 2)
@@ -388,12 +388,12 @@ def test_checkpointer_restores_checkpoints_of_the_older_layouts(one_rank, tmp_pa
     checkpointed(cfg, state, stream, counter, Blob(torch.zeros(2))).restore(folder, "old")
     assert (state.step, state.skipped_videos) == (4, 2)
     assert counter.seen == 3 and "holds no counter (saved before it was registered)" in caplog.text
-    assert stream.state_dict() == {"epoch": 0, "chunk": 2}
+    assert stream.state_dict() == {"epoch": 0, "chunk": 2, "world_size": 1}
     assert torch.equal(torch.rand(3), expected)  # the rank kept its own RNG
     assert "older checkpoint format" in caplog.text
     (folder / TRAIN_STATE).write_text('{"step": 4, "data_position": {"epoch": 0, "chunk": 1}}')
     checkpointed(cfg, state, stream, Counter(), Blob(torch.zeros(2))).restore(folder, "old")
-    assert stream.state_dict() == {"epoch": 0, "chunk": 1}
+    assert stream.state_dict() == {"epoch": 0, "chunk": 1, "world_size": 1}
 
 
 def test_interval_meter_means_and_collapse_warning():
@@ -406,6 +406,18 @@ def test_interval_meter_means_and_collapse_warning():
     assert out["target_feature_std"] == pytest.approx(0.3) and out["skipped_videos"] == 1
     assert out["grad_norm"] == pytest.approx(2.0) and 0.0 <= out["data_wait_share"] <= 1.0
     assert collapse_warning(0.001, 0.01) is not None and collapse_warning(0.5, 0.01) is None
+
+
+def test_interval_meter_keeps_the_image_ranks_mask_losses_apart():
+    # Summed over the group as the all-reduce sums it: an image rank's micro step and a video rank's.
+    image, video = IntervalMeter(2, image_masks=1, image=True), IntervalMeter(2, image_masks=1)
+    image.add_micro_step(torch.tensor(1.0), [torch.tensor(1.0)], torch.tensor(0.2), 3, 0)
+    video.add_micro_step(torch.tensor(3.0), [torch.tensor(2.0), torch.tensor(4.0)], torch.tensor(0.4), 4, 0)
+    video._loss += image._loss
+    video.image_micro_steps, video.micro_steps, video.clips = 1, 2, 7
+    out = video.reduce()
+    assert (out["loss"], out["loss_mask_0"], out["loss_mask_1"], out["loss_image_mask_0"]) == (2.0, 2.0, 4.0, 1.0)
+    assert out["target_feature_std"] == pytest.approx(0.2)  # the video meter's own 0.4 over 2 micro steps
 
 
 def test_tensorboard_callback_writes_scalars(tmp_path):

@@ -59,6 +59,8 @@ def check_data(cfg: Config, remote: bool = True) -> None:
     generates is not there yet; URIs are listed only when ``remote`` (a dry run checks no store)."""
     generated = {p for p in cfg.data.paths if Path(p).expanduser().absolute() in generated_paths(cfg)}
     check_sources(cfg.data.paths, cfg.data.weights, skip=generated, remote=remote)
+    if cfg.images.enabled:
+        check_sources(cfg.images.paths, remote=remote, key="images.paths")
 
 
 def is_first_start(cfg: Config) -> bool:
@@ -95,6 +97,7 @@ def _resolved_paths(cfg: Config) -> Config:
     """Absolute local paths: workers may run under another working directory (ray job submit)."""
     cfg = copy.deepcopy(cfg)
     cfg.data.paths = [_absolute(p) for p in cfg.data.paths]
+    cfg.images.paths = [_absolute(p) for p in cfg.images.paths]
     if cfg.model.init_from:
         cfg.model.init_from = _absolute(cfg.model.init_from)
     return cfg

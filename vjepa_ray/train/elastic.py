@@ -47,6 +47,10 @@ class BatchPlan:
         """The factor on a micro batch's mean loss that makes the step's gradient the mean over all clips."""
         return self.world_size * self.grad_accum * size / self.global_batch
 
+    def weighted_micro_batches(self, rank: int) -> list[tuple[int, float]]:
+        """Rank ``rank``'s micro batches: (size, loss weight) of each."""
+        return [(size, self.loss_weight(size)) for size in self.micro_batches(rank)]
+
     @property
     def even(self) -> bool:
         return self.global_batch == self.micro_batch * self.grad_accum * self.world_size
@@ -146,9 +150,31 @@ class MixedBatchPlan:
         """The factor on the mean loss of a micro batch of ``size`` clips of ``rank``."""
         return self.plan(rank).loss_weight(size)
 
+    def weighted_micro_batches(self, rank: int) -> list[tuple[int, float]]:
+        """Rank ``rank``'s micro batches: (size, loss weight) of each."""
+        return [(size, self.loss_weight(rank, size)) for size in self.micro_batches(rank)]
+
     @property
     def grad_accum(self) -> int:
         return self.video.grad_accum
+
+    @property
+    def world_size(self) -> int:
+        return self.split.world_size
+
+    @property
+    def micro_batch(self) -> int:
+        """The larger modality's micro batch (DeepSpeed's ``train_micro_batch_size_per_gpu``, bookkeeping only)."""
+        return max(self.image.micro_batch, self.video.micro_batch)
+
+    @property
+    def global_batch(self) -> int:
+        """Images and clips of one optimizer step."""
+        return self.image.global_batch + self.video.global_batch
+
+    def describe(self) -> str:
+        return (f"{self.split.image_ranks} image worker(s): {self.image.describe()}; "
+                f"{self.split.video_ranks} video worker(s): {self.video.describe()}")
 
 
 def plan_mixed_batch(cfg: Config, world_size: int) -> MixedBatchPlan:
@@ -217,11 +243,33 @@ def modality_states(states: Sequence[dict[str, Any]], rank_ratio: float, image: 
     return chosen
 
 
+class ModalityStream:
+    """A rank's stream in a run with image ranks (``rank_data``'s): it saves its own place, and resumes from
+    the places of its modality's ranks among a checkpoint's (``modality_states``), so that each modality's
+    stream goes on where that modality's ranks stood, whatever the world size then and now."""
+
+    def __init__(self, stream, rank_ratio: float, image: bool):
+        self.stream, self.rank_ratio, self.image = stream, rank_ratio, image
+
+    def __iter__(self):
+        return iter(self.stream)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, states: Sequence[dict[str, Any]]) -> None:
+        self.stream.load_state_dict(modality_states(states, self.rank_ratio, self.image))
+
+
+def plan_step(cfg: Config, world_size: int) -> BatchPlan | MixedBatchPlan:
+    """The batch plan of a run at ``world_size``: ``plan_mixed_batch`` with image ranks, else ``plan_batch``."""
+    if cfg.images.enabled:
+        return plan_mixed_batch(cfg, world_size)
+    return plan_batch(global_batch_size(cfg), cfg.data.batch_size, world_size)
+
+
 def check_elastic_batch(cfg: Config) -> None:
     """Fails at start (not mid-run) when some allowed world size cannot hold the global batch."""
     low, high = cfg.ray.worker_range()
     for world_size in range(low, high + 1):
-        if cfg.images.enabled:
-            plan_mixed_batch(cfg, world_size)
-        else:
-            plan_batch(global_batch_size(cfg), cfg.data.batch_size, world_size)
+        plan_step(cfg, world_size)
