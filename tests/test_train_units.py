@@ -92,7 +92,8 @@ def test_image_ranks_are_the_releases_lowest_int_world_times_ratio_kept_to_one_o
 
 def mixed_config(*overrides):
     return load_config(None, ["model.family=vjepa2_1", "model.name=vit_tiny", "images.paths=[imgs]",
-                              "ray.num_workers=[2,4]", "data.batch_size=3", "images.batch_size=5", *overrides])
+                              "deepspeed.zero_stage=1", "ray.num_workers=[2,4]", "data.batch_size=3",
+                              "images.batch_size=5", *overrides])
 
 
 def test_each_modality_keeps_its_global_batch_over_its_ranks_with_one_accumulation_count():
@@ -154,6 +155,35 @@ def test_image_ranks_stream_one_frame_images_at_their_crop_and_each_modality_res
     assert [s["rank"] for s in modality_states(states, 0.5, image=False)] == [2, 3]
     with pytest.raises(ValueError, match="did not split into 1 image and 3 video ranks"):
         modality_states(states, 0.25, image=True)  # rank_ratio changed since the checkpoint
+
+
+def test_image_and_video_ranks_hand_zero_1_the_same_gradients_in_parameter_order():
+    from vjepa_ray.recipe.objective import ClipGroup
+    from vjepa_ray.recipe.step import init_networks
+
+    cfg = mixed_config("data.frames_per_clip=4", "data.crop_size=32", "images.crop_size=32")
+    module, _ = init_networks(cfg)
+    names = {id(p): name for name, p in module.named_parameters()}
+
+    def unreached(*frames):
+        groups = [ClipGroup(torch.zeros(1, 3, t, 32, 32), [], [0], (1, 2, 2)) for t in frames]
+        return {names[id(p)] for p in eng.unreached_parameters(module, groups)}
+
+    # An image rank's batch leaves the clip path without a gradient, a video rank's the image path; each rank
+    # gives the other's a zero gradient, so that ZeRO-1 reduces the same parameters everywhere.
+    assert unreached(1) == {"encoder.patch_embed.proj.weight", "encoder.patch_embed.proj.bias",
+                            "encoder.video_mod_embed", "predictor.video_mod_embed"}
+    assert unreached(4) == {"encoder.patch_embed_img.proj.weight", "encoder.patch_embed_img.proj.bias",
+                            "encoder.img_mod_embed", "predictor.img_mod_embed"}
+    assert unreached(1, 4) == set()
+    zero = eng.deepspeed_config(cfg, plan_mixed_batch(cfg, 2))["zero_optimization"]
+    assert (zero["stage"], zero["contiguous_gradients"], zero["overlap_comm"]) == (1, False, False)
+    # Without image workers the image path is frozen: nothing to give a zero gradient, DeepSpeed's defaults.
+    videos = load_config(None, ["model.family=vjepa2_1", "model.name=vit_tiny", "data.frames_per_clip=4",
+                                "data.crop_size=32", "deepspeed.zero_stage=1"])
+    assert not eng.unreached_parameters(init_networks(videos)[0], [ClipGroup(torch.zeros(1, 3, 4, 32, 32), [], [0],
+                                                                             (2, 2, 2))])
+    assert "contiguous_gradients" not in eng.deepspeed_config(videos, plan_batch(4, 4, 1))["zero_optimization"]
 
 
 def test_elastic_range_that_cannot_hold_the_global_batch_is_a_config_error():

@@ -304,7 +304,8 @@ def test_an_image_rank_and_a_video_rank_step_as_half_the_image_loss_plus_half_th
     cfg = load_config(None, ["model.family=vjepa2_1", "model.name=vit_tiny", "model.patch_size=8", "model.pred_depth=1",
                              "model.pred_embed_dim=48", "model.pred_num_heads=4", "data.frames_per_clip=4",
                              "data.crop_size=32", "data.batch_size=2", "images.paths=[imgs]", "images.crop_size=48",
-                             "images.batch_size=3", "images.context_weight=0.25", "ray.num_workers=2",
+                             "deepspeed.zero_stage=1", "images.batch_size=3", "images.context_weight=0.25",
+                             "ray.num_workers=2",
                              "optimization.schedule=constant", "optimization.warmup_steps=0", "optimization.lr=1e-3",
                              "optimization.ema=[0.9,0.9]", "loss.context_warmup=[0,0]"])
     train_step = JepaStep.from_config(cfg)

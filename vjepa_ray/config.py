@@ -660,6 +660,11 @@ class Config:
         _require(self.ray.worker_range()[0] >= 2, "ray.num_workers",
                  f"image workers (images.paths) need at least 2 workers, an image and a video one; "
                  f"got {self.ray.num_workers}")
+        # ZeRO-2 and 3 reduce each gradient as the backward makes it, in the order it comes, which differs
+        # between an image rank's graph and a video rank's; ZeRO-0 and 1 reduce in parameter order.
+        _require(self.deepspeed.zero_stage <= 1, "deepspeed.zero_stage",
+                 f"image workers (images.paths) need ZeRO-0 or 1, got {self.deepspeed.zero_stage}: ZeRO-2 and 3 "
+                 "reduce gradients in the order the backward makes them, which differs between image and video ranks")
 
     def validate_pretraining(self) -> None:
         """What pretraining needs beyond ``validate`` (evaluation and export accept more: 2.1's encoders).

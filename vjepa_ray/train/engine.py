@@ -82,6 +82,10 @@ def deepspeed_config(cfg: Config, plan: BatchPlan | MixedBatchPlan, load_univers
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.ray.use_gpu}
     if ds.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": cfg.ray.use_gpu}
+    if cfg.images.enabled:
+        # ZeRO-1 then reduces the gradients after the backward in parameter order, not in the order the backward
+        # makes them (hooks), which differs between image and video ranks (``DeepSpeedStep.forward``).
+        zero.update(contiguous_gradients=False, overlap_comm=False)
     config: dict[str, Any] = {
         # DeepSpeed wants micro x accumulation x world; with an uneven split (vjepa_ray.train.elastic) that is
         # a little more than the global batch, which DeepSpeed only uses for bookkeeping.
@@ -210,11 +214,11 @@ class DeepSpeedStep(JepaStep):
 
     def forward(self, groups: list[ClipGroup]) -> JepaOutput:
         out = self.engine(groups, self.target_encoder)
-        unreached = unreached_parameters(self.module, groups) if self.engine.zero_optimization_stage() in (1, 2) \
-            else []
+        unreached = unreached_parameters(self.module, groups) if self.engine.zero_optimization_stage() == 1 else []
         if unreached:
-            # ZeRO-1/2 reduce the gradients in buckets as each rank's backward makes them, so every rank must make
-            # the same ones: a zero gradient for what this modality does not reach (ZeRO zero-fills it anyway).
+            # ZeRO-1 reduces the gradients that are there, bucket by bucket: every rank must have the same ones.
+            # What this rank's modality does not reach gets a zero gradient (ZeRO-0 zero-fills it, as would the
+            # optimizer's flat buffers here); the loss keeps its value.
             out = dataclasses.replace(out, loss=out.loss + 0.0 * sum(p.sum() for p in unreached))
         return out
 
