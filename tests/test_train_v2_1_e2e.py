@@ -92,6 +92,7 @@ def test_2_1_image_and_video_ranks_killed_and_resumed_match_the_replay_then_cool
     metrics = json.loads((tmp_path / name / "summary.json").read_text())["metrics"]
     # 1 image rank of 4 images and 1 video rank of 4 clips, one micro step each.
     assert (metrics["global_batch"], metrics["micro_batch"], metrics["grad_accum"]) == (8, 4, 1)
+    assert summary["global_batch"] == 8
     series = read_scalars(Path(summary["tensorboard"]))
     assert {"loss_mask_0", "loss_mask_1", "loss_image_mask_0"} <= series.keys()
     assert all(value > 0 for _, value in series["loss_image_mask_0"])

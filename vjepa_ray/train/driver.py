@@ -18,7 +18,7 @@ from vjepa_ray import cluster, runs
 from vjepa_ray.config import Config, ConfigError, to_dict
 from vjepa_ray.data.demo import generated_paths, prepare_demo_videos
 from vjepa_ray.data.sources import check_sources
-from vjepa_ray.train.elastic import check_elastic_batch, global_batch_size
+from vjepa_ray.train.elastic import check_elastic_batch, plan_step
 from vjepa_ray.train.engine import check_clipping
 from vjepa_ray.train.failures import failure
 from vjepa_ray.train.lease import RunLease
@@ -200,8 +200,10 @@ def _train(cfg: Config, stream_factory: StreamFactory | None, callbacks: list | 
         {"cfg": to_dict(cfg), "stream_factory": stream_factory, "tracker": tracker},
         name=cfg.meta.name, callbacks=callbacks, ray_rotates_checkpoints=False)
     low, high = cfg.ray.worker_range()
+    # Clips, and images on image workers, of one optimizer step.
+    global_batch = plan_step(cfg, high).global_batch
     log.info("run %s: %s workers, global batch %d, results in %s", cfg.meta.name,
-             low if low == high else f"{low}-{high}", global_batch_size(cfg), folder)
+             low if low == high else f"{low}-{high}", global_batch, folder)
     started = time.time()
     error = ended = None
     try:
@@ -233,7 +235,7 @@ def _train(cfg: Config, stream_factory: StreamFactory | None, callbacks: list | 
         "checkpoint": checkpoint_path,
         "world_sizes": [s["world_size"] for s in starts],
         "starts": starts,
-        "global_batch": global_batch_size(cfg),
+        "global_batch": global_batch,
         "elapsed_s": round(time.time() - started, 1),
         "tensorboard": tensorboard,
         "run_folder": folder,
