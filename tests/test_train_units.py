@@ -20,6 +20,7 @@ from vjepa_ray.recipe.optimizer import apply_schedules
 from vjepa_ray.train import engine as eng
 from vjepa_ray.train.checkpoint import CONFIG_FILE, TRAIN_STATE, Checkpointer, SaveSchedule
 from vjepa_ray.train.elastic import (
+    ModalityStream,
     check_elastic_batch,
     modality_states,
     plan_batch,
@@ -155,6 +156,12 @@ def test_image_ranks_stream_one_frame_images_at_their_crop_and_each_modality_res
     assert [s["rank"] for s in modality_states(states, 0.5, image=False)] == [2, 3]
     with pytest.raises(ValueError, match="did not split into 1 image and 3 video ranks"):
         modality_states(states, 0.25, image=True)  # rank_ratio changed since the checkpoint
+    # A rank's stream in the training loop resumes where its modality's ranks stood.
+    saved = [{"epoch": 0, "chunk": chunk, "world_size": 2} for chunk in (3, 3, 7, 7)]
+    for image, chunk in ((True, 3), (False, 7)):
+        stream = ModalityStream(SyntheticClipStream(cfg.data, seed=0), 0.5, image)
+        stream.load_state_dict(saved)
+        assert stream.state_dict()["chunk"] == chunk
 
 
 def test_image_and_video_ranks_hand_zero_1_the_same_gradients_in_parameter_order():
