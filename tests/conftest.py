@@ -198,7 +198,9 @@ def sweep_overrides(tmp: Path, name: str, *extra: str) -> list[str]:
             "optimization.total_steps=6", "optimization.warmup_steps=2", "logging.every_steps=3",
             "checkpoint.every_steps=6", f"probe.train_manifest={tmp / 'labelled' / 'train.txt'}",
             f"probe.val_manifest={tmp / 'labelled' / 'val.txt'}", "tune.synthetic_probe_videos=2",
-            "probe.epochs=2", "tune.grace_period=0", "tune.mask_ratio=[0.5,0.8]", "tune.num_samples=1", *extra]
+            "probe.epochs=2", "tune.grace_period=0", "tune.mask_ratio=[0.5,0.8]", "tune.lr=null", "tune.ema=null",
+            "tune.num_samples=1", "tune.probe_lr=[1e-2,3e-3]", "ray.cpus_per_worker=1", "data.decode_cpus=0.5",
+            *extra]
 
 
 def write_sweep_data(tmp: Path, cfg) -> None:

@@ -31,7 +31,8 @@ def overrides(tmp: Path, storage: str, name: str, *extra: str) -> list[str]:
             "optimization.warmup_steps=1", "logging.every_steps=2", "checkpoint.every_steps=4",
             f"probe.train_manifest={tmp / 'labelled' / 'train.txt'}",
             f"probe.val_manifest={tmp / 'labelled' / 'val.txt'}", "tune.synthetic_probe_videos=2", "probe.epochs=1",
-            "tune.mask_ratio=[0.5]", "tune.num_samples=1", "tune.lr=[1e-3]", "tune.probe_lr=[1e-3,3e-4]", *extra]
+            "tune.mask_ratio=[0.5]", "tune.num_samples=1", "tune.lr=[1e-3]", "tune.ema=null",
+            "tune.probe_lr=[1e-3,3e-4]", *extra]
 
 
 def test_sweep_evaluate_report_and_export_keep_their_run_folders_on_s3(ray_s3, s3_bucket, tmp_path):

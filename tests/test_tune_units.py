@@ -108,8 +108,9 @@ def test_a_grid_without_axes_is_a_config_error():
 @pytest.mark.parametrize("overrides, line", [
     (["tune.mask_ratio=[]"], "tune.mask_ratio: is empty: give it one or more values, or leave it out"),
     (["tune.space={nope.key: [1]}"], "tune.space.nope.key: is not a config key"),
-    (["tune.mask_ratio=null", "tune.num_samples=1"], "tune: the grid is empty: give values to tune.mask_ratio, "
-                                                     "tune.lr, tune.ema or tune.space, or tune.num_samples > 1"),
+    (["tune.mask_ratio=null", "tune.lr=null", "tune.ema=null", "tune.num_samples=1"],
+     "tune: the grid is empty: give values to tune.mask_ratio, tune.lr, tune.ema or tune.space, or "
+     "tune.num_samples > 1"),
 ])
 def test_tune_command_names_the_bad_grid_key_in_one_line_and_exits_2(overrides, line, capsys):
     from vjepa_ray import tune
