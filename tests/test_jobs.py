@@ -8,10 +8,9 @@ import pytest
 import yaml
 
 from vjepa_ray import pretrain
-from vjepa_ray.config import SECTIONS, load_config
+from vjepa_ray.config import SECTIONS, ConfigError, load_config
 from vjepa_ray.models.families import get_family
 from vjepa_ray.train import driver
-from vjepa_ray.train.elastic import plan_mixed_batch
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 CONFIG_JOBS = sorted(p for p in JOBS.glob("*.yaml") if set(yaml.safe_load(p.read_text())) <= set(SECTIONS))
@@ -228,20 +227,10 @@ def test_v2_1_recipes_match_the_release(name, model, crop, frames, batch, gpus, 
         pretrain_cfg = load_config(JOBS / name.replace("_cooldown", "_pretrain"))
         assert cfg.checkpoint.start_from.rstrip("/").endswith(pretrain_cfg.meta.name)
         assert cfg.model == pretrain_cfg.model
-    images = cfg.images
-    if schedule == "cooldown":  # video workers only (the release's cooldown image batch is checked for vitg only)
-        assert not images.enabled
-    else:  # the release's image ranks: half of the workers, ImageNet at 256 px, 10 blocks at 0.15, 72 images each
-        # (ViT-G: 36)
-        image_batch = 36 if model == "vit_gigantic_xformers" else 72
-        assert (images.rank_ratio, images.crop_size, images.batch_size, images.context_weight) == \
-            (0.5, 256, image_batch, 0.5)
-        assert [(k.num_blocks, k.spatial_scale, k.aspect_ratio) for k in images.mask] == [(10, [0.15, 0.15],
-                                                                                           [0.75, 1.5])]
-        # At the most workers, half of them video ranks of twice the YAML's batch, half image ranks.
-        plan = plan_mixed_batch(cfg, gpus)
-        assert (plan.split.image_ranks, plan.micro_batches(0), plan.micro_batches(gpus - 1)) == \
-            (gpus // 2, [image_batch], [2 * batch])
+    # Pretraining 2.1 is not enabled yet (image ranks, a Ray run): what a user gets today is this one line.
+    with pytest.raises(ConfigError, match="^model.family: vjepa2_1 pretraining is not supported by the trainer yet"):
+        driver.check_runnable(cfg)
     with pytest.raises(SystemExit) as exit_status:
         pretrain.main(["--config", str(JOBS / name), "--dry-run"])
-    assert exit_status.value.code == 0 and "config ok" in capsys.readouterr().err
+    assert exit_status.value.code == 2
+    assert "config error: model.family: vjepa2_1 pretraining is not supported" in capsys.readouterr().err

@@ -19,15 +19,7 @@ from vjepa_ray.config import ConfigError, load_config
 from vjepa_ray.recipe.optimizer import apply_schedules
 from vjepa_ray.train import engine as eng
 from vjepa_ray.train.checkpoint import CONFIG_FILE, TRAIN_STATE, Checkpointer, SaveSchedule
-from vjepa_ray.train.elastic import (
-    ModalityStream,
-    check_elastic_batch,
-    modality_states,
-    plan_batch,
-    plan_mixed_batch,
-    rank_data,
-    split_ranks,
-)
+from vjepa_ray.train.elastic import check_elastic_batch, plan_batch
 from vjepa_ray.train.manifest import problems
 from vjepa_ray.train.metrics import IntervalMeter, TensorBoardCallback, collapse_warning
 from vjepa_ray.train.state import RngState, TrainState
@@ -70,127 +62,6 @@ def test_uneven_split_weights_give_the_gradient_of_the_mean_over_the_global_batc
             grads.append(total)
         torch.testing.assert_close(torch.stack(grads).mean(0), full)
     assert plan_batch(8, 4, 2).loss_weight(4) == 1.0
-
-
-def test_image_ranks_are_the_releases_lowest_int_world_times_ratio_kept_to_one_of_each_modality():
-    for world in range(2, 17):
-        for ratio in (0.1, 0.25, 0.5, 0.75, 0.9):
-            split = split_ranks(world, ratio)
-            release = int(world * ratio)
-            if 1 <= release <= world - 1:
-                assert split.image_ranks == release
-            else:  # the release would leave a modality without ranks: the nearest split that has both
-                assert split.image_ranks == (1 if release < 1 else world - 1)
-            assert [split.is_image(r) for r in range(world)] == [r < split.image_ranks for r in range(world)]
-            assert sorted(split.modality_rank(r) for r in range(world)) == \
-                sorted([*range(split.image_ranks), *range(split.video_ranks)])
-    assert [split_ranks(w, 0.5).image_ranks for w in (2, 3, 4, 5, 8)] == [1, 1, 2, 2, 4]
-    assert split_ranks(3, 0.25).image_ranks == 1  # the release would leave no image rank
-    assert split_ranks(4, 0.9).video_ranks == 1  # ... or no video rank
-    with pytest.raises(ValueError, match="world_size >= 2"):
-        split_ranks(1, 0.5)
-
-
-def mixed_config(*overrides):
-    return load_config(None, ["model.family=vjepa2_1", "model.name=vit_tiny", "images.paths=[imgs]",
-                              "deepspeed.zero_stage=1", "ray.num_workers=[2,4]", "data.batch_size=3",
-                              "images.batch_size=5", *overrides])
-
-
-def test_each_modality_keeps_its_global_batch_over_its_ranks_with_one_accumulation_count():
-    cfg = mixed_config()
-    full = plan_mixed_batch(cfg, 4)
-    # The release's batches at the most workers: 3 x 4 / 2 videos per video rank, 5 images per image rank.
-    assert [full.micro_batches(r) for r in range(4)] == [[5], [5], [6], [6]]
-    for world in (2, 3, 4):
-        plan = plan_mixed_batch(cfg, world)
-        sizes = [plan.micro_batches(r) for r in range(world)]
-        assert {len(s) for s in sizes} == {plan.grad_accum}
-        image, video = sizes[:plan.split.image_ranks], sizes[plan.split.image_ranks:]
-        assert (sum(map(sum, image)), sum(map(sum, video))) == (10, 12)
-        assert max(map(max, image)) <= 5 and max(map(max, video)) <= 6 and min(map(min, sizes)) >= 1
-    # 3 workers: 1 image rank takes 10 images in 2 micro steps, so the 2 video ranks take theirs in 2 as well.
-    assert [plan_mixed_batch(cfg, 3).micro_batches(r) for r in range(3)] == [[5, 5], [3, 3], [3, 3]]
-    check_elastic_batch(cfg)
-    with pytest.raises(ConfigError, match="images.batch_size"):
-        check_elastic_batch(mixed_config("images.batch_size=1", "ray.num_workers=[2,6]"))
-
-
-def test_the_all_rank_average_is_the_releases_image_and_video_mix_by_rank_count():
-    torch.manual_seed(0)
-    model = torch.nn.Linear(3, 1)
-    images, videos = (torch.randn(10, 3), torch.randn(10, 1)), (torch.randn(12, 3), torch.randn(12, 1))
-
-    def grad(x, y, weight=1.0):
-        return torch.autograd.grad(torch.nn.functional.mse_loss(model(x), y) * weight, model.weight)[0]
-
-    for world in (2, 3, 4):
-        plan = plan_mixed_batch(mixed_config(), world)
-        # DeepSpeed: each rank sums its weighted micro losses / grad_accum; the ranks' gradients are averaged.
-        total, start = torch.zeros_like(model.weight), {True: 0, False: 0}
-        for rank in range(world):
-            is_image = plan.split.is_image(rank)
-            x, y = images if is_image else videos
-            for size in plan.micro_batches(rank):
-                part = slice(start[is_image], start[is_image] + size)
-                start[is_image] += size
-                total += grad(x[part], y[part], plan.loss_weight(rank, size)) / plan.grad_accum
-        share = plan.split.image_ranks / world  # the release's DDP mean of per-rank mean losses
-        torch.testing.assert_close(total / world, share * grad(*images) + (1 - share) * grad(*videos))
-    assert plan_mixed_batch(mixed_config(), 4).split.image_ranks == 2  # ½ image loss + ½ video loss
-
-
-def test_image_ranks_stream_one_frame_images_at_their_crop_and_each_modality_resumes_its_own_states():
-    cfg = mixed_config("data.paths=[vids]", "data.frames_per_clip=16", "images.crop_size=48")
-    plan = plan_mixed_batch(cfg, 3)
-    streams = [rank_data(cfg, plan, rank) for rank in range(3)]
-    image, videos = streams[0], streams[1:]
-    assert (image.data.paths, image.data.frames_per_clip, image.data.crop_size, image.data.batch_size) == \
-        (["imgs"], 1, 48, 5)
-    assert (image.rank, image.world_size) == (0, 1)
-    assert [(v.data.paths, v.data.frames_per_clip, v.data.crop_size, v.data.batch_size, v.rank, v.world_size)
-            for v in videos] == [(["vids"], 16, 224, 3, 0, 2), (["vids"], 16, 224, 3, 1, 2)]
-    # A checkpoint of 4 ranks (2 image, 2 video) resumed at any world size: each stream gets its modality's states.
-    states = [{"rank": r, "world_size": 2} for r in range(4)]
-    assert [s["rank"] for s in modality_states(states, 0.5, image=True)] == [0, 1]
-    assert [s["rank"] for s in modality_states(states, 0.5, image=False)] == [2, 3]
-    with pytest.raises(ValueError, match="did not split into 1 image and 3 video ranks"):
-        modality_states(states, 0.25, image=True)  # rank_ratio changed since the checkpoint
-    # A rank's stream in the training loop resumes where its modality's ranks stood.
-    saved = [{"epoch": 0, "chunk": chunk, "world_size": 2} for chunk in (3, 3, 7, 7)]
-    for image, chunk in ((True, 3), (False, 7)):
-        stream = ModalityStream(SyntheticClipStream(cfg.data, seed=0), 0.5, image)
-        stream.load_state_dict(saved)
-        assert stream.state_dict()["chunk"] == chunk
-
-
-def test_image_and_video_ranks_hand_zero_1_the_same_gradients_in_parameter_order():
-    from vjepa_ray.recipe.objective import ClipGroup
-    from vjepa_ray.recipe.step import init_networks
-
-    cfg = mixed_config("data.frames_per_clip=4", "data.crop_size=32", "images.crop_size=32")
-    module, _ = init_networks(cfg)
-    names = {id(p): name for name, p in module.named_parameters()}
-
-    def unreached(*frames):
-        groups = [ClipGroup(torch.zeros(1, 3, t, 32, 32), [], [0], (1, 2, 2)) for t in frames]
-        return {names[id(p)] for p in eng.unreached_parameters(module, groups)}
-
-    # An image rank's batch leaves the clip path without a gradient, a video rank's the image path; each rank
-    # gives the other's a zero gradient, so that ZeRO-1 reduces the same parameters everywhere.
-    assert unreached(1) == {"encoder.patch_embed.proj.weight", "encoder.patch_embed.proj.bias",
-                            "encoder.video_mod_embed", "predictor.video_mod_embed"}
-    assert unreached(4) == {"encoder.patch_embed_img.proj.weight", "encoder.patch_embed_img.proj.bias",
-                            "encoder.img_mod_embed", "predictor.img_mod_embed"}
-    assert unreached(1, 4) == set()
-    zero = eng.deepspeed_config(cfg, plan_mixed_batch(cfg, 2))["zero_optimization"]
-    assert (zero["stage"], zero["contiguous_gradients"], zero["overlap_comm"]) == (1, False, False)
-    # Without image workers the image path is frozen: nothing to give a zero gradient, DeepSpeed's defaults.
-    videos = load_config(None, ["model.family=vjepa2_1", "model.name=vit_tiny", "data.frames_per_clip=4",
-                                "data.crop_size=32", "deepspeed.zero_stage=1"])
-    assert not eng.unreached_parameters(init_networks(videos)[0], [ClipGroup(torch.zeros(1, 3, 4, 32, 32), [], [0],
-                                                                             (2, 2, 2))])
-    assert "contiguous_gradients" not in eng.deepspeed_config(videos, plan_batch(4, 4, 1))["zero_optimization"]
 
 
 def test_elastic_range_that_cannot_hold_the_global_batch_is_a_config_error():
@@ -318,7 +189,7 @@ def test_synthetic_stream_resumes_from_its_state_dict():
     data = load_config(None, ["data.batch_size=2", "data.frames_per_clip=2", "data.crop_size=16"]).data
     stream = SyntheticClipStream(data, seed=3, rank=1, world_size=2)
     batches = list(itertools.islice(stream, 5))
-    assert stream.state_dict() == {"epoch": 0, "chunk": 5, "world_size": 2}
+    assert stream.state_dict() == {"epoch": 0, "chunk": 5}
 
     resumed = SyntheticClipStream(data, seed=3, rank=1, world_size=2)
     resumed.load_state_dict([{"epoch": 0, "chunk": 2}] * 2)
@@ -425,12 +296,12 @@ def test_checkpointer_restores_checkpoints_of_the_older_layouts(one_rank, tmp_pa
     checkpointed(cfg, state, stream, counter, Blob(torch.zeros(2))).restore(folder, "old")
     assert (state.step, state.skipped_videos) == (4, 2)
     assert counter.seen == 3 and "holds no counter (saved before it was registered)" in caplog.text
-    assert stream.state_dict() == {"epoch": 0, "chunk": 2, "world_size": 1}
+    assert stream.state_dict() == {"epoch": 0, "chunk": 2}
     assert torch.equal(torch.rand(3), expected)  # the rank kept its own RNG
     assert "older checkpoint format" in caplog.text
     (folder / TRAIN_STATE).write_text('{"step": 4, "data_position": {"epoch": 0, "chunk": 1}}')
     checkpointed(cfg, state, stream, Counter(), Blob(torch.zeros(2))).restore(folder, "old")
-    assert stream.state_dict() == {"epoch": 0, "chunk": 1, "world_size": 1}
+    assert stream.state_dict() == {"epoch": 0, "chunk": 1}
 
 
 def test_interval_meter_means_and_collapse_warning():
@@ -443,18 +314,6 @@ def test_interval_meter_means_and_collapse_warning():
     assert out["target_feature_std"] == pytest.approx(0.3) and out["skipped_videos"] == 1
     assert out["grad_norm"] == pytest.approx(2.0) and 0.0 <= out["data_wait_share"] <= 1.0
     assert collapse_warning(0.001, 0.01) is not None and collapse_warning(0.5, 0.01) is None
-
-
-def test_interval_meter_keeps_the_image_ranks_mask_losses_apart():
-    # Summed over the group as the all-reduce sums it: an image rank's micro step and a video rank's.
-    image, video = IntervalMeter(2, image_masks=1, image=True), IntervalMeter(2, image_masks=1)
-    image.add_micro_step(torch.tensor(1.0), [torch.tensor(1.0)], torch.tensor(0.2), 3, 0)
-    video.add_micro_step(torch.tensor(3.0), [torch.tensor(2.0), torch.tensor(4.0)], torch.tensor(0.4), 4, 0)
-    video._loss += image._loss
-    video.image_micro_steps, video.micro_steps, video.clips = 1, 2, 7
-    out = video.reduce()
-    assert (out["loss"], out["loss_mask_0"], out["loss_mask_1"], out["loss_image_mask_0"]) == (2.0, 2.0, 4.0, 1.0)
-    assert out["target_feature_std"] == pytest.approx(0.2)  # the video meter's own 0.4 over 2 micro steps
 
 
 def test_tensorboard_callback_writes_scalars(tmp_path):

@@ -250,51 +250,6 @@ def _default_masks() -> list[MaskConfig]:
     ]
 
 
-def _default_image_masks() -> list[MaskConfig]:
-    return [MaskConfig(num_blocks=10, spatial_scale=[0.15, 0.15])]
-
-
-@dataclass
-class ImageRanksConfig:
-    """V-JEPA 2.1's image ranks: a share of the workers trains on still images instead of clips.
-
-    With ``paths`` set, ``rank_ratio`` of the workers (rounded down, at least one, and at least one video
-    worker left; ``train.elastic.split_ranks``) read only these sources, each image a clip of one frame at
-    ``crop_size`` through the encoder's tubelet-1 image path, masked by ``mask`` and weighted in the context
-    loss by ``context_weight``. The other workers read ``data``. The release's names: ``img_data.datasets``,
-    ``img_data.crop_size`` (256 in the release), ``img_data.batch_size`` (per image rank: vitb 144, vitl and
-    vitg 72, vitG 36), ``img_data.rank_ratio`` (0.5), ``img_mask`` (10 blocks at spatial scale 0.15) and
-    ``model.lambda_value_img`` (0.5). Empty ``paths``: every worker is a video worker.
-    """
-
-    # Image sources (dirs, globs, manifests, shards, URIs of images), read by image workers only.
-    paths: list[str] = field(default_factory=list)
-    crop_size: int = 256
-    # Images per image worker at the largest world size; the global image batch this gives holds when an
-    # elastic run resizes, as data.batch_size's global video batch does.
-    batch_size: int = 72
-    # The share of workers that are image workers.
-    rank_ratio: float = 0.5
-    mask: list[MaskConfig] = field(default_factory=_default_image_masks)
-    # The context loss's weight (lambda) on images; None = the video workers' (loss.context_weight).
-    context_weight: float | None = None
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.paths)
-
-    def validate(self, key: str) -> None:
-        check = _SectionChecks(key)
-        check.require(0.0 < self.rank_ratio < 1.0, "rank_ratio",
-                      f"must be in (0, 1) (a share of the workers, video workers the rest), got {self.rank_ratio}")
-        check.require(self.batch_size >= 1, "batch_size", "must be >= 1")
-        check.require(self.crop_size >= 1, "crop_size", "must be >= 1")
-        check.require(len(self.mask) >= 1, "mask", "needs at least one mask config")
-        for i, mask in enumerate(self.mask):
-            mask.validate(f"{key}.mask.{i}")
-        check.require(self.context_weight is None or self.context_weight >= 0, "context_weight", "must be >= 0")
-
-
 @dataclass
 class LossConfig:
     """The objective's terms (vjepa_ray.recipe.objective). A key left None takes the family's release value
@@ -603,7 +558,6 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     mask: list[MaskConfig] = field(default_factory=_default_masks)
-    images: ImageRanksConfig = field(default_factory=ImageRanksConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
@@ -623,7 +577,6 @@ class Config:
         _require(len(self.mask) >= 1, "mask", "needs at least one mask config")
         for i, mask in enumerate(self.mask):
             mask.validate(f"mask.{i}")
-        self.images.validate("images")
         self.loss.validate("loss")
         self.optimization.validate("optimization")
         self.deepspeed.validate("deepspeed")
@@ -642,8 +595,6 @@ class Config:
         _require(self.probe.encoder_levels != "all" or FAMILIES[self.model.family].hierarchical_norms,
                  "probe.encoder_levels", f"all reads the levels of a family with several (model.family=vjepa2_1); "
                  f"model.family {self.model.family}'s encoder has one")
-        if self.images.enabled:
-            self._validate_image_ranks()
         _require(not (self.model.init_from and self.checkpoint.start_from), "model.init_from",
                  "cannot be combined with checkpoint.start_from, whose checkpoint holds the weights already")
         # The clip must tile into whole patches and tubelets.
@@ -655,29 +606,6 @@ class Config:
         for frames in d.frames_per_clip_per_source:
             _require(frames > 0 and frames % m.tubelet_size == 0, "data.frames_per_clip_per_source",
                      f"{frames} is not a positive multiple of model.tubelet_size {m.tubelet_size}")
-
-    def _validate_image_ranks(self) -> None:
-        """Image workers need a family with an image path, image crops that tile into patches, and a world
-        that always holds an image and a video worker."""
-        from vjepa_ray.models.families import FAMILIES
-
-        family = FAMILIES[self.model.family]
-        _require(family.image_inputs, "images.paths",
-                 f"model.family {family.name} has no image path (families with one: "
-                 f"{', '.join(name for name, f in FAMILIES.items() if f.image_inputs)})")
-        crop, patch = self.images.crop_size, self.model.patch_size
-        _require(crop % patch == 0, "images.crop_size", f"{crop} is not a multiple of model.patch_size {patch}")
-        _require(self.images.context_weight is None or family.context_loss is not None, "images.context_weight",
-                 f"model.family {family.name} has no context loss")
-        # One worker cannot be both; rather than silently train video only at world size 1, refuse it.
-        _require(self.ray.worker_range()[0] >= 2, "ray.num_workers",
-                 f"image workers (images.paths) need at least 2 workers, an image and a video one; "
-                 f"got {self.ray.num_workers}")
-        # ZeRO-2 and 3 reduce each gradient as the backward makes it, in the order it comes, which differs
-        # between an image rank's graph and a video rank's; ZeRO-0 and 1 reduce in parameter order.
-        _require(self.deepspeed.zero_stage <= 1, "deepspeed.zero_stage",
-                 f"image workers (images.paths) need ZeRO-0 or 1, got {self.deepspeed.zero_stage}: ZeRO-2 and 3 "
-                 "reduce gradients in the order the backward makes them, which differs between image and video ranks")
 
     def validate_pretraining(self) -> None:
         """What pretraining needs beyond ``validate`` (evaluation and export accept more: 2.1's encoders).

@@ -207,15 +207,14 @@ def list_videos(paths: Sequence[str], weights: Sequence[float] = (),
 
 
 def check_sources(paths: Sequence[str], weights: Sequence[float] = (), *, skip: Collection[str] = (),
-                  remote: bool = True, key: str = "data.paths") -> None:
+                  remote: bool = True) -> None:
     """What the driver checks before anything starts: every entry of ``paths`` (but those in ``skip``, and
     URIs unless ``remote``) names videos, and at least one of the local files a manifest lists exists.
 
-    Entries are listed as training lists them, never decoded. Raises ConfigError naming ``key`` (the config
-    key of ``paths``).
+    Entries are listed as training lists them, never decoded. Raises ConfigError naming ``data.paths``.
     """
     if not paths:
-        raise ConfigError(key, "is empty; give directories, globs, manifests, URIs or tar shards")
+        raise ConfigError("data.paths", "is empty; give directories, globs, manifests, URIs or tar shards")
     for index, entry in enumerate(paths):
         if entry in skip or (weights and weights[index] == 0) or (is_uri(str(entry)) and not remote):
             continue
@@ -223,10 +222,10 @@ def check_sources(paths: Sequence[str], weights: Sequence[float] = (), *, skip: 
             refs = list_videos([entry])
         except ConfigError as err:
             found = _what_is_there(str(entry))
-            raise ConfigError(key, f"{err.message}; found {found}" if found else err.message) from None
+            raise ConfigError("data.paths", f"{err.message}; found {found}" if found else err.message) from None
         local = [ref.uri for ref in refs if not ref.member and not is_uri(ref.uri)]
         if len(local) == len(refs) and not any(os.path.isfile(uri) for uri in local):
-            raise ConfigError(key, f"{entry!r} lists {len(refs)} videos and none of them exists "
+            raise ConfigError("data.paths", f"{entry!r} lists {len(refs)} videos and none of them exists "
                               f"(the first: {local[0]})")
 
 

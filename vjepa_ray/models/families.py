@@ -136,9 +136,11 @@ VJEPA1 = Family(name="vjepa1", positions=SinCosTable(), depth_scaled_init=False,
 VJEPA2 = Family(name="vjepa2", positions=RotaryPositions(), depth_scaled_init=True, mask_tokens=token_per_clip_length,
                 pretrainable=True, schedule="constant", ignored_keys=FIXED_TABLES, predictor_heads=12,
                 hf_model_type="vjepa2")
+# 2.1's models and objective train in one process; the distributed trainer does not train them yet (its
+# image ranks, a loss regulation every rank decides alike, its checkpoints), so it is not pretrainable.
 # Like 2.0, the release never clips gradients.
 VJEPA2_1 = Family(name="vjepa2_1", positions=RotaryPositions(interleaved=True, interpolate_to_pixels=256),
-                  depth_scaled_init=True, mask_tokens=token_per_clip_length, pretrainable=True, schedule="constant",
+                  depth_scaled_init=True, mask_tokens=token_per_clip_length, pretrainable=False, schedule="constant",
                   hierarchical_norms=True, image_inputs=True, mask_token_count=tokens_per_mask_and_source,
                   context_loss=ContextLoss(), encoder_keys=("ema_encoder", "target_encoder"),
                   ignored_keys=FIXED_TABLES,

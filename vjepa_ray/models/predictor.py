@@ -97,10 +97,6 @@ class Predictor(nn.Module):
         """The parameters that only images reach (``forward(..., image=True)``): 2.1's image modality embedding."""
         return [self.img_mod_embed] if self.family.image_inputs else []
 
-    def video_parameters(self) -> list[nn.Parameter]:
-        """The parameters that images do not reach: 2.1's video modality embedding."""
-        return [self.video_mod_embed] if self.family.image_inputs else []
-
     @property
     def predicts_context(self) -> bool:
         """Whether ``forward(..., predict_context=True)`` can also predict the context tokens."""

@@ -233,13 +233,6 @@ class VisionTransformer(nn.Module):
             return []
         return [*self.patch_embed_img.parameters(), self.img_mod_embed]
 
-    def video_parameters(self) -> list[nn.Parameter]:
-        """The parameters that images do not reach: the clip patch embedding and 2.1's video modality
-        embedding; none for a family without image inputs (every input is a clip)."""
-        if not self.family.image_inputs:
-            return []
-        return [*self.patch_embed.parameters(), self.video_mod_embed]
-
     def is_image(self, x: torch.Tensor) -> bool:
         """2.1 reads a single-frame clip as an image: its own patch embedding (tubelet 1) and modality."""
         return self.family.image_inputs and x.dim() == 5 and x.shape[2] == 1

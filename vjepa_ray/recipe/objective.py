@@ -230,20 +230,16 @@ class Objective:
         return jepa_loss(group.clips, group.masks, encoder, predictor, target_encoder, group.mask_tokens, group.grid,
                          self.loss_exp)
 
-    def context_weight(self, step: int, image: bool = False) -> float:
-        """The context term's weight at ``step``, on image clips (``image``) or video clips."""
+    def context_weight(self, step: int) -> float:
         return 0.0
 
 
 @dataclass(frozen=True)
 class DenseObjective(Objective):
     """V-JEPA 2.1's objective: ``dense_jepa_loss`` of a group with ``context``'s distance weighting and,
-    at step s, the context weight ``schedules.context_weight_at(s, context.weight, context.warmup)``; on
-    image clips ``image_weight`` in place of ``context.weight`` (the release's ``lambda_value_img``, on the
-    same warm-up; None: the same weight)."""
+    at step s, the context weight ``schedules.context_weight_at(s, context.weight, context.warmup)``."""
 
     context: ContextLoss = ContextLoss()
-    image_weight: float | None = None
 
     def __call__(self, group: ClipGroup, encoder: nn.Module, predictor: nn.Module,
                  target_encoder: nn.Module) -> JepaOutput:
@@ -251,17 +247,15 @@ class DenseObjective(Objective):
                                group.grid, self.loss_exp, context_weight=group.context_weight,
                                distance_weighted=self.context.distance_weighted)
 
-    def context_weight(self, step: int, image: bool = False) -> float:
-        weight = self.image_weight if image and self.image_weight is not None else self.context.weight
-        return context_weight_at(step, weight, self.context.warmup)
+    def context_weight(self, step: int) -> float:
+        return context_weight_at(step, self.context.weight, self.context.warmup)
 
 
 JEPA = Objective()
 
 
-def build_objective(loss: LossConfig, schedule: str, family: Family, image_weight: float | None = None) -> Objective:
-    """The objective of a run: its family's, with ``cfg.loss``'s values in place of the family's defaults;
-    ``image_weight`` (``images.context_weight``) weighs the context term of image clips.
+def build_objective(loss: LossConfig, schedule: str, family: Family) -> Objective:
+    """The objective of a run: its family's, with ``cfg.loss``'s values in place of the family's defaults.
 
     ``schedule``: ``cfg.optimization.schedule``. The cooldown holds the context weight (no warm-up): the
     release's cooldown restarts its step count and turns ``lambda_progressive`` off.
@@ -273,7 +267,7 @@ def build_objective(loss: LossConfig, schedule: str, family: Family, image_weigh
     context = dataclasses.replace(family.context_loss, **{k: v for k, v in given.items() if v is not None})
     if schedule == "cooldown":
         context = dataclasses.replace(context, warmup=(0, 0))
-    return DenseObjective(loss.loss_exp, context, image_weight)
+    return DenseObjective(loss.loss_exp, context)
 
 
 def grouped_jepa_loss(groups: Sequence[ClipGroup], encoder: nn.Module, predictor: nn.Module,

@@ -83,8 +83,7 @@ class StepOutput:
     gradient before clipping (None where it was not computed: ``JepaStep`` computes it only to clip), and
     whether the update was applied (False: a loss or the gradient was not finite, and neither the weights, the
     optimizer state nor the EMA target moved; or ``loss_regulated``: loss regulation skipped the update, and
-    the EMA target still moved, as in the release). ``context_weight``: the objective's context-term weight
-    on video clips (image clips: ``Objective.context_weight(step, image=True)``)."""
+    the EMA target still moved, as in the release). ``context_weight``: the objective's context-term weight."""
 
     lr: float
     weight_decay: float
@@ -128,29 +127,17 @@ def init_networks(cfg: Config, weights: Mapping[str, Mapping[str, torch.Tensor]]
     if weights is not None:
         for key, model in (("encoder", encoder), ("predictor", predictor), ("target_encoder", target)):
             model.load_state_dict(weights[key], strict=True)
-    objective = build_objective(cfg.loss, cfg.optimization.schedule, get_family(cfg.model.family),
-                                image_weight=cfg.images.context_weight)
+    objective = build_objective(cfg.loss, cfg.optimization.schedule, get_family(cfg.model.family))
     module = JepaModule(encoder, predictor, objective)
-    freeze_unused_(module, len(cfg.mask), cfg.data.clip_lengths(), images=cfg.images.enabled)
+    freeze_unused_(module, len(cfg.mask), cfg.data.clip_lengths())
     return module, target.requires_grad_(False)
 
 
-def image_collator(cfg: Config) -> MaskCollator | None:
-    """The masks of a run's image clips (``images.mask`` on one frame at ``images.crop_size``), or None
-    without image ranks."""
-    if not cfg.images.enabled:
-        return None
-    side = cfg.images.crop_size // cfg.model.patch_size
-    return MaskCollator(cfg.images.mask, (1, side, side))
-
-
-def freeze_unused_(module: JepaModule, num_masks: int, clip_lengths: Sequence[int], images: bool = False
-                   ) -> list[str]:
+def freeze_unused_(module: JepaModule, num_masks: int, clip_lengths: Sequence[int]) -> list[str]:
     """Turns off ``requires_grad`` of the parameters that no step of a run reaches, and returns their names.
 
     Unused are the predictor's mask tokens that the family never picks for the run's ``num_masks`` mask configs
-    and ``clip_lengths``, and the image path (``image_parameters``) unless the run has image ranks (``images``)
-    or a clip length is one frame. An image clip picks the token of the first length (``JepaStep.group``). The
+    and ``clip_lengths``, and the image path (``image_parameters``) unless a clip length is one frame. The
     releases' AdamW skips a parameter whose gradient is None, so these never move there; DeepSpeed's ZeRO
     optimizers instead flatten every parameter they are given and zero-fill the missing gradients, on which
     AdamW's decoupled weight decay still shrinks them. Frozen, they stay out of the optimizer's groups
@@ -162,9 +149,9 @@ def freeze_unused_(module: JepaModule, num_masks: int, clip_lengths: Sequence[in
                    for token in family.mask_tokens(num_masks, index)}
     unused = {f"predictor.mask_tokens.{k}": token for k, token in enumerate(module.predictor.mask_tokens)
               if k not in used_tokens}
-    if not images and 1 not in clip_lengths:
-        image_path = {id(p) for p in [*module.encoder.image_parameters(), *module.predictor.image_parameters()]}
-        unused.update((name, p) for name, p in module.named_parameters() if id(p) in image_path)
+    if 1 not in clip_lengths:
+        images = {id(p) for p in [*module.encoder.image_parameters(), *module.predictor.image_parameters()]}
+        unused.update((name, p) for name, p in module.named_parameters() if id(p) in images)
     for param in unused.values():
         param.requires_grad_(False)
     return sorted(unused)
@@ -179,28 +166,19 @@ class JepaStep:
     ``clip_lengths`` (``DataConfig.clip_lengths``; empty: one length) choose the predictor's mask tokens.
     ``optimization.loss_reg_std_mult`` turns loss regulation on (``recipe.regulation``), decided on the step's
     loss over all its micro batches, whichever ranks they stand for.
-
-    V-JEPA 2.1's image ranks: a micro batch of images (clips of one frame, the encoder's ``is_image``) gets
-    ``image_collator``'s masks (``images.mask``; without one, ``collator``'s) and the objective's image context
-    weight. Its micro batches carry the weights of ``train.elastic.MixedBatchPlan``, so the emulated ranks'
-    averaged gradient is the release's mix of the image and the video loss.
     """
 
     def __init__(self, module: JepaModule, target_encoder: nn.Module, optimizer: torch.optim.Optimizer,
                  collator: MaskCollator, optimization: OptimizationConfig, seed: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, *,
-                 clip_lengths: Sequence[int] = (), image_collator: MaskCollator | None = None):
+                 clip_lengths: Sequence[int] = ()):
         self.module, self.target_encoder, self.optimizer = module, target_encoder, optimizer
         self.collator, self.optimization, self.seed = collator, optimization, seed
         self.device, self.dtype = torch.device(device), dtype
         self.family, self.clip_lengths = module.predictor.family, tuple(clip_lengths)
         self.clipping = GradClipping.of(optimization, self.family)
         self.regulation = LossRegulation.of(optimization)
-        self.image_collator = image_collator or collator
-        # Keyed by (is image, grid): at tubelet 2, a 2-frame clip has the grid of an image of its crop. Other
-        # grids (other clip lengths) are added on first use.
-        self._collators: dict[tuple[bool, Grid], MaskCollator] = {
-            (False, collator.grid): collator, (True, self.image_collator.grid): self.image_collator}
+        self._collators: dict[Grid, MaskCollator] = {collator.grid: collator}
 
     @classmethod
     def from_config(cls, cfg: Config, device: torch.device | str = "cpu", fused: bool | None = None) -> "JepaStep":
@@ -209,14 +187,13 @@ class JepaStep:
         module, target = module.to(device), target.to(device)
         return cls(module, target, adamw(module.named_parameters(), cfg.optimization, fused=fused),
                    MaskCollator(cfg.mask, module.encoder.grid), cfg.optimization, cfg.meta.seed, device,
-                   clip_lengths=cfg.data.clip_lengths(), image_collator=image_collator(cfg))
+                   clip_lengths=cfg.data.clip_lengths())
 
     def __call__(self, micro_batches: Sequence[MicroBatch], step: int, timer: PhaseTimer | None = None) -> StepOutput:
         """Optimizer step ``step`` (0-based) over ``micro_batches``, in their order."""
         timer = timer or _Untimed()
         lr, weight_decay, momentum = self.schedules(step)
         context_weight = self.module.objective.context_weight(step)
-        image_context_weight = self.module.objective.context_weight(step, image=True)
         with timer.phase("optimizer"):
             apply_schedules(self.optimizer, lr, weight_decay)
         outputs = []
@@ -225,8 +202,7 @@ class JepaStep:
                 groups = [normalize_clips(clips.to(self.device, non_blocking=True), self.dtype)
                           for clips in clip_groups(batch.clips)]
             with timer.phase("masks"):
-                groups = [self.group(clips, (self.seed, step, batch.micro), batch.rank,
-                                     image_context_weight if self.module.encoder.is_image(clips) else context_weight)
+                groups = [self.group(clips, (self.seed, step, batch.micro), batch.rank, context_weight)
                           for clips in groups]
             with timer.phase("forward"):
                 out = self.forward(groups)
@@ -258,19 +234,16 @@ class JepaStep:
 
     def group(self, clips: torch.Tensor, seed: Sequence[int], rank: int, context_weight: float = 0.0) -> ClipGroup:
         """Normalised clips of one length with their masks (drawn from ``seed`` and ``rank``), mask tokens and
-        the step's ``context_weight``. Images take the image masks on their own grid (the predictor's rotary
-        positions follow the grid, as the release's image ranks build their predictor at the image crop) and
-        the token of the first clip length: an image rank's batch is the release's first and only group."""
-        image = self.module.encoder.is_image(clips)
+        the step's ``context_weight``."""
         grid = self.module.encoder.input_grid(clips)
-        if (image, grid) not in self._collators:
-            self._collators[image, grid] = (self.image_collator if image else self.collator).on_grid(grid)
+        if grid not in self._collators:
+            self._collators[grid] = self.collator.on_grid(grid)
         masks = [(context.to(self.device), target.to(self.device))
-                 for context, target in self._collators[image, grid](len(clips), seed=seed, rank=rank)]
+                 for context, target in self._collators[grid](len(clips), seed=seed, rank=rank)]
         frames = clips.shape[2]
-        if not image and self.clip_lengths and frames not in self.clip_lengths:
+        if self.clip_lengths and frames not in self.clip_lengths:
             raise ValueError(f"clips: {frames} frames is not one of the run's clip lengths {self.clip_lengths}")
-        length_index = self.clip_lengths.index(frames) if self.clip_lengths and not image else 0
+        length_index = self.clip_lengths.index(frames) if self.clip_lengths else 0
         return ClipGroup(clips, masks, self.family.mask_tokens(len(masks), length_index), grid, context_weight)
 
     def forward(self, groups: list[ClipGroup]) -> JepaOutput:

@@ -18,7 +18,7 @@ from vjepa_ray import cluster, runs
 from vjepa_ray.config import Config, ConfigError, to_dict
 from vjepa_ray.data.demo import generated_paths, prepare_demo_videos
 from vjepa_ray.data.sources import check_sources
-from vjepa_ray.train.elastic import check_elastic_batch, plan_step
+from vjepa_ray.train.elastic import check_elastic_batch, global_batch_size
 from vjepa_ray.train.engine import check_clipping
 from vjepa_ray.train.failures import failure
 from vjepa_ray.train.lease import RunLease
@@ -59,8 +59,6 @@ def check_data(cfg: Config, remote: bool = True) -> None:
     generates is not there yet; URIs are listed only when ``remote`` (a dry run checks no store)."""
     generated = {p for p in cfg.data.paths if Path(p).expanduser().absolute() in generated_paths(cfg)}
     check_sources(cfg.data.paths, cfg.data.weights, skip=generated, remote=remote)
-    if cfg.images.enabled:
-        check_sources(cfg.images.paths, remote=remote, key="images.paths")
 
 
 def is_first_start(cfg: Config) -> bool:
@@ -97,7 +95,6 @@ def _resolved_paths(cfg: Config) -> Config:
     """Absolute local paths: workers may run under another working directory (ray job submit)."""
     cfg = copy.deepcopy(cfg)
     cfg.data.paths = [_absolute(p) for p in cfg.data.paths]
-    cfg.images.paths = [_absolute(p) for p in cfg.images.paths]
     if cfg.model.init_from:
         cfg.model.init_from = _absolute(cfg.model.init_from)
     return cfg
@@ -200,10 +197,8 @@ def _train(cfg: Config, stream_factory: StreamFactory | None, callbacks: list | 
         {"cfg": to_dict(cfg), "stream_factory": stream_factory, "tracker": tracker},
         name=cfg.meta.name, callbacks=callbacks, ray_rotates_checkpoints=False)
     low, high = cfg.ray.worker_range()
-    # Clips, and images on image workers, of one optimizer step.
-    global_batch = plan_step(cfg, high).global_batch
     log.info("run %s: %s workers, global batch %d, results in %s", cfg.meta.name,
-             low if low == high else f"{low}-{high}", global_batch, folder)
+             low if low == high else f"{low}-{high}", global_batch_size(cfg), folder)
     started = time.time()
     error = ended = None
     try:
@@ -235,7 +230,7 @@ def _train(cfg: Config, stream_factory: StreamFactory | None, callbacks: list | 
         "checkpoint": checkpoint_path,
         "world_sizes": [s["world_size"] for s in starts],
         "starts": starts,
-        "global_batch": global_batch,
+        "global_batch": global_batch_size(cfg),
         "elapsed_s": round(time.time() - started, 1),
         "tensorboard": tensorboard,
         "run_folder": folder,

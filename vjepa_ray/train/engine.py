@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -26,8 +25,8 @@ from vjepa_ray.recipe.clipping import GradClipping
 from vjepa_ray.recipe.masks import MaskCollator
 from vjepa_ray.recipe.objective import ClipGroup, JepaModule, JepaOutput
 from vjepa_ray.recipe.optimizer import adamw, param_groups
-from vjepa_ray.recipe.step import JepaStep, MicroBatch, StepOutput, image_collator, init_networks, take_clips
-from vjepa_ray.train.elastic import BatchPlan, MixedBatchPlan
+from vjepa_ray.recipe.step import JepaStep, MicroBatch, StepOutput, init_networks, take_clips
+from vjepa_ray.train.elastic import BatchPlan
 from vjepa_ray.train.nonfinite import StepGate
 from vjepa_ray.train.target_encoder import TargetEncoder
 
@@ -74,7 +73,7 @@ def check_clipping(cfg: Config) -> None:
                           "optimization.clip_grad_rule=global with optimization.clip_grad_start=0, or none")
 
 
-def deepspeed_config(cfg: Config, plan: BatchPlan | MixedBatchPlan, load_universal: bool = False) -> dict[str, Any]:
+def deepspeed_config(cfg: Config, plan: BatchPlan, load_universal: bool = False) -> dict[str, Any]:
     """The DeepSpeed config for this start of the run (batch sizes follow the world size)."""
     ds, clipping = cfg.deepspeed, run_clipping(cfg)
     zero: dict[str, Any] = {"stage": ds.zero_stage}
@@ -82,10 +81,6 @@ def deepspeed_config(cfg: Config, plan: BatchPlan | MixedBatchPlan, load_univers
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.ray.use_gpu}
     if ds.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": cfg.ray.use_gpu}
-    if cfg.images.enabled:
-        # ZeRO-1 then reduces the gradients after the backward in parameter order, not in the order the backward
-        # makes them (hooks), which differs between image and video ranks (``DeepSpeedStep.forward``).
-        zero.update(contiguous_gradients=False, overlap_comm=False)
     config: dict[str, Any] = {
         # DeepSpeed wants micro x accumulation x world; with an uneven split (vjepa_ray.train.elastic) that is
         # a little more than the global batch, which DeepSpeed only uses for bookkeeping.
@@ -208,19 +203,12 @@ class DeepSpeedStep(JepaStep):
     def __init__(self, engine, target: TargetEncoder, cfg: Config, device: torch.device, dtype: torch.dtype):
         super().__init__(engine.module, target.module, engine.optimizer,
                          MaskCollator(cfg.mask, engine.module.encoder.grid), cfg.optimization, cfg.meta.seed,
-                         device, dtype, clip_lengths=cfg.data.clip_lengths(), image_collator=image_collator(cfg))
+                         device, dtype, clip_lengths=cfg.data.clip_lengths())
         self.engine, self.target = engine, target
         self.gate = None if cfg.deepspeed.precision == "fp16" else StepGate(base_optimizer(engine), device)
 
     def forward(self, groups: list[ClipGroup]) -> JepaOutput:
-        out = self.engine(groups, self.target_encoder)
-        unreached = unreached_parameters(self.module, groups) if self.engine.zero_optimization_stage() == 1 else []
-        if unreached:
-            # ZeRO-1 reduces the gradients that are there, bucket by bucket: every rank must have the same ones.
-            # What this rank's modality does not reach gets a zero gradient (ZeRO-0 zero-fills it, as would the
-            # optimizer's flat buffers here); the loss keeps its value.
-            out = dataclasses.replace(out, loss=out.loss + 0.0 * sum(p.sum() for p in unreached))
-        return out
+        return self.engine(groups, self.target_encoder)
 
     def backward(self, weighted_loss: torch.Tensor, num_micro_batches: int) -> None:
         if self.gate is not None:
@@ -262,18 +250,6 @@ class DeepSpeedStep(JepaStep):
 
     def update_target(self, momentum: float) -> None:
         self.target.update(momentum)
-
-
-def unreached_parameters(module: JepaModule, groups: list[ClipGroup]) -> list[nn.Parameter]:
-    """The trained parameters that no group's modality reaches: V-JEPA 2.1's image path in a micro batch of
-    clips only, its clip path in one of images only (an image rank's); none for families without images."""
-    images = [module.encoder.is_image(group.clips) for group in groups]
-    unreached = []
-    if not any(images):
-        unreached += [*module.encoder.image_parameters(), *module.predictor.image_parameters()]
-    if all(images):
-        unreached += [*module.encoder.video_parameters(), *module.predictor.video_parameters()]
-    return [p for p in unreached if p.requires_grad]
 
 
 GradientPiece = tuple[int, torch.Tensor, Callable[[torch.Tensor], None]]
@@ -319,7 +295,7 @@ def clip_partitions_(clipping: GradClipping, pieces: list[GradientPiece], num_mo
 class TrainStep:
     """One rank's engine, EMA target and step, and ``__call__``: the step over this rank's micro batches."""
 
-    def __init__(self, cfg: Config, plan: BatchPlan | MixedBatchPlan, rank: int, device: torch.device,
+    def __init__(self, cfg: Config, plan: BatchPlan, rank: int, device: torch.device,
                  load_universal: bool = False, networks: tuple[JepaModule, nn.Module] | None = None):
         """``networks``: the trained module and the target encoder from ``init_networks``, which builds them
         from the seed when not given."""
@@ -340,16 +316,15 @@ class TrainStep:
     def __call__(self, batches: Iterator[ClipBatch], step: int, meter: IntervalMeter | None = None) -> StepOutput:
         """Optimizer step ``step`` (0-based) over ``plan.grad_accum`` micro batches from ``batches``.
         ``meter`` times the waits for them and sums the step's losses and gradient norm."""
-        weighted = self.plan.weighted_micro_batches(self.rank)
-        sizes = [size for size, _ in weighted]
+        sizes = self.plan.micro_batches(self.rank)
         # The recipe's step takes all micro batches of a step at once: they are fetched first.
         fetched = []
         for _ in sizes:
             with meter.waiting() if meter is not None else contextlib.nullcontext():
                 fetched.append(next(batches))
-        # The stream yields the largest micro batch of any rank of its modality; an uneven split takes fewer here.
-        out = self.jepa_step([MicroBatch(take_clips(batch.clips, size), self.rank, micro, weight)
-                              for micro, (batch, (size, weight)) in enumerate(zip(fetched, weighted))], step)
+        # The stream yields the largest micro batch of any rank; an uneven split takes fewer here.
+        out = self.jepa_step([MicroBatch(take_clips(batch.clips, size), self.rank, micro, self.plan.loss_weight(size))
+                              for micro, (batch, size) in enumerate(zip(fetched, sizes))], step)
         if meter is not None:
             for batch, size, micro_out in zip(fetched, sizes, out.outputs):
                 meter.add_micro_step(micro_out.loss, micro_out.per_mask_losses, micro_out.target_features_std,

@@ -25,7 +25,7 @@ from vjepa_ray.recipe.step import init_networks
 from vjepa_ray.train import checkpoint as ckpt
 from vjepa_ray.train import recovery
 from vjepa_ray.train.deepspeed_state import DeepSpeedState
-from vjepa_ray.train.elastic import BatchPlan, MixedBatchPlan, ModalityStream, plan_step, rank_data
+from vjepa_ray.train.elastic import BatchPlan, global_batch_size, plan_batch
 from vjepa_ray.train.engine import TrainStep, base_optimizer, state_bytes
 from vjepa_ray.train.metrics import Clock, IntervalMeter, collapse_warning, format_progress
 from vjepa_ray.train.nonfinite import NonFiniteSteps, check_finite_state
@@ -103,7 +103,7 @@ class Run:
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
         self.local_rank = context.get_local_rank()
         self.device = self._device()
-        self.plan: BatchPlan | MixedBatchPlan = plan_step(cfg, self.world_size)
+        self.plan: BatchPlan = plan_batch(global_batch_size(cfg), cfg.data.batch_size, self.world_size)
         self.state = TrainState(world_size=self.world_size, global_batch=self.plan.global_batch,
                                 zero_stage=cfg.deepspeed.zero_stage)
         self.checkpointer = ckpt.Checkpointer(cfg, self.rank, self.world_size)
@@ -126,20 +126,10 @@ class Run:
         universal = restore_from is not None and self.checkpointer.needs_resharding(restore_from, trained)
         self.step = TrainStep(self.cfg, self.plan, self.rank, self.device, load_universal=universal,
                               networks=networks)
-        self.stream = self._stream()
+        data = dataclasses.replace(self.cfg.data, batch_size=self.plan.micro_batch)
+        self.stream = self.stream_factory(data, self.cfg.meta.seed, self.rank, self.world_size)
         register_run_state(self.checkpointer, self.step, self.stream, self.state, self.local_rank)
         return universal
-
-    def _stream(self) -> Stream:
-        """This rank's data stream. With image ranks, each modality's ranks share that modality's stream
-        (``train.elastic.rank_data``) and resume from its ranks' places (``ModalityStream``)."""
-        plan, seed = self.plan, self.cfg.meta.seed
-        if not isinstance(plan, MixedBatchPlan):
-            data = dataclasses.replace(self.cfg.data, batch_size=plan.micro_batch)
-            return self.stream_factory(data, seed, self.rank, self.world_size)
-        mine = rank_data(self.cfg, plan, self.rank)
-        return ModalityStream(self.stream_factory(mine.data, seed, mine.rank, mine.world_size),
-                              self.cfg.images.rank_ratio, plan.split.is_image(self.rank))
 
     def _start(self) -> None:
         """Builds the step and the stream and restores the latest checkpoint, if any.
@@ -206,7 +196,7 @@ class Run:
 
         cfg, total = self.cfg, self.cfg.optimization.total_steps
         batches = iter(self.stream)
-        meter = self._meter()
+        meter = IntervalMeter(len(cfg.mask))
         clock = Clock(state.step)
         nonfinite = NonFiniteSteps(cfg.optimization.max_nonfinite_steps, total=state.nonfinite_steps)
         deferred_save = False
@@ -251,12 +241,6 @@ class Run:
                 if self.rank == 0 and self.tracker is not None:
                     ray.get(self.tracker.stopped.remote(metrics))
                 return
-
-    def _meter(self) -> IntervalMeter:
-        """The interval's sums; with image ranks, the image masks' losses apart from the video masks'."""
-        if not isinstance(self.plan, MixedBatchPlan):
-            return IntervalMeter(len(self.cfg.mask))
-        return IntervalMeter(len(self.cfg.mask), len(self.cfg.images.mask), image=self.plan.split.is_image(self.rank))
 
     def _new_preemption_notice(self, step: int) -> bool:
         """Whether a node of this worker group was drained for preemption since the last step and no checkpoint

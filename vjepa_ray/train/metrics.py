@@ -22,14 +22,10 @@ log = logging.getLogger(__name__)
 
 
 class IntervalMeter:
-    """Sums over the micro steps of one logging interval, on one rank.
+    """Sums over the micro steps of one logging interval, on one rank."""
 
-    ``num_masks`` per-mask losses of video micro steps; in a run with image ranks, ``image_masks`` more of
-    image micro steps (reported as ``loss_image_mask_<i>``), which this rank's micro steps are when ``image``.
-    """
-
-    def __init__(self, num_masks: int, image_masks: int = 0, image: bool = False):
-        self.num_masks, self.image_masks, self.image = num_masks, image_masks, image
+    def __init__(self, num_masks: int):
+        self.num_masks = num_masks
         self.reset()
 
     def reset(self) -> None:
@@ -39,8 +35,7 @@ class IntervalMeter:
         self.steps = 0
         self.clips = 0
         self.skipped = 0
-        self._loss = torch.zeros(1 + self.num_masks + self.image_masks, dtype=torch.float64)
-        self.image_micro_steps = 0
+        self._loss = torch.zeros(1 + self.num_masks, dtype=torch.float64)
         self._target_std = 0.0
         self._grad_norm = 0.0
 
@@ -53,13 +48,9 @@ class IntervalMeter:
 
     def add_micro_step(self, loss: torch.Tensor, per_mask: list[torch.Tensor], target_std: torch.Tensor,
                        clips: int, skipped: int) -> None:
-        slots = [0.0] * (self.num_masks + self.image_masks)
-        first = self.num_masks if self.image else 0
-        slots[first:first + len(per_mask)] = [float(x) for x in per_mask]
-        self._loss += torch.tensor([float(loss), *slots], dtype=torch.float64)
+        self._loss += torch.tensor([float(loss)] + [float(x) for x in per_mask], dtype=torch.float64)
         self._target_std += float(target_std)
         self.micro_steps += 1
-        self.image_micro_steps += self.image
         self.clips += clips
         self.skipped += skipped
 
@@ -75,22 +66,20 @@ class IntervalMeter:
         """
         elapsed = time.perf_counter() - self.started
         local = torch.cat([self._loss, torch.tensor(
-            [self._target_std, self.micro_steps, self.clips, self.skipped, self.data_wait_s, elapsed,
-             self.image_micro_steps], dtype=torch.float64)]).to(device)
+            [self._target_std, self.micro_steps, self.clips, self.skipped, self.data_wait_s, elapsed],
+            dtype=torch.float64)]).to(device)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(local)
             world = dist.get_world_size()
         else:
             world = 1
         values = local.cpu().tolist()
-        losses, (target_std, micro, clips, skipped, wait_s, elapsed_sum, image_micro) = \
-            values[:len(self._loss)], values[len(self._loss):]
-        video_micro, image_micro, micro = max(micro - image_micro, 1.0), max(image_micro, 1.0), max(micro, 1.0)
+        losses, (target_std, micro, clips, skipped, wait_s, elapsed_sum) = values[:1 + self.num_masks], \
+            values[1 + self.num_masks:]
+        micro = max(micro, 1.0)
         wall = elapsed_sum / world
         out = {"loss": losses[0] / micro}
-        out.update({f"loss_mask_{i}": value / video_micro for i, value in enumerate(losses[1:1 + self.num_masks])})
-        out.update({f"loss_image_mask_{i}": value / image_micro
-                    for i, value in enumerate(losses[1 + self.num_masks:])})
+        out.update({f"loss_mask_{i}": value / micro for i, value in enumerate(losses[1:])})
         out.update(target_feature_std=target_std / micro, clips_per_s=clips / max(wall, 1e-9),
                    data_wait_share=wait_s / max(elapsed_sum, 1e-9), skipped_videos=int(skipped),
                    grad_norm=self._grad_norm / max(self.steps, 1))

@@ -30,7 +30,7 @@ class SyntheticClipStream:
     """``ClipStream``'s interface (iterate, ``state_dict``, ``load_state_dict``) over ``synthetic_clips``.
 
     Its state is ``ClipStream``'s (epoch, chunk) with the epoch always 0 and the index of the next batch
-    as the chunk, and the number of ranks that share it.
+    as the chunk.
     """
 
     def __init__(self, data: DataConfig, seed: int, rank: int = 0, world_size: int = 1):
@@ -38,7 +38,7 @@ class SyntheticClipStream:
         self._index = 0
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": 0, "chunk": self._index, "world_size": self.world_size}
+        return {"epoch": 0, "chunk": self._index}
 
     def load_state_dict(self, states: Sequence[dict[str, int]]) -> None:
         # Every rank stands at the same index.

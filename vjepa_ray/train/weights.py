@@ -54,9 +54,6 @@ def read_model_weights(folder: str | os.PathLike) -> dict[str, dict[str, torch.T
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         module = get_fp32_state_dict_from_zero_checkpoint(str(deepspeed_dir), tag=DEEPSPEED_TAG)
-        # DeepSpeed records frozen parameters for this conversion from ZeRO-2 on; ZeRO-1's are the module's weights.
-        frozen = read_model_states(folder)["module"]
-        module.update({key: value.float() for key, value in frozen.items() if key not in module})
     else:
         module = {key: value.float() for key, value in read_model_states(folder)["module"].items()}
     encoder, _ = build_models(cfg)
