@@ -593,7 +593,8 @@ class Config:
                               f"(families with one: "
                               f"{', '.join(name for name, f in FAMILIES.items() if f.context_loss is not None)})")
         _require(self.probe.encoder_levels != "all" or FAMILIES[self.model.family].hierarchical_norms,
-                 "probe.encoder_levels", f"all reads the levels of a family with several (model.family=vjepa2_1); "
+                 "probe.encoder_levels", f"all reads the levels of a family with several (model.family="
+                 f"{', '.join(name for name, f in FAMILIES.items() if f.hierarchical_norms)}); "
                  f"model.family {self.model.family}'s encoder has one")
         _require(not (self.model.init_from and self.checkpoint.start_from), "model.init_from",
                  "cannot be combined with checkpoint.start_from, whose checkpoint holds the weights already")
